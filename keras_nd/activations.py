@@ -19,7 +19,7 @@ Cache layout (``cache_dir``)::
                         arrays
   manifest.json         written last and atomically: teacher fingerprint, data
                         fingerprint, keys, shapes, dtype, counts, per-shard
-                        sizes and CRC-32 checksums
+                        sizes and CRC-32 checksums, and the build's seconds
 
 A directory without a manifest is an interrupted build and is rebuilt; one
 whose manifest does not match the request is refused.
@@ -31,6 +31,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 import weakref
 import zlib
 
@@ -476,6 +477,7 @@ class _CacheBuilder:
       raise ValueError(f"The dataset for the activation cache in '{self.dir}' is empty.")
     batches = -(-examples // self.records_batch)
     self._check_space(example_bytes, examples)
+    start = time.perf_counter()
     writer = _ShardWriter(self.dir, example_bytes, self.shard_bytes)
     extract = source._extraction.storing_pass(storage)  # pylint: disable=protected-access
     progbar = keras.utils.Progbar(batches, unit_name="batch", verbose=source.verbose)
@@ -489,7 +491,8 @@ class _CacheBuilder:
         examples += arrays[0].shape[0]
         progbar.update(min(step + 1, batches))
     manifest = dict(spec, keys=keys, shapes={k: list(shapes[k]) for k in keys},
-                    examples=examples, example_bytes=example_bytes, shards=writer.shards)
+                    examples=examples, example_bytes=example_bytes, shards=writer.shards,
+                    build_seconds=time.perf_counter() - start)
     write_manifest(self.dir, manifest)
     return manifest
 

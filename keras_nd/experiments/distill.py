@@ -1,0 +1,443 @@
+"""The paper's parameter-reduction experiment (Tables 1, 2, 5, 6): CE, KD, ND, ND+FT.
+
+`run` trains (or reuses) a teacher, then for each bottleneck multiplier k
+trains the student by every requested method, measuring test accuracy after
+every epoch and the training time of every phase, and writes results.json.
+
+Methods:
+  ce:     the student trained from scratch with cross-entropy;
+  kd:     the student trained end to end by knowledge distillation (Eq. 3);
+  nd:     neighbourhood distillation of every residual unit, stem and head
+          kept from the teacher, no fine-tuning;
+  nd_ft:  nd, then fine-tuned with knowledge distillation.
+
+Time-to-accuracy (item 5 of the issue): the target is KD's best test accuracy
+minus 0.5 points; KD's time is its training time until its first epoch at
+the target, ND+FT's is cache + ND + fine-tuning until its first evaluation at
+the target (evaluated right after ND too). Evaluation time is not counted.
+Fine-tuning and KD stop early on a validation split held out from training.
+"""
+
+import hashlib
+import json
+import os
+import time
+
+import keras_nd as nd
+from keras_nd import models
+from keras_nd._keras import keras
+
+METHODS = ("ce", "kd", "nd", "nd_ft")
+
+
+def build_model(name, input_shape, num_classes, multipliers=1.0):
+  """`resnetN` (N = 6n+2: the CIFAR ResNetV1) or `resnet50` with bottleneck multipliers."""
+  if name == "resnet50":
+    return models.resnet50_v1(multipliers, input_shape=input_shape, num_classes=num_classes)
+  depth = name[len("resnet"):]
+  if name.startswith("resnet") and depth.isdigit() and int(depth) >= 8 and int(depth) % 6 == 2:
+    return models.resnet_v1(depth=int(depth), multipliers=multipliers,
+                            input_shape=input_shape, num_classes=num_classes)
+  raise ValueError(f"Unknown model {name!r}: use resnet20, resnet32, resnet44, resnet56 (any "
+                   "resnetN with N = 6n+2) or resnet50.")
+
+
+def _accuracy(model, data):
+  return float(model.evaluate(data, verbose=0, return_dict=True)["accuracy"])
+
+
+def _compiled(model, learning_rate, steps):
+  schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, steps))
+  model.compile(keras.optimizers.Adam(schedule),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+  return model
+
+
+class EpochTracker(keras.callbacks.Callback):
+  """Times training epochs, evaluates after each (untimed), stops early on validation accuracy.
+
+  Attributes:
+    curve: [(training seconds so far, test accuracy)], starting with the
+      evaluation before the first epoch when `evaluate_first`.
+    best_validation: best validation accuracy seen; the model ends with the
+      weights of that epoch.
+  """
+
+  def __init__(self, validation, test, patience=None, offset=0.0, evaluate_first=False,
+               student=None):
+    super().__init__()
+    self.validation = validation
+    self.test = test
+    self.patience = patience
+    self.seconds = offset
+    self.curve = []
+    self.best_validation = -1.0
+    self._best_weights = None
+    self._waited = 0
+    self._evaluate_first = evaluate_first
+    self._student = student
+
+  def _scored(self):
+    """The model that predicts: the student inside a distiller, else the model itself."""
+    return self._student or self.model
+
+  def _evaluate(self):
+    scored = self._scored()
+    validation, test = _accuracy(scored, self.validation), _accuracy(scored, self.test)
+    self.curve.append((self.seconds, test))
+    if validation > self.best_validation:
+      self.best_validation = validation
+      self._best_weights = scored.get_weights()
+      self._waited = 0
+    else:
+      self._waited += 1
+    return validation
+
+  def on_train_begin(self, logs=None):
+    if self._evaluate_first:
+      self._evaluate()
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._start = time.perf_counter()
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.seconds += time.perf_counter() - self._start
+    self._evaluate()
+    if self.patience is not None and self._waited > self.patience:
+      self.model.stop_training = True
+
+  def on_train_end(self, logs=None):
+    if self._best_weights is not None:
+      self._scored().set_weights(self._best_weights)
+
+
+def _scorable(model):
+  """Compiles a model for evaluation only (accuracy on logits)."""
+  model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+  return model
+
+
+def time_to(curve, target):
+  """The training seconds of the first point of `curve` at or above `target`, or None."""
+  for seconds, accuracy in curve:
+    if accuracy >= target:
+      return seconds
+  return None
+
+
+class Experiment:
+  """One teacher and one dataset; methods train students of a given multiplier.
+
+  Args:
+    data: a `keras_nd.data` dataset with `pipeline(split, batch_size,
+      training)`, `input_shape`, `num_classes`, `num_train`.
+    model: model name for `build_model`.
+    workdir: where the teacher, caches and results go.
+    epochs: dict of epoch budgets: teacher, ce, kd, nd, ft.
+    batch_size, learning_rate, temperature, label_weight, patience, seed:
+      training settings shared by all methods.
+    max_lookahead: the largest look-ahead any ND run will use (the
+      activation cache is built once, for it).
+    verbose: 0 silent, 1 one line per phase, 2 Keras progress too.
+  """
+
+  def __init__(self, data, model, workdir, epochs, batch_size=128, learning_rate=2e-3,
+               nd_learning_rate=2e-3, temperature=2.5, label_weight=1.0, patience=2, seed=0,
+               max_lookahead=0, verbose=1):
+    self.data = data
+    self.model = model
+    self.workdir = workdir
+    self.epochs = dict(epochs)
+    self.batch_size = batch_size
+    self.learning_rate = learning_rate
+    self.nd_learning_rate = nd_learning_rate
+    self.temperature = temperature
+    self.label_weight = label_weight
+    self.patience = patience
+    self.seed = seed
+    self.verbose = verbose
+    self.timings = {}
+    self.train = data.pipeline("train", batch_size, training=True, seed=seed)
+    self.train_plain = data.pipeline("train", batch_size, training=False)
+    self.validation = data.pipeline("validation", 256, training=False)
+    self.test = data.pipeline("test", 256, training=False)
+    self.steps_per_epoch = -(-data.num_train // batch_size)
+    self.max_lookahead = max_lookahead
+    os.makedirs(workdir, exist_ok=True)
+    self._key = self._teacher_key()
+    # One cache per teacher: a retrained teacher never meets the cache of another.
+    self.cache_dir = os.path.join(workdir, f"cache-{self._key}")
+
+  def _teacher_key(self):
+    """A digest of everything the teacher depends on, the data's first batch included."""
+    first_batch = next(iter(self.train_plain.take(1)))[0].numpy()
+    spec = {"data": self.data.name, "num_train": self.data.num_train, "model": self.model,
+            "epochs": self.epochs["teacher"], "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate, "seed": self.seed,
+            "first_batch": hashlib.sha256(first_batch.tobytes()).hexdigest()}
+    self.teacher_spec = spec
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+  def _say(self, text):
+    if self.verbose:
+      print(text, flush=True)
+
+  def _fit_verbose(self):
+    return 2 if self.verbose > 1 else 0
+
+  def _new(self, multiplier):
+    keras.utils.set_random_seed(self.seed)
+    return build_model(self.model, self.data.input_shape, self.data.num_classes, multiplier)
+
+  def teacher(self):
+    """The teacher: loaded from the work directory when trained before with the same settings."""
+    path = os.path.join(self.workdir, f"teacher-{self._key}.keras")
+    if os.path.exists(path):
+      teacher = _scorable(keras.models.load_model(path, safe_mode=True))
+      with open(path[:-len(".keras")] + ".json") as f:
+        self.timings["teacher"] = json.load(f)["seconds"]
+      self._say(f"Reusing the teacher {path}.")
+      return teacher
+    teacher = _compiled(self._new(1.0), self.learning_rate,
+                        self.epochs["teacher"] * self.steps_per_epoch)
+    self._say(f"Training the teacher ({self.model}, {self.epochs['teacher']} epochs)...")
+    start = time.perf_counter()
+    teacher.fit(self.train, epochs=self.epochs["teacher"], verbose=self._fit_verbose())
+    self.timings["teacher"] = time.perf_counter() - start
+    # Written under a temporary name and renamed, so an interrupted save is never reused.
+    teacher.save(path + ".tmp.keras")
+    with open(path[:-len(".keras")] + ".json", "w") as f:
+      json.dump(dict(self.teacher_spec, seconds=self.timings["teacher"]), f)
+    os.replace(path + ".tmp.keras", path)
+    return teacher
+
+  def ce(self, multiplier):
+    """Cross-entropy from scratch: (row, curve)."""
+    student = _compiled(self._new(multiplier), self.learning_rate,
+                        self.epochs["ce"] * self.steps_per_epoch)
+    tracker = EpochTracker(self.validation, self.test, patience=None)
+    student.fit(self.train, epochs=self.epochs["ce"], verbose=self._fit_verbose(),
+                callbacks=[tracker])
+    return self._row("ce", multiplier, student, tracker.seconds), tracker.curve
+
+  def _kd(self, teacher, student, epochs, learning_rate, offset=0.0, evaluate_first=False):
+    distiller = nd.KnowledgeDistiller(teacher=teacher, student=student,
+                                      temperature=self.temperature,
+                                      label_weight=self.label_weight)
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate,
+                                                      epochs * self.steps_per_epoch)
+    distiller.compile(keras.optimizers.Adam(schedule), metrics=["accuracy"])
+    tracker = EpochTracker(self.validation, self.test, patience=self.patience, offset=offset,
+                           evaluate_first=evaluate_first, student=_scorable(student))
+    distiller.fit(self.train, epochs=epochs, verbose=self._fit_verbose(), callbacks=[tracker])
+    return tracker
+
+  def kd(self, teacher, multiplier):
+    """End-to-end KD, to its plateau (early stopping on validation): (row, curve)."""
+    student = self._new(multiplier)
+    tracker = self._kd(teacher, student, self.epochs["kd"], self.learning_rate)
+    return self._row("kd", multiplier, student, tracker.seconds), tracker.curve
+
+  def source(self, teacher, lookahead):
+    """The activation source of the residual units, from one cache built for `max_lookahead`."""
+    units = nd.split(teacher)[1:-1]
+    start = time.perf_counter()
+    # Built once with every tensor the run needs; sources with less look-ahead read a subset.
+    nd.ActivationSource(teacher, units, self.train_plain, lookahead=self.max_lookahead,
+                        cache_dir=self.cache_dir, verbose=int(self.verbose > 1))
+    source = nd.ActivationSource(teacher, units, self.train_plain, lookahead=lookahead,
+                                 cache_dir=self.cache_dir, verbose=0)
+    self.timings["cache"] = source.manifest.get("build_seconds", time.perf_counter() - start)
+    return units, source
+
+  def nd(self, teacher, multiplier, lookahead=0):
+    """ND of every residual unit: (student, cache + ND seconds, ND seconds, per-hood losses)."""
+    units, source = self.source(teacher, lookahead)
+    keras.utils.set_random_seed(self.seed)
+    distiller = nd.NeighbourhoodDistiller({h: nd.students.bottleneck(h, multiplier)
+                                           for h in units}, lookahead=lookahead)
+    steps = self.epochs["nd"] * -(-source.num_examples // self.batch_size)
+    distiller.compile(keras.optimizers.Adam(
+        keras.optimizers.schedules.CosineDecay(self.nd_learning_rate, steps)))
+    start = time.perf_counter()
+    history = distiller.fit(source.dataset(self.batch_size, seed=self.seed),
+                            epochs=self.epochs["nd"], verbose=self._fit_verbose())
+    seconds = time.perf_counter() - start
+    losses = {h.name: history.history[f"{h.name}_loss"][-1] for h in units}
+    student = _scorable(nd.compose(teacher, distiller.students))
+    return student, self.timings["cache"] + seconds, seconds, losses
+
+  def nd_and_ft(self, teacher, multiplier, lookahead=0, fine_tune=True):
+    """ND, and ND+FT on top of it: ([rows], ND+FT curve, per-hood losses, ND seconds)."""
+    student, seconds, nd_seconds, losses = self.nd(teacher, multiplier, lookahead)
+    accuracy_nd = _accuracy(student, self.test)
+    rows = [dict(self._row("nd", multiplier, student, seconds), lookahead=lookahead)]
+    curve = [(seconds, accuracy_nd)]
+    if fine_tune:
+      tracker = self._kd(teacher, student, self.epochs["ft"], self.learning_rate / 4,
+                         offset=seconds, evaluate_first=True)
+      curve = tracker.curve
+      rows.append(dict(self._row("nd_ft", multiplier, student, tracker.seconds),
+                       lookahead=lookahead, accuracy_before_ft=accuracy_nd))
+    return rows, curve, losses, nd_seconds
+
+  def time_each_neighbourhood(self, teacher, multiplier):
+    """Seconds to distil each unit alone for the ND epochs (Table 6), from the same cache."""
+    hoods, source = self.source(teacher, 0)
+    seconds = {}
+    for hood in hoods:
+      keras.utils.set_random_seed(self.seed)
+      distiller = nd.NeighbourhoodDistiller({hood: nd.students.bottleneck(hood, multiplier)})
+      distiller.compile(keras.optimizers.Adam(self.nd_learning_rate))
+      start = time.perf_counter()
+      distiller.fit(source.dataset(self.batch_size, seed=self.seed), epochs=self.epochs["nd"],
+                    verbose=0)
+      seconds[hood.name] = time.perf_counter() - start
+    return seconds
+
+  def _row(self, method, multiplier, student, seconds):
+    row = {"method": method, "multiplier": multiplier, "params": student.count_params(),
+           "accuracy": _accuracy(_scorable(student), self.test), "seconds": seconds}
+    self._say(f"  {method:<6} k={multiplier:<5g} params={row['params']:<8} "
+              f"accuracy={row['accuracy']:.4f}  {seconds:.1f}s")
+    return row
+
+
+def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lookahead=0,
+        ablation=False, time_neighbourhoods=True, epochs=None, verbose=1, **settings):
+  """Runs the experiment and writes `workdir/results.json`.
+
+  Args:
+    data: a `keras_nd.data` dataset (see `Experiment`).
+    workdir: output directory (the teacher is reused from it).
+    model: `resnet20`, ..., `resnet50`.
+    multipliers: bottleneck multipliers k of the students.
+    methods: a subset of ("ce", "kd", "nd", "nd_ft").
+    lookahead: look-ahead depth of ND (Eq. 5).
+    ablation: also run ND and ND+FT with 0 and 2-neighbourhood look-ahead
+      (Table 5).
+    time_neighbourhoods: also time each neighbourhood distilled alone
+      (Table 6's per-neighbourhood and sequential rows).
+    epochs: dict overriding the default epoch budgets (teacher, ce, kd, nd, ft).
+    verbose: 0 silent, 1 one line per phase, 2 Keras progress bars too.
+    **settings: passed to `Experiment` (batch_size, learning_rate, ...).
+
+  Returns:
+    The results dict: {"config", "teacher", "rows", "timings", "speedup",
+    "curves"}.
+  """
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown or not methods:
+    raise ValueError(f"Unknown methods {unknown or list(methods)}; choose from {list(METHODS)}.")
+  for k in multipliers:
+    if not 0 < k <= 1:
+      raise ValueError(f"Multipliers must be in (0, 1]; got {k}.")
+  if not data.num_validation:
+    raise ValueError(f"Dataset {data.name!r} has no validation split, which early stopping "
+                     "needs: get it with keras_nd.data.get(..., num_validation=N).")
+  budget = dict(teacher=15, ce=15, kd=15, nd=4, ft=6)
+  budget.update(epochs or {})
+  experiment = Experiment(data, model, workdir, budget, verbose=verbose,
+                          max_lookahead=max(lookahead, 2 if ablation else 0), **settings)
+  config = dict(dataset=data.name, model=model, multipliers=list(multipliers),
+                methods=list(methods), lookahead=lookahead, ablation=ablation, epochs=budget,
+                batch_size=experiment.batch_size, learning_rate=experiment.learning_rate,
+                nd_learning_rate=experiment.nd_learning_rate,
+                temperature=experiment.temperature, label_weight=experiment.label_weight,
+                patience=experiment.patience, seed=experiment.seed,
+                num_train=data.num_train, num_validation=data.num_validation)
+  teacher = experiment.teacher()
+  teacher_row = {"params": teacher.count_params(), "accuracy": _accuracy(teacher, experiment.test)}
+  experiment._say(f"  teacher params={teacher_row['params']} "  # pylint: disable=protected-access
+                  f"accuracy={teacher_row['accuracy']:.4f}")
+  rows, curves, speedup, timings = [], {}, {}, {"teacher": experiment.timings["teacher"]}
+  for k in multipliers:
+    if "ce" in methods:
+      row, curves[f"ce@{k:g}"] = experiment.ce(k)
+      rows.append(row)
+    if "kd" in methods:
+      row, curves[f"kd@{k:g}"] = experiment.kd(teacher, k)
+      rows.append(row)
+      timings[f"kd@{k:g}"] = row["seconds"]
+    for la in sorted({lookahead, 2} if ablation else {lookahead}):
+      if "nd" in methods or "nd_ft" in methods:
+        nd_rows, curve, losses, nd_seconds = experiment.nd_and_ft(teacher, k, la,
+                                                                  fine_tune="nd_ft" in methods)
+        rows.extend(r for r in nd_rows if r["method"] in methods)
+        curves[f"nd_ft@{k:g}/lookahead{la}"] = curve
+        timings[f"cache@{k:g}"] = experiment.timings["cache"]
+        timings[f"nd_all_fused@{k:g}/lookahead{la}"] = nd_seconds
+        timings[f"nd_losses@{k:g}/lookahead{la}"] = losses
+        if "nd_ft" in methods:
+          timings[f"ft@{k:g}/lookahead{la}"] = nd_rows[-1]["seconds"] - nd_rows[0]["seconds"]
+        if "kd" in methods and "nd_ft" in methods:
+          speedup[f"{k:g}/lookahead{la}"] = _speedup(curves[f"kd@{k:g}"], curve)
+    if time_neighbourhoods and ("nd" in methods or "nd_ft" in methods):
+      each = experiment.time_each_neighbourhood(teacher, k)
+      timings[f"nd_each@{k:g}"] = each
+      timings[f"nd_all_sequential@{k:g}"] = sum(each.values())
+  results = {"config": config, "teacher": teacher_row, "rows": rows, "timings": timings,
+             "speedup": speedup, "curves": curves}
+  path = os.path.join(workdir, "results.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(results, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return results
+
+
+def _speedup(kd_curve, nd_ft_curve):
+  """KD's time to its best accuracy minus 0.5 points over ND+FT's time to the same target."""
+  target = max(accuracy for _, accuracy in kd_curve) - 0.005
+  kd_time, nd_ft_time = time_to(kd_curve, target), time_to(nd_ft_curve, target)
+  return {"target": target, "kd_seconds": kd_time, "nd_ft_seconds": nd_ft_time,
+          "ratio": kd_time / nd_ft_time if nd_ft_time else None}
+
+
+def table(results):
+  """The results as text: a Table 1-shaped accuracy table, then timings (Table 6) and speed-ups."""
+  rows = results["rows"]
+  ks = results["config"]["multipliers"]
+  teacher = results["teacher"]
+  width = 12
+  params = {r["multiplier"]: r["params"] for r in rows}
+  lines = ["Test accuracy (%) by bottleneck multiplier k (Table 1)",
+           f"{'k':<22}" + "".join(f"{k:>{width}g}" for k in ks),
+           f"{'params':<22}" + "".join(f"{params.get(k, 0):>{width},}" for k in ks),
+           f"{'teacher':<22}" + f"{100 * teacher['accuracy']:>{width}.2f}" +
+           f"   ({teacher['params']:,} params)"]
+  labels = {"ce": "CE", "kd": "KD", "nd": "ND", "nd_ft": "ND+FT"}
+  variants = sorted({(r["method"], r.get("lookahead", 0)) for r in rows},
+                    key=lambda v: (METHODS.index(v[0]), v[1]))
+  for method, la in variants:
+    label = labels[method] + (f" (look-ahead {la})" if la else "")
+    cells = []
+    for k in ks:
+      match = [r for r in rows if r["method"] == method and r.get("lookahead", 0) == la and
+               r["multiplier"] == k]
+      cells.append(f"{100 * match[0]['accuracy']:>{width}.2f}" if match else f"{'-':>{width}}")
+    lines.append(f"{label:<22}" + "".join(cells))
+    if method == "nd_ft":
+      before = [r for r in rows if r["method"] == "nd_ft" and r.get("lookahead", 0) == la]
+      lines.append(f"{'  before FT':<22}" + "".join(
+          f"{100 * r['accuracy_before_ft']:>{width}.2f}" for r in before))
+  lines.append("")
+  lines.append("Seconds (Table 6)")
+  for name, value in results["timings"].items():
+    if isinstance(value, dict):
+      if name.startswith("nd_each"):
+        values = list(value.values())
+        lines.append(f"  {name:<32} mean {sum(values) / len(values):.1f} per neighbourhood "
+                     f"({len(values)} neighbourhoods)")
+      continue
+    lines.append(f"  {name:<32} {value:.1f}")
+  for key, s in results["speedup"].items():
+    if s["ratio"] is None:
+      lines.append(f"Time-to-accuracy speed-up k={key}: ND+FT never reached KD's best - 0.5 "
+                   f"points ({100 * s['target']:.2f}%)")
+    else:
+      lines.append(f"Time-to-accuracy speed-up k={key}: {s['ratio']:.2f}x (target "
+                   f"{100 * s['target']:.2f}%: KD {s['kd_seconds']:.1f}s, ND+FT "
+                   f"{s['nd_ft_seconds']:.1f}s incl. cache and ND)")
+  return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Smoke tests of the parameter-reduction experiment (examples/distill.py's logic)."""
+
+import json
+import os
+
+import testing
+from absl.testing import parameterized
+
+from keras_nd import data
+from keras_nd._keras import tf
+from keras_nd.experiments import distill
+
+_TINY = dict(teacher=1, ce=1, kd=2, nd=1, ft=1)
+
+class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
+
+  def _run(self, dataset, **kwargs):
+    workdir = self.get_temp_dir()
+    results = distill.run(dataset, workdir, model="resnet8", epochs=_TINY, batch_size=32,
+                          verbose=0, **kwargs)
+    with open(os.path.join(workdir, "results.json")) as f:
+      self.assertEqual(json.load(f)["rows"], results["rows"])
+    return results, workdir
+
+  def test_every_method_runs_on_the_embedded_dataset(self):
+    results, _ = self._run(data.get("embedded", num_train=96, num_test=32, num_validation=32), multipliers=(0.5,))
+    methods = [row["method"] for row in results["rows"]]
+    self.assertEqual(methods, ["ce", "kd", "nd", "nd_ft"])
+    for row in results["rows"]:
+      self.assertBetween(row["accuracy"], 0.0, 1.0)
+      self.assertGreater(row["seconds"], 0.0)
+      self.assertLess(row["params"], results["teacher"]["params"])
+    nd_ft = results["rows"][-1]
+    self.assertIn("accuracy_before_ft", nd_ft)
+    # ND+FT time includes the cache and ND (Table 6 accounting).
+    self.assertGreater(nd_ft["seconds"], results["rows"][2]["seconds"])
+    timings = results["timings"]
+    for key in ("teacher", "kd@0.5", "cache@0.5", "nd_all_fused@0.5/lookahead0",
+                "ft@0.5/lookahead0", "nd_all_sequential@0.5"):
+      self.assertIn(key, timings)
+    self.assertLen(timings["nd_each@0.5"], 3)  # ResNet-8 has three residual units
+    self.assertIn("0.5/lookahead0", results["speedup"])
+    text = distill.table(results)
+    for label in ("CE", "KD", "ND", "ND+FT", "before FT", "Seconds (Table 6)"):
+      self.assertIn(label, text)
+
+  def test_runs_offline_on_mock_tfds_cifar10_with_ablation(self):
+    with testing.mock_tfds(num_examples=48):
+      dataset = data.get("cifar10", num_validation=16)
+      results, _ = self._run(dataset, multipliers=(0.5,), methods=("nd", "nd_ft"),
+                             ablation=True, time_neighbourhoods=False)
+    lookaheads = sorted({row["lookahead"] for row in results["rows"]})
+    self.assertEqual(lookaheads, [0, 2])
+    self.assertIn("ND+FT (look-ahead 2)", distill.table(results))
+
+  def test_the_teacher_is_trained_once_and_reused(self):
+    dataset = data.get("embedded", num_train=64, num_test=32, num_validation=32)
+    first, workdir = self._run(dataset, methods=("nd",), time_neighbourhoods=False)
+    teachers = [f for f in os.listdir(workdir) if f.endswith(".keras")]
+    self.assertLen(teachers, 1)
+    mtime = os.path.getmtime(os.path.join(workdir, teachers[0]))
+    second = distill.run(dataset, workdir, model="resnet8", methods=("nd",), epochs=_TINY,
+                         batch_size=32, time_neighbourhoods=False, verbose=0)
+    self.assertEqual(os.path.getmtime(os.path.join(workdir, teachers[0])), mtime)
+    self.assertEqual(first["teacher"], second["teacher"])
+
+  @parameterized.named_parameters(
+      ("unknown_method", dict(methods=("ce", "dk")), "dk"),
+      ("multiplier_above_one", dict(multipliers=(1.5,)), "1.5"),
+      ("multiplier_zero", dict(multipliers=(0.0,)), "0.0"),
+  )
+  def test_bad_arguments_are_named(self, kwargs, fragment):
+    dataset = data.get("embedded", num_train=32, num_test=16, num_validation=16)
+    with self.assertRaisesRegex(ValueError, fragment):
+      distill.run(dataset, self.get_temp_dir(), model="resnet8", verbose=0, **kwargs)
+
+  def test_a_dataset_without_validation_split_is_refused(self):
+    dataset = data.get("embedded", num_train=32, num_test=16)
+    with self.assertRaisesRegex(ValueError, "num_validation"):
+      distill.run(dataset, self.get_temp_dir(), model="resnet8", verbose=0)
+
+  def test_unknown_model_is_named(self):
+    with self.assertRaisesRegex(ValueError, "resnet7"):
+      distill.build_model("resnet7", (8, 8, 3), 3)
+
+  def test_time_to_reads_the_first_point_at_the_target(self):
+    curve = [(1.0, 0.5), (2.0, 0.8), (3.0, 0.9)]
+    self.assertEqual(distill.time_to(curve, 0.8), 2.0)
+    self.assertIsNone(distill.time_to(curve, 0.95))
+
+if __name__ == "__main__":
+  tf.test.main()
