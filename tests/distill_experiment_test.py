@@ -23,7 +23,8 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
     return results, workdir
 
   def test_every_method_runs_on_the_embedded_dataset(self):
-    results, _ = self._run(data.get("embedded", num_train=96, num_test=32, num_validation=32), multipliers=(0.5,))
+    dataset = data.get("embedded", num_train=96, num_test=32, num_validation=32)
+    results, _ = self._run(dataset, multipliers=(0.5,))
     methods = [row["method"] for row in results["rows"]]
     self.assertEqual(methods, ["ce", "kd", "nd", "nd_ft"])
     for row in results["rows"]:
