@@ -147,3 +147,44 @@ class NeighbourhoodDistiller(keras.Model):
 
   def test_step(self, data):
     return self._track(*self._distillation_losses(data, training=False))
+
+  def calibrate_batch_norm(self, dataset, steps=50):
+    """Re-estimates the students' BatchNorm moving statistics with their weights fixed.
+
+    During training a BatchNorm layer normalises with each batch's statistics
+    and keeps moving averages (momentum 0.99 by default) for inference; after
+    a few hundred steps of weights that were still changing those averages lag
+    behind, and a composed student, whose errors add up across
+    neighbourhoods, suffers from the lag. This sets each moving mean and
+    variance to the plain average of the batch statistics over `steps`
+    batches of `dataset` (the source's dataset, as for `fit`).
+
+    Args:
+      dataset: batches of `{neighbourhood name: (a, T(a), ...)}`.
+      steps: number of batches to average over (fewer if the dataset ends).
+
+    Returns:
+      The number of batches used.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+      raise ValueError(f"steps must be a positive integer; got {steps!r}.")
+    layers = [(hood, model, [layer for layer in model.submodules
+                             if isinstance(layer, keras.layers.BatchNormalization)])
+              for hood, model in zip(self._hoods.value, self.student_models)]
+    momenta = {id(layer): layer.momentum for _, _, bns in layers for layer in bns}
+    used = 0
+    try:
+      for used, data in enumerate(dataset.take(steps), start=1):
+        for hood, model, bns in layers:
+          if not bns:
+            continue
+          for layer in bns:  # moving = (used-1)/used * moving + 1/used * batch: a running mean
+            layer.momentum = (used - 1) / used
+          model(self._item(data, hood)[0], training=True)
+    finally:
+      for _, _, bns in layers:
+        for layer in bns:
+          layer.momentum = momenta[id(layer)]
+    if not used:
+      raise ValueError("The dataset for calibrate_batch_norm is empty.")
+    return used

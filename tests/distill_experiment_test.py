@@ -24,7 +24,7 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_every_method_runs_on_the_embedded_dataset(self):
     dataset = data.get("embedded", num_train=96, num_test=32, num_validation=32)
-    results, _ = self._run(dataset, multipliers=(0.5,))
+    results, _ = self._run(dataset, multipliers=(0.5,), time_neighbourhoods=True)
     methods = [row["method"] for row in results["rows"]]
     self.assertEqual(methods, ["ce", "kd", "nd", "nd_ft"])
     for row in results["rows"]:
@@ -54,6 +54,12 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(lookaheads, [0, 2])
     self.assertIn("ND+FT (look-ahead 2)", distill.table(results))
 
+  def test_students_from_scratch_as_in_the_paper(self):
+    dataset = data.get("embedded", num_train=64, num_test=32, num_validation=32)
+    results, _ = self._run(dataset, methods=("kd", "nd_ft"), student_init="random")
+    self.assertEqual(results["config"]["student_init"], "random")
+    self.assertEqual([row["method"] for row in results["rows"]], ["kd", "nd_ft"])
+
   def test_the_teacher_is_trained_once_and_reused(self):
     dataset = data.get("embedded", num_train=64, num_test=32, num_validation=32)
     first, workdir = self._run(dataset, methods=("nd",), time_neighbourhoods=False)
@@ -69,6 +75,7 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
       ("unknown_method", dict(methods=("ce", "dk")), "dk"),
       ("multiplier_above_one", dict(multipliers=(1.5,)), "1.5"),
       ("multiplier_zero", dict(multipliers=(0.0,)), "0.0"),
+      ("student_init", dict(student_init="pruned"), "pruned"),
   )
   def test_bad_arguments_are_named(self, kwargs, fragment):
     dataset = data.get("embedded", num_train=32, num_test=16, num_validation=16)

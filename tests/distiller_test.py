@@ -107,6 +107,51 @@ class DistillerFitTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
                         sum(results[f"{h.name}_loss"] for h in self.units), rtol=1e-5)
 
 
+class CalibrateBatchNormTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
+
+  def _distiller(self):
+    keras.utils.set_random_seed(2)
+    distiller = nd.NeighbourhoodDistiller({self.a: nd.students.bottleneck(self.a, 0.5)})
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
+    distiller.fit(self.online([self.a]).dataset(batch_size=16, seed=0), epochs=1, verbose=0)
+    return distiller
+
+  def test_moving_statistics_become_the_average_of_the_batch_statistics(self):
+    distiller = self._distiller()
+    student = distiller.students[self.a]
+    teacher_before = testing.weights_of(self.teacher)
+    kernels_before = [w.numpy() for w in student.trainable_weights]
+    momenta = [layer.momentum for layer in student.layers
+               if isinstance(layer, keras.layers.BatchNormalization)]
+    data = self.online([self.a]).dataset(batch_size=16, shuffle=False)
+    self.assertEqual(distiller.calibrate_batch_norm(data, steps=100), 4)  # 64 examples
+    bns = [layer for layer in student.layers
+           if isinstance(layer, keras.layers.BatchNormalization)]
+    self.assertLen(bns, 2)
+    for bn, momentum in zip(bns, momenta):
+      # The BN layer's input, by hand, from a model of the student's graph up to it.
+      probe = keras.Model(student.input, bn.input)
+      means, variances = [], []
+      for batch in data:
+        x = probe(batch[self.a.name][0], training=True).numpy()
+        x = x.reshape(-1, x.shape[-1])
+        means.append(x.mean(axis=0))
+        variances.append(x.var(axis=0))
+      self.assertAllClose(bn.moving_mean, np.mean(means, axis=0), rtol=1e-4, atol=1e-5)
+      # Keras may Bessel-correct the batch variance (n = 16 * 8 * 8 here): within 1%.
+      self.assertAllClose(bn.moving_variance, np.mean(variances, axis=0), rtol=1e-2)
+      self.assertEqual(bn.momentum, momentum)  # restored
+    for weight, old in zip(student.trainable_weights, kernels_before):
+      self.assertAllEqual(weight.numpy(), old)
+    self.assertTeacherUnchanged(teacher_before)
+
+  @parameterized.named_parameters(("zero", 0), ("negative", -3), ("float", 2.5), ("bool", True))
+  def test_rejects_bad_steps(self, steps):
+    distiller = nd.NeighbourhoodDistiller({self.a: nd.students.bottleneck(self.a, 0.5)})
+    with self.assertRaisesRegex(ValueError, "steps"):
+      distiller.calibrate_batch_norm(self.online([self.a]).dataset(batch_size=16), steps=steps)
+
+
 class DistillerIndependenceTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
 
   def _trained_a(self, hoods):

@@ -160,6 +160,93 @@ class BottleneckOtherArchitecturesTest(tf.test.TestCase):
     self.assertEqual(student.output_shape, hood.output_shape)
 
 
+_INNER_AND_CONSUMER = {
+    "stage1_unit1_out": [("stage1_unit1_conv1", "stage1_unit1_conv2")],
+    "stage2_unit1_out": [("stage2_unit1_conv1", "stage2_unit1_conv2")],
+    "stage1_unit2_out": [("stage1_unit2_conv1", "stage1_unit2_conv2"),
+                         ("stage1_unit2_conv2", "stage1_unit2_conv3")],
+    "block_2_add": [("block_2_expand", "block_2_project")],
+}
+
+
+def _drop_weakest_inner_channels(teacher, hood, k):
+  """Zeroes, in `teacher`, the inputs that the weakest inner channels of `hood` feed.
+
+  The channels are chosen by hand as the L1-smallest output channels of each
+  inner layer; with their contribution zeroed, a student keeping only the
+  other channels computes exactly what the teacher computes.
+  """
+  for name, consumer in _INNER_AND_CONSUMER[hood.name]:
+    kernel = teacher.get_layer(name).get_weights()[0]
+    norms = [np.abs(kernel[..., c]).sum() for c in range(kernel.shape[-1])]
+    dropped = np.argsort(norms, kind="stable")[:kernel.shape[-1] - int(k * kernel.shape[-1])]
+    weights = teacher.get_layer(consumer).get_weights()
+    weights[0][..., dropped, :] = 0.0
+    teacher.get_layer(consumer).set_weights(weights)
+
+
+class BottleneckTeacherInitTest(tf.test.TestCase, parameterized.TestCase):
+
+  def _input(self, hood):
+    return np.random.RandomState(3).normal(size=(4,) + hood.input_shape[1:]).astype("float32")
+
+  def _teacher(self, kind):
+    keras.utils.set_random_seed(1)
+    if kind == "resnet":
+      x, y = testing.images(32)
+      return testing.trained(testing.tiny_resnet(), x, y)  # BatchNorm statistics not 0 and 1
+    if kind == "resnet50":
+      return testing.randomize_batch_norm(models.resnet50_v1(input_shape=(32, 32, 3),
+                                                             num_classes=3))
+    return testing.randomize_batch_norm(
+        keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=3))
+
+  @parameterized.named_parameters(
+      ("basic_unit", "resnet", "stage1_unit1_out"),
+      ("downsampling_unit", "resnet", "stage2_unit1_out"),
+      ("resnet50_unit", "resnet50", "stage1_unit2_out"),
+      ("inverted_residual", "mobilenet", "block_2_add"))
+  def test_keeping_the_strongest_channels_reproduces_a_teacher_without_the_weakest(self, kind,
+                                                                                  name):
+    teacher = self._teacher(kind)
+    hood = _by_name(nd.split(teacher), name)
+    _drop_weakest_inner_channels(teacher, hood, 0.5)
+    student = nd.students.bottleneck(hood, 0.5, init="teacher")
+    self.assertLess(student.count_params(), _params(hood.layers))
+    a = self._input(hood)
+    self.assertAllClose(student(a, training=False), hood.teacher(a, training=False),
+                        atol=1e-4, rtol=1e-4)
+
+  @parameterized.named_parameters(("resnet", "resnet", "stage2_unit1_out"),
+                                  ("resnet50", "resnet50", "stage1_unit2_out"),
+                                  ("mobilenet", "mobilenet", "block_2_add"))
+  def test_k_1_from_the_teacher_is_the_teacher(self, kind, name):
+    teacher = self._teacher(kind)
+    hood = _by_name(nd.split(teacher), name)
+    student = nd.students.bottleneck(hood, 1.0, init="teacher")
+    a = self._input(hood)
+    self.assertAllClose(student(a, training=False), hood.teacher(a, training=False), atol=1e-5)
+
+  def test_the_teacher_is_left_unchanged(self):
+    teacher = self._teacher("resnet")
+    before = testing.weights_of(teacher)
+    nd.students.bottleneck(nd.split(teacher)[1], 0.5, init="teacher")
+    for old, new in zip(before, testing.weights_of(teacher)):
+      self.assertAllEqual(old, new)
+
+  def test_random_init_differs_from_the_teacher(self):
+    teacher = self._teacher("resnet")
+    hood = _by_name(nd.split(teacher), "stage1_unit1_out")
+    student = nd.students.bottleneck(hood, 1.0)
+    a = self._input(hood)
+    self.assertNotAllClose(student(a, training=False), hood.teacher(a, training=False))
+
+  def test_unknown_init_is_named(self):
+    hood = nd.split(testing.tiny_resnet())[1]
+    with self.assertRaisesRegex(ValueError, "init.*'pruned'"):
+      nd.students.bottleneck(hood, 0.5, init="pruned")
+
+
 class CloneTest(tf.test.TestCase, parameterized.TestCase):
 
   @classmethod

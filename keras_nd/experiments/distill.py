@@ -140,12 +140,15 @@ class Experiment:
       training settings shared by all methods.
     max_lookahead: the largest look-ahead any ND run will use (the
       activation cache is built once, for it).
+    student_init: how the KD and ND students start (`students.bottleneck`'s
+      init): "teacher" (the teacher's strongest inner channels) or "random"
+      (the paper's setting). CE students always start from scratch.
     verbose: 0 silent, 1 one line per phase, 2 Keras progress too.
   """
 
   def __init__(self, data, model, workdir, epochs, batch_size=128, learning_rate=2e-3,
                nd_learning_rate=2e-3, temperature=2.5, label_weight=1.0, patience=2, seed=0,
-               max_lookahead=0, verbose=1):
+               max_lookahead=0, student_init="teacher", verbose=1):
     self.data = data
     self.model = model
     self.workdir = workdir
@@ -157,6 +160,9 @@ class Experiment:
     self.label_weight = label_weight
     self.patience = patience
     self.seed = seed
+    if student_init not in ("teacher", "random"):
+      raise ValueError(f"student_init must be 'teacher' or 'random'; got {student_init!r}.")
+    self.student_init = student_init
     self.verbose = verbose
     self.timings = {}
     self.train = data.pipeline("train", batch_size, training=True, seed=seed)
@@ -234,10 +240,23 @@ class Experiment:
     distiller.fit(self.train, epochs=epochs, verbose=self._fit_verbose(), callbacks=[tracker])
     return tracker
 
+  def _students(self, units, multiplier):
+    keras.utils.set_random_seed(self.seed)
+    return {h: nd.students.bottleneck(h, multiplier, init=self.student_init) for h in units}
+
   def kd(self, teacher, multiplier):
-    """End-to-end KD, to its plateau (early stopping on validation): (row, curve)."""
-    student = self._new(multiplier)
-    tracker = self._kd(teacher, student, self.epochs["kd"], self.learning_rate)
+    """End-to-end KD, to its plateau (early stopping on validation): (row, curve).
+
+    From scratch it learns at `learning_rate`; from the teacher's channels (the
+    start ND's students have) at fine-tuning's rate, so that it is exactly
+    ND+FT without ND.
+    """
+    if self.student_init == "random":
+      student, learning_rate = self._new(multiplier), self.learning_rate
+    else:
+      student = nd.compose(teacher, self._students(nd.split(teacher)[1:-1], multiplier))
+      learning_rate = self.learning_rate / 4
+    tracker = self._kd(teacher, student, self.epochs["kd"], learning_rate)
     return self._row("kd", multiplier, student, tracker.seconds), tracker.curve
 
   def source(self, teacher, lookahead):
@@ -255,15 +274,16 @@ class Experiment:
   def nd(self, teacher, multiplier, lookahead=0):
     """ND of every residual unit: (student, cache + ND seconds, ND seconds, per-hood losses)."""
     units, source = self.source(teacher, lookahead)
-    keras.utils.set_random_seed(self.seed)
-    distiller = nd.NeighbourhoodDistiller({h: nd.students.bottleneck(h, multiplier)
-                                           for h in units}, lookahead=lookahead)
+    distiller = nd.NeighbourhoodDistiller(self._students(units, multiplier), lookahead=lookahead)
     steps = self.epochs["nd"] * -(-source.num_examples // self.batch_size)
     distiller.compile(keras.optimizers.Adam(
         keras.optimizers.schedules.CosineDecay(self.nd_learning_rate, steps)))
     start = time.perf_counter()
     history = distiller.fit(source.dataset(self.batch_size, seed=self.seed),
                             epochs=self.epochs["nd"], verbose=self._fit_verbose())
+    # The moving statistics lag behind the last weights (see calibrate_batch_norm).
+    distiller.calibrate_batch_norm(source.dataset(self.batch_size, seed=self.seed + 1),
+                                   steps=self.steps_per_epoch)
     seconds = time.perf_counter() - start
     losses = {h.name: history.history[f"{h.name}_loss"][-1] for h in units}
     student = _scorable(nd.compose(teacher, distiller.students))
@@ -288,12 +308,13 @@ class Experiment:
     hoods, source = self.source(teacher, 0)
     seconds = {}
     for hood in hoods:
-      keras.utils.set_random_seed(self.seed)
-      distiller = nd.NeighbourhoodDistiller({hood: nd.students.bottleneck(hood, multiplier)})
+      distiller = nd.NeighbourhoodDistiller(self._students([hood], multiplier))
       distiller.compile(keras.optimizers.Adam(self.nd_learning_rate))
       start = time.perf_counter()
       distiller.fit(source.dataset(self.batch_size, seed=self.seed), epochs=self.epochs["nd"],
                     verbose=0)
+      distiller.calibrate_batch_norm(source.dataset(self.batch_size, seed=self.seed + 1),
+                                     steps=self.steps_per_epoch)
       seconds[hood.name] = time.perf_counter() - start
     return seconds
 
@@ -306,7 +327,7 @@ class Experiment:
 
 
 def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lookahead=0,
-        ablation=False, time_neighbourhoods=True, epochs=None, verbose=1, **settings):
+        ablation=False, time_neighbourhoods=False, epochs=None, verbose=1, **settings):
   """Runs the experiment and writes `workdir/results.json`.
 
   Args:
@@ -337,7 +358,7 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
   if not data.num_validation:
     raise ValueError(f"Dataset {data.name!r} has no validation split, which early stopping "
                      "needs: get it with keras_nd.data.get(..., num_validation=N).")
-  budget = dict(teacher=15, ce=15, kd=15, nd=4, ft=6)
+  budget = dict(teacher=15, ce=6, kd=6, nd=3, ft=3)
   budget.update(epochs or {})
   experiment = Experiment(data, model, workdir, budget, verbose=verbose,
                           max_lookahead=max(lookahead, 2 if ablation else 0), **settings)
@@ -347,6 +368,7 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
                 nd_learning_rate=experiment.nd_learning_rate,
                 temperature=experiment.temperature, label_weight=experiment.label_weight,
                 patience=experiment.patience, seed=experiment.seed,
+                student_init=experiment.student_init,
                 num_train=data.num_train, num_validation=data.num_validation)
   teacher = experiment.teacher()
   teacher_row = {"params": teacher.count_params(), "accuracy": _accuracy(teacher, experiment.test)}

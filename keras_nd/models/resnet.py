@@ -19,6 +19,9 @@ from keras_nd._keras import keras, tf
 from keras_nd.students import scaled_width
 
 _CIFAR_STAGE_FILTERS = (16, 32, 64)
+# BatchNorm momentum of the CIFAR ResNets: 0.9, the usual choice for them, so that the moving
+# statistics keep up with the weights in runs of a few hundred steps (Keras's 0.99 lags there).
+_CIFAR_BN_MOMENTUM = 0.9
 _RESNET50_STAGE_UNITS = (3, 4, 6, 3)
 _RESNET50_STAGE_FILTERS = (64, 128, 256, 512)
 _RESNET50_EXPANSION = 4
@@ -97,7 +100,7 @@ def resnet_v1(depth=20, multipliers=1.0, input_shape=(32, 32, 3),
   Those counts are of *trainable* parameters (BN moving statistics excluded),
   e.g. 269,722 for ResNet-20 at k = 1; `model.count_params()` is larger by the
   BN moving means and variances (1,376 for ResNet-20 at k = 1). Convolutions
-  have no bias, as each is followed by BN.
+  have no bias, as each is followed by BN, whose momentum is 0.9.
 
   The head is global average pooling and a `Dense(num_classes)` that outputs
   LOGITS: there is no softmax, so train with
@@ -146,7 +149,7 @@ def resnet_v1(depth=20, multipliers=1.0, input_shape=(32, 32, 3),
 
   inputs = keras.Input(shape=input_shape, name="input")
   x = _conv(16, 3, 1, regularizer, "stem_conv")(inputs)
-  x = keras.layers.BatchNormalization(name="stem_bn")(x)
+  x = keras.layers.BatchNormalization(momentum=_CIFAR_BN_MOMENTUM, name="stem_bn")(x)
   x = keras.layers.ReLU(name="stem_relu")(x)
   unit_index = 0
   for stage, filters in enumerate(_CIFAR_STAGE_FILTERS, start=1):
@@ -309,10 +312,10 @@ def _basic_unit(x, filters, strides, k, regularizer, prefix):
                                name=f"{prefix}_shortcut")(x)
   x = _conv(scaled_width(filters, k), 3, strides, regularizer,
             f"{prefix}_conv1")(x)
-  x = keras.layers.BatchNormalization(name=f"{prefix}_bn1")(x)
+  x = keras.layers.BatchNormalization(momentum=_CIFAR_BN_MOMENTUM, name=f"{prefix}_bn1")(x)
   x = keras.layers.ReLU(name=f"{prefix}_relu1")(x)
   x = _conv(filters, 3, 1, regularizer, f"{prefix}_conv2")(x)
-  x = keras.layers.BatchNormalization(name=f"{prefix}_bn2")(x)
+  x = keras.layers.BatchNormalization(momentum=_CIFAR_BN_MOMENTUM, name=f"{prefix}_bn2")(x)
   x = keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
   return keras.layers.ReLU(name=f"{prefix}_out")(x)
 
