@@ -173,8 +173,8 @@ class Experiment:
     self.max_lookahead = max_lookahead
     os.makedirs(workdir, exist_ok=True)
     self._key = self._teacher_key()
-    # One cache per teacher: a retrained teacher never meets the cache of another.
-    self.cache_dir = os.path.join(workdir, f"cache-{self._key}")
+    # One cache per teacher and look-ahead: a retrained teacher never meets another's cache.
+    self.cache_dir = os.path.join(workdir, f"cache-{self._key}-lookahead{max_lookahead}")
 
   def _teacher_key(self):
     """A digest of everything the teacher depends on, the data's first batch included."""
