@@ -26,6 +26,14 @@ def as_student_model(hood, student):
   return student
 
 
+def with_pruning_step(model, callbacks):
+  """`callbacks`, plus tfmot's `UpdatePruningStep` if `model` prunes (so users cannot forget it)."""
+  if not graph.prunes(model):
+    return callbacks
+  from keras_nd import sparsity  # pylint: disable=g-import-not-at-top  (tfmot only when pruning)
+  return sparsity.pruning_callbacks(model, callbacks)
+
+
 class NeighbourhoodDistiller(keras.Model):
   """Distils each student neighbourhood from its teacher neighbourhood, all in one step.
 
@@ -96,6 +104,10 @@ class NeighbourhoodDistiller(keras.Model):
       raise ValueError(
           "NeighbourhoodDistiller trains independent problems; an optimizer with global_clipnorm "
           "couples them through one norm over all students. Use clipnorm (per variable) instead.")
+
+  def fit(self, *args, callbacks=None, **kwargs):
+    """Keras `fit`, with tfmot's `UpdatePruningStep` added when a student is being pruned."""
+    return super().fit(*args, callbacks=with_pruning_step(self, callbacks), **kwargs)
 
   def call(self, inputs, training=False):
     """{neighbourhood name: student output} for a batch of the source's dataset."""

@@ -270,6 +270,22 @@ def compose(teacher, students, name=None):
     name: the model's name (default: teacher's name + "_student").
 
   Returns:
-    A flat functional `keras.Model`.
+    A flat functional `keras.Model`. Students holding tfmot pruning wrappers
+    (`keras_nd.sparsity`) are stripped first: the result is a plain model
+    with sparse kernels.
   """
-  return substitute(teacher, dict(students), copy=True, name=name or f"{teacher.name}_student")
+  students = {hood: _without_pruning(model) for hood, model in dict(students).items()}
+  return substitute(teacher, students, copy=True, name=name or f"{teacher.name}_student")
+
+
+def prunes(model):
+  """Whether `model` holds tfmot pruning wrappers (checked without importing tfmot)."""
+  return isinstance(model, keras.layers.Layer) and any(
+      type(layer).__name__ == "PruneLowMagnitude" for layer in model.submodules)
+
+
+def _without_pruning(model):
+  if not prunes(model):
+    return model
+  from keras_nd import sparsity  # pylint: disable=g-import-not-at-top  (tfmot only when pruning)
+  return sparsity.strip(model)

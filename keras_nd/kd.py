@@ -2,7 +2,7 @@
 
 from keras_nd import losses
 from keras_nd._keras import keras, tf
-from keras_nd.distiller import _Untracked
+from keras_nd.distiller import _Untracked, with_pruning_step
 
 
 def outputs_logits(model):
@@ -69,6 +69,10 @@ class KnowledgeDistiller(keras.Model):
   @property
   def teacher(self):
     return self._teacher.value
+
+  def fit(self, *args, callbacks=None, **kwargs):
+    """Keras `fit`, with tfmot's `UpdatePruningStep` added when the student is being pruned."""
+    return super().fit(*args, callbacks=with_pruning_step(self, callbacks), **kwargs)
 
   def call(self, inputs, training=False):
     return self.student(inputs, training=training)

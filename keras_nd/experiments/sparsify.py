@@ -1,0 +1,172 @@
+"""The paper's sparsification experiment (Table 3a): sparse students without fine-tuning.
+
+Every convolution and Dense layer of a trained teacher is its own
+neighbourhood (`keras_nd.split_layers`). For each target sparsity:
+
+  nd:  each layer's student starts from the teacher layer and is pruned by
+       magnitude (tfmot, polynomial ramp over the first half of its steps,
+       held for the second) while learning the layer's output from the
+       teacher's activations; all layers at once, from one activation cache;
+       then composed. No fine-tuning.
+  kd:  the whole student, started from the teacher, pruned with the same
+       schedule while trained end to end by knowledge distillation.
+
+As in the paper the first convolution and the classifier stay dense. Both
+methods train for the same number of epochs; accuracy is on the test split,
+the measured sparsity is that of the composed, stripped student's pruned
+kernels, and the seconds are training time (ND's include the cache build).
+"""
+
+import json
+import os
+import time
+
+import keras_nd as nd
+from keras_nd import sparsity
+from keras_nd._keras import keras
+from keras_nd.experiments import distill
+
+METHODS = ("nd", "kd")
+SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS, epochs=None,
+        skip=("stem_conv", "head_logits"), verbose=1, **settings):
+  """Runs the experiment and writes `workdir/results.json`.
+
+  Args:
+    data: a `keras_nd.data` dataset with a validation split (see
+      `distill.Experiment`, whose teacher this reuses).
+    workdir: output directory (the teacher is reused from it).
+    model: `resnet20`, ..., `resnet50`.
+    sparsities: target sparsities, each in [0, 1).
+    methods: a subset of ("nd", "kd").
+    epochs: dict overriding the epoch budgets: teacher, nd, kd.
+    skip: layers kept dense (names or classes).
+    verbose: 0 silent, 1 one line per run, 2 Keras progress bars too.
+    **settings: passed to `distill.Experiment` (batch_size, learning_rate,
+      nd_learning_rate, temperature, label_weight, seed).
+
+  Returns:
+    {"config", "teacher", "rows": [{"method", "sparsity", "accuracy",
+    "seconds", "measured_sparsity", "compressed_bytes"}], "timings"}.
+  """
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown or not methods:
+    raise ValueError(f"Unknown methods {unknown or list(methods)}; choose from {list(METHODS)}.")
+  for s in sparsities:
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
+      raise ValueError(f"Sparsities must be in [0, 1); got {s!r}.")
+  if not data.num_validation:
+    raise ValueError(f"Dataset {data.name!r} has no validation split; get it with "
+                     "keras_nd.data.get(..., num_validation=N) (the teacher is shared with "
+                     "examples/distill.py, which needs one).")
+  budget = dict(teacher=15, nd=3, kd=3)
+  budget.update(epochs or {})
+  experiment = distill.Experiment(data, model, workdir, budget, verbose=verbose, **settings)
+  say = experiment._say  # pylint: disable=protected-access
+  teacher = experiment.teacher()
+  test = experiment.test
+  teacher_row = {"params": teacher.count_params(), "accuracy": _accuracy(teacher, test),
+                 "compressed_bytes": sparsity.compressed_size(teacher)}
+  say(f"  teacher params={teacher_row['params']} accuracy={teacher_row['accuracy']:.4f}")
+  hoods = nd.split_layers(teacher, sparsity.PRUNABLE_TYPES)
+  trained = sparsity.not_skipped(hoods, skip)
+  timings = {"teacher": experiment.timings["teacher"]}
+  rows = []
+  source = None
+  if "nd" in methods:
+    start = time.perf_counter()
+    source = nd.ActivationSource(teacher, trained, experiment.train_plain,
+                                 cache_dir=os.path.join(workdir, f"cache-layers-{experiment._key}"),  # pylint: disable=protected-access
+                                 verbose=int(verbose > 1))
+    timings["cache"] = source.manifest.get("build_seconds", time.perf_counter() - start)
+  nd_steps = budget["nd"] * -(-(source.num_examples if source else data.num_train) //
+                              experiment.batch_size)
+  kd_steps = budget["kd"] * experiment.steps_per_epoch
+  fit_verbose = 2 if verbose > 1 else 0
+  for target in sparsities:
+    if "nd" in methods:
+      keras.utils.set_random_seed(experiment.seed)
+      distiller = nd.NeighbourhoodDistiller(
+          sparsity.sparse_students(trained, target, steps=nd_steps))
+      distiller.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+          experiment.nd_learning_rate / 4, nd_steps)))
+      start = time.perf_counter()
+      distiller.fit(source.dataset(experiment.batch_size, seed=experiment.seed),
+                    epochs=budget["nd"], verbose=fit_verbose)
+      seconds = time.perf_counter() - start
+      timings[f"nd@{target:g}"] = seconds
+      rows.append(_row("nd", target, nd.compose(teacher, distiller.students), test,
+                       seconds + timings["cache"], say))
+    if "kd" in methods:
+      keras.utils.set_random_seed(experiment.seed)
+      student = sparsity.prune(teacher, target, steps=kd_steps, skip=skip)
+      kd = nd.KnowledgeDistiller(teacher=teacher, student=student,
+                                 temperature=experiment.temperature,
+                                 label_weight=experiment.label_weight)
+      kd.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+          experiment.learning_rate / 4, kd_steps)), metrics=["accuracy"])
+      start = time.perf_counter()
+      kd.fit(experiment.train, epochs=budget["kd"], verbose=fit_verbose)
+      seconds = time.perf_counter() - start
+      timings[f"kd@{target:g}"] = seconds
+      rows.append(_row("kd", target, sparsity.strip(student), test, seconds, say))
+  config = dict(dataset=data.name, model=model, sparsities=list(sparsities),
+                methods=list(methods), epochs=budget, skip=[str(s) for s in skip],
+                batch_size=experiment.batch_size, learning_rate=experiment.learning_rate,
+                nd_learning_rate=experiment.nd_learning_rate, seed=experiment.seed,
+                num_train=data.num_train, nd_steps=nd_steps, kd_steps=kd_steps,
+                layers=[h.name for h in trained])
+  results = {"config": config, "teacher": teacher_row, "rows": rows, "timings": timings}
+  path = os.path.join(workdir, "results.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(results, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return results
+
+
+def _accuracy(model, data):
+  model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+  return float(model.evaluate(data, verbose=0, return_dict=True)["accuracy"])
+
+
+def _row(method, target, student, test, seconds, say):
+  report = sparsity.report(student)
+  row = {"method": method, "sparsity": target, "accuracy": _accuracy(student, test),
+         "seconds": seconds, "measured_sparsity": report["total"]["sparsity"],
+         "compressed_bytes": sparsity.compressed_size(student)}
+  say(f"  {method:<3} sparsity={target:<4g} measured={row['measured_sparsity']:.4f} "
+      f"accuracy={row['accuracy']:.4f}  {seconds:.1f}s")
+  return row
+
+
+def table(results):
+  """The results as text, shaped like the paper's Table 3a, with a speed-up row."""
+  rows = results["rows"]
+  targets = results["config"]["sparsities"]
+  width = 10
+  lines = ["Test accuracy (%) without fine-tuning, by target sparsity (Table 3a)",
+           f"teacher (dense): {100 * results['teacher']['accuracy']:.2f}",
+           f"{'sparsity':<20}" + "".join(f"{s:>{width}g}" for s in targets)]
+
+  def cell(method, target, key, scale=1.0, fmt=".2f"):
+    match = [r for r in rows if r["method"] == method and r["sparsity"] == target]
+    return f"{scale * match[0][key]:>{width}{fmt}}" if match else f"{'-':>{width}}"
+
+  for method, label in (("kd", "KD"), ("nd", "ND")):
+    if any(r["method"] == method for r in rows):
+      lines.append(f"{label:<20}" + "".join(cell(method, s, "accuracy", 100) for s in targets))
+      lines.append(f"{'  measured sparsity':<20}" +
+                   "".join(cell(method, s, "measured_sparsity", 100, ".1f") for s in targets))
+      lines.append(f"{'  seconds':<20}" + "".join(cell(method, s, "seconds", 1, ".1f")
+                                                for s in targets))
+  speedups = []
+  for s in targets:
+    kd = [r for r in rows if r["method"] == "kd" and r["sparsity"] == s]
+    nd_ = [r for r in rows if r["method"] == "nd" and r["sparsity"] == s]
+    speedups.append(f"{kd[0]['seconds'] / nd_[0]['seconds']:>{width}.2f}" if kd and nd_
+                    else f"{'-':>{width}}")
+  lines.append(f"{'speed-up KD/ND':<20}" + "".join(speedups))
+  return "\n".join(lines)

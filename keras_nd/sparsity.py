@@ -1,0 +1,307 @@
+"""Sparse students: one-layer neighbourhoods pruned by magnitude with tfmot.
+
+The paper's sparsification (Table 3a) treats every convolution or Dense layer
+as its own neighbourhood (`keras_nd.split_layers`), starts its student from
+the teacher layer's weights and prunes it by weight magnitude while it learns
+to reproduce the teacher layer's output: the sparsity ramps from 0 to the
+target over the first half of the neighbourhood's steps (tfmot's
+`PolynomialDecay`) and holds for the second half, the surviving weights still
+training. No fine-tuning follows.
+
+```python
+hoods = nd.split_layers(teacher)
+students = sparsity.sparse_students(hoods, 0.5, steps=2000, skip=("stem_conv", "head_logits"))
+distiller = nd.NeighbourhoodDistiller(students)   # fit() adds tfmot's UpdatePruningStep itself
+distiller.compile("adam"); distiller.fit(source.dataset(128), epochs=..., steps_per_epoch=...)
+student = nd.compose(teacher, distiller.students)  # pruning wrappers stripped
+print(sparsity.report(student)["total"])
+```
+
+`compose` strips the wrappers (tfmot's `strip_pruning`), so the composed
+student is a plain model whose pruned kernels hold exact zeros.
+"""
+
+import gzip
+import os
+import tempfile
+
+import numpy as np
+import tensorflow_model_optimization as tfmot  # keras_nd/__init__ set TF_USE_LEGACY_KERAS first
+
+from keras_nd import graph
+from keras_nd._keras import keras
+
+_prune = tfmot.sparsity.keras
+PRUNABLE_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+                  keras.layers.DepthwiseConv2D, keras.layers.Dense)
+SUFFIX = "_s"
+
+
+class _PrunableDepthwiseConv2D(keras.layers.DepthwiseConv2D, _prune.PrunableLayer):
+  """DepthwiseConv2D whose kernel tfmot prunes (its registry leaves depthwise kernels dense)."""
+
+  def get_prunable_weights(self):
+    return [self.depthwise_kernel]
+
+
+def schedule(target, steps, kind="polynomial"):
+  """The tfmot pruning schedule for `steps` training steps.
+
+  Args:
+    target: the final sparsity, in [0, 1).
+    steps: the steps the student trains for.
+    kind: "polynomial": from 0 to `target` over the first half of the steps
+      (tfmot's cubic `PolynomialDecay`), then held; "constant": `target` from
+      the first step.
+
+  Returns:
+    A `tfmot.sparsity.keras.PruningSchedule`. The mask is updated every
+    `frequency` steps (at most 100, about 8 updates over the ramp), and the
+    last update of the ramp falls at its last step, so the final mask has
+    exactly the target sparsity.
+  """
+  _check_target(target, "the schedule")
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+    raise ValueError(f"steps must be an integer of at least 2; got {steps!r}.")
+  ramp = steps // 2
+  frequency = max(1, min(100, ramp // 8))
+  end = frequency * (ramp // frequency)
+  if kind == "polynomial":
+    return _prune.PolynomialDecay(initial_sparsity=0.0, final_sparsity=float(target),
+                                  begin_step=0, end_step=end, frequency=frequency)
+  if kind == "constant":
+    return _prune.ConstantSparsity(float(target), begin_step=0, frequency=frequency)
+  raise ValueError(f"Schedule kind must be 'polynomial' or 'constant'; got {kind!r}.")
+
+
+def _check_target(target, where):
+  if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < 1:
+    raise ValueError(f"The target sparsity of {where} must be in [0, 1); got {target!r}.")
+
+
+def _layer_of(hood):
+  """The one layer of a one-layer neighbourhood, checked to be prunable."""
+  if not hasattr(hood, "nodes"):
+    raise TypeError(f"Expected a keras_nd.Neighbourhood; got {type(hood).__name__}.")
+  if len(hood.nodes) != 1:
+    raise ValueError(
+        f"A sparse student replaces one layer, but neighbourhood '{hood.name}' has "
+        f"{len(hood.nodes)} ({[n.layer.name for n in hood.nodes]}); use "
+        "keras_nd.split_layers for one-layer neighbourhoods.")
+  layer = hood.nodes[0].layer
+  if not isinstance(layer, PRUNABLE_TYPES):
+    raise ValueError(
+        f"Layer '{layer.name}' of neighbourhood '{hood.name}' is a {type(layer).__name__}, which "
+        f"cannot be pruned; prunable types: {[t.__name__ for t in PRUNABLE_TYPES]}.")
+  return layer
+
+
+def sparse_student(hood, target, steps, kind="polynomial", m_by_n=None):
+  """A pruned copy of a one-layer neighbourhood, starting from the teacher layer's weights.
+
+  Args:
+    hood: a one-layer `Neighbourhood` (from `keras_nd.split_layers`) of a
+      Conv1D/2D/3D, DepthwiseConv2D or Dense layer.
+    target: the final sparsity of its kernel, in [0, 1).
+    steps: the steps it will train for (the schedule ramps over half).
+    kind: "polynomial" or "constant" (see `schedule`).
+    m_by_n: e.g. (2, 4) for structured sparsity, m zeros in every n
+      consecutive weights along the input channels (tfmot's
+      `sparsity_m_by_n`); `target` is then ignored for the mask. Conv2D and
+      Dense only.
+
+  Returns:
+    A functional model, named `<hood name>_sparse`, whose one layer is the
+    teacher layer's copy wrapped in tfmot's `PruneLowMagnitude`. Train it with
+    `NeighbourhoodDistiller`, which adds tfmot's `UpdatePruningStep` callback.
+  """
+  layer = _layer_of(hood)
+  _check_target(target, f"layer '{layer.name}'")
+  config = dict(layer.get_config(), name=layer.name + SUFFIX)
+  if isinstance(layer, keras.layers.DepthwiseConv2D):
+    copy = _PrunableDepthwiseConv2D.from_config(config)
+  else:
+    copy = layer.__class__.from_config(config)
+  options = {}
+  if m_by_n is not None:
+    if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) or isinstance(
+        layer, keras.layers.DepthwiseConv2D):
+      raise ValueError(f"m-by-n sparsity applies to Conv2D and Dense layers; layer "
+                       f"'{layer.name}' is a {type(layer).__name__}.")
+    options["sparsity_m_by_n"] = tuple(m_by_n)
+  wrapper = _prune.prune_low_magnitude(copy, pruning_schedule=schedule(target, steps, kind),
+                                       **options)
+  inputs = keras.Input(hood.input_shape[1:])
+  model = keras.Model(inputs, wrapper(inputs), name=f"{hood.name}_sparse")
+  copy.set_weights(layer.get_weights())
+  return model
+
+
+def sparse_students(hoods, targets, steps, kind="polynomial", m_by_n=None, skip=()):
+  """`{hood: sparse_student(hood, ...)}` for the one-layer neighbourhoods not skipped.
+
+  Args:
+    hoods: one-layer neighbourhoods (`keras_nd.split_layers`).
+    targets: one sparsity for all, a dict `{layer name: sparsity}` (layers not
+      in it are skipped), or a function `f(layer) -> sparsity or None` (None
+      skips the layer).
+    steps, kind, m_by_n: as for `sparse_student`.
+    skip: layer names or layer classes to leave dense and out of training
+      (the paper keeps the first convolution and the classifier).
+
+  Returns:
+    dict `{Neighbourhood: student}` for `NeighbourhoodDistiller`.
+  """
+  known = {h.nodes[0].layer.name for h in hoods if len(h.nodes) == 1}
+  unknown = sorted((set(targets) if isinstance(targets, dict) else set()) - known)
+  if unknown:
+    raise ValueError(f"No one-layer neighbourhood has the layer(s) {unknown}; the layers are "
+                     f"{sorted(known)}.")
+  students = {}
+  for hood in not_skipped(hoods, skip):
+    layer = _layer_of(hood)
+    if isinstance(targets, dict):
+      target = targets.get(layer.name)
+    elif callable(targets):
+      target = targets(layer)
+    else:
+      target = targets
+    if target is not None:
+      students[hood] = sparse_student(hood, target, steps, kind, m_by_n)
+  if not students:
+    raise ValueError("Every layer was skipped: there is nothing to sparsify.")
+  return students
+
+
+def not_skipped(hoods, skip):
+  """The one-layer neighbourhoods whose layer is neither named in `skip` nor of a class in it."""
+  names = {s for s in skip if isinstance(s, str)}
+  types = tuple(s for s in skip if isinstance(s, type))
+  if len(names) + len(types) != len(tuple(skip)):
+    raise TypeError(f"skip must hold layer names or layer classes; got {skip!r}.")
+  layers = [_layer_of(hood) for hood in hoods]
+  unknown = sorted(names - {layer.name for layer in layers})
+  if unknown:
+    raise ValueError(f"No one-layer neighbourhood has the layer(s) {unknown}; the layers are "
+                     f"{sorted(layer.name for layer in layers)}.")
+  return [hood for hood, layer in zip(hoods, layers)
+          if layer.name not in names and not (types and isinstance(layer, types))]
+
+
+def has_pruning(model):
+  """Whether `model` (or a model inside it) holds tfmot pruning wrappers."""
+  return graph.prunes(model)
+
+
+def _wrappers(model):
+  return [layer for layer in model.submodules if type(layer).__name__ == "PruneLowMagnitude"]
+
+
+def pruning_callbacks(model, callbacks):
+  """`callbacks` with tfmot's `UpdatePruningStep` added if `model` prunes and it is missing."""
+  callbacks = list(callbacks or [])
+  if has_pruning(model) and not any(isinstance(c, _prune.UpdatePruningStep) for c in callbacks):
+    callbacks.append(_prune.UpdatePruningStep())
+  return callbacks
+
+
+def strip(model):
+  """`model` without pruning wrappers: plain layers holding the masked (sparse) weights.
+
+  Masks are applied first, so weights trained after the last mask update
+  (e.g. outside `fit`) are sparse too. Pruning wrappers of depthwise
+  convolutions come back as plain `DepthwiseConv2D` layers.
+  """
+  for wrapper in _wrappers(model):
+    wrapper.pruning_obj.weight_mask_op()
+  stripped = _prune.strip_pruning(model)
+
+  def plain(layer):
+    if isinstance(layer, _PrunableDepthwiseConv2D):
+      return keras.layers.DepthwiseConv2D.from_config(layer.get_config())
+    return layer
+
+  if not any(isinstance(layer, _PrunableDepthwiseConv2D) for layer in stripped.layers):
+    return stripped
+  nodes = graph.model_nodes(stripped)
+  copies = {}
+
+  def layer_fn(layer):
+    copies.setdefault(id(layer), (layer, plain(layer)))
+    return copies[id(layer)][1]
+
+  result = graph.rebuild(nodes, stripped.inputs[0], stripped.outputs[0], stripped.name,
+                         layer_fn=layer_fn)
+  for layer, copy in copies.values():
+    if copy is not layer:
+      copy.set_weights(layer.get_weights())
+  return result
+
+
+def _kernels(model):
+  """[(layer name, kernel)] of the prunable layers of a (stripped) model."""
+  found = []
+  for layer in model.layers:
+    if isinstance(layer, keras.Model):
+      found += _kernels(layer)
+    elif isinstance(layer, keras.layers.DepthwiseConv2D):
+      found.append((layer.name, layer.depthwise_kernel))
+    elif isinstance(layer, PRUNABLE_TYPES):
+      found.append((layer.name, layer.kernel))
+  return found
+
+
+def report(model):
+  """Per-layer and whole-model sparsity of a stripped model's kernels.
+
+  Returns:
+    dict with "layers": [{"layer", "weights", "zeros", "sparsity"}] for every
+    convolution and Dense kernel, and "total": the same over all of them plus
+    "params" (every parameter of the model, biases and BatchNorm included)
+    and "params_sparsity" (zeros over all parameters).
+  """
+  if has_pruning(model):
+    raise ValueError(f"Model '{model.name}' still holds pruning wrappers; report on "
+                     "sparsity.strip(model) (or nd.compose's result).")
+  rows = []
+  for name, kernel in _kernels(model):
+    values = kernel.numpy()
+    zeros = int(np.count_nonzero(values == 0))
+    rows.append({"layer": name, "weights": int(values.size), "zeros": zeros,
+                 "sparsity": zeros / max(1, values.size)})
+  weights = sum(r["weights"] for r in rows)
+  zeros = sum(r["zeros"] for r in rows)
+  every = [w.numpy() for w in model.weights]
+  params = int(sum(w.size for w in every))
+  params_zeros = int(sum(np.count_nonzero(w == 0) for w in every))
+  return {"layers": rows,
+          "total": {"weights": weights, "zeros": zeros, "sparsity": zeros / max(1, weights),
+                    "params": params, "params_sparsity": params_zeros / max(1, params)}}
+
+
+def compressed_size(model):
+  """Bytes of the model's weights saved (`save_weights`, HDF5) and compressed with gzip."""
+  with tempfile.TemporaryDirectory(prefix="keras_nd_size_") as directory:
+    path = os.path.join(directory, "weights.h5")
+    model.save_weights(path)
+    with open(path, "rb") as f:
+      return len(gzip.compress(f.read(), compresslevel=9))
+
+
+def prune(model, targets, steps, kind="polynomial", m_by_n=None, skip=()):
+  """An independent copy of `model` with its prunable layers wrapped for pruning (the KD baseline).
+
+  The same schedule as `sparse_students`, applied to the whole model trained
+  end to end. Arguments as for `sparse_students`; `compose`/`strip` remove
+  the wrappers afterwards.
+  """
+  from keras_nd.neighbourhood import split_layers  # pylint: disable=g-import-not-at-top
+
+  copy = graph.substitute(model, {}, copy=True)
+  students = sparse_students(split_layers(copy, PRUNABLE_TYPES), targets, steps, kind, m_by_n,
+                             skip)
+  return graph.substitute(copy, students)
+
+
+__all__ = ["PRUNABLE_TYPES", "compressed_size", "has_pruning", "not_skipped", "prune",
+           "pruning_callbacks", "report", "schedule", "sparse_student", "sparse_students", "strip"]

@@ -1,0 +1,46 @@
+"""Smoke tests of the sparsification experiment (examples/sparsify.py's logic)."""
+
+import json
+import os
+
+from absl.testing import parameterized
+
+from keras_nd import data
+from keras_nd._keras import tf
+from keras_nd.experiments import sparsify
+
+
+class SparsifyExperimentTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_nd_and_kd_reach_the_requested_sparsity(self):
+    workdir = self.get_temp_dir()
+    dataset = data.get("embedded", num_train=64, num_test=32, num_validation=16)
+    results = sparsify.run(dataset, workdir, model="resnet8", sparsities=(0.5, 0.8),
+                           epochs=dict(teacher=1, nd=2, kd=2), batch_size=16, verbose=0)
+    with open(os.path.join(workdir, "results.json")) as f:
+      self.assertEqual(json.load(f)["rows"], results["rows"])
+    self.assertEqual([(r["method"], r["sparsity"]) for r in results["rows"]],
+                     [("nd", 0.5), ("kd", 0.5), ("nd", 0.8), ("kd", 0.8)])
+    for row in results["rows"]:
+      # The first conv and the classifier stay dense, so the kernels' overall sparsity is a
+      # little under the target; every pruned layer is at it (see sparsity_test).
+      self.assertBetween(row["measured_sparsity"], row["sparsity"] - 0.1, row["sparsity"])
+      self.assertBetween(row["accuracy"], 0.0, 1.0)
+      self.assertLess(row["compressed_bytes"], results["teacher"]["compressed_bytes"])
+    self.assertNotIn("stem_conv", results["config"]["layers"])
+    self.assertNotIn("head_logits", results["config"]["layers"])
+    text = sparsify.table(results)
+    for label in ("KD", "ND", "measured sparsity", "speed-up KD/ND"):
+      self.assertIn(label, text)
+
+  @parameterized.named_parameters(
+      ("sparsity_one", dict(sparsities=(1.0,)), "1.0"),
+      ("unknown_method", dict(methods=("nd", "ft")), "ft"))
+  def test_bad_arguments_are_named(self, kwargs, fragment):
+    dataset = data.get("embedded", num_train=32, num_test=16, num_validation=16)
+    with self.assertRaisesRegex(ValueError, fragment):
+      sparsify.run(dataset, self.get_temp_dir(), model="resnet8", verbose=0, **kwargs)
+
+
+if __name__ == "__main__":
+  tf.test.main()
