@@ -24,6 +24,9 @@ setuptools.setup(
     "tensorflow>=2.16,<2.22",
     "tf-keras>=2.16,<2.22",
     "tensorflow-model-optimization>=0.8.0",
+    # tfmot's __init__ imports distutils, gone from the standard library in Python 3.12;
+    # setuptools puts it back.
+    "setuptools; python_version >= '3.12'",
     "tensorflow-datasets>=4.9.4",
     "absl-py",
     "numpy",

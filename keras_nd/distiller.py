@@ -49,7 +49,10 @@ class NeighbourhoodDistiller(keras.Model):
   Args:
     students: dict `{Neighbourhood: student}`; a student is a tf_keras Model
       (or Layer) with the neighbourhood's input and output shapes, or a
-      function `f(neighbourhood) -> model`.
+      function `f(neighbourhood) -> model`. A neighbourhood may also have
+      several candidate students, `{Neighbourhood: {label: student}}`, each
+      trained independently from the same activations (Student Search);
+      their metrics are `<name>_<label>_loss`.
     lookahead: J, how many following teacher neighbourhoods each student's
       output is also passed through (Eq. 5); the data must come from an
       `ActivationSource` with at least this look-ahead.
@@ -82,21 +85,50 @@ class NeighbourhoodDistiller(keras.Model):
     names = [hood.name for hood in hoods]
     if len(set(names)) != len(names):
       raise ValueError(f"Neighbourhood names must be unique; got {names}.")
+    # One entry per student: (neighbourhood, candidate label or None, student).
+    entries = []
+    for hood in hoods:
+      given = students[hood]
+      if isinstance(given, dict):
+        if not given:
+          raise ValueError(f"Neighbourhood '{hood.name}' has an empty dict of candidate students.")
+        entries += [(hood, str(label), student) for label, student in given.items()]
+      else:
+        entries.append((hood, None, given))
     self.lookahead = lookahead
     self.lookahead_weights = [float(w) for w in lookahead_weights]
-    self._hoods = _Untracked(hoods)
-    self.student_models = [as_student_model(h, students[h]) for h in hoods]
+    self._hoods = _Untracked([hood for hood, _, _ in entries])
+    self._labels = [label for _, label, _ in entries]
+    self.student_models = [as_student_model(hood, student) for hood, _, student in entries]
     # The teacher parts are not tracked, so they are not among the trained variables; their
     # `trainable` flags are left alone, since they are the user's teacher's layers.
     self._following = _Untracked(
         {hood.name: [nxt.teacher for nxt in hood.following(lookahead)] for hood in hoods})
     self.loss_tracker = keras.metrics.Mean(name="loss")
-    self.hood_trackers = [keras.metrics.Mean(name=f"{name}_loss") for name in names]
+    self.student_names = [hood.name if label is None else f"{hood.name}_{label}"
+                          for hood, label, _ in entries]
+    if len(set(self.student_names)) != len(self.student_names):
+      raise ValueError(f"Student names must be unique; got {self.student_names}.")
+    self.hood_trackers = [keras.metrics.Mean(name=f"{name}_loss") for name in self.student_names]
+
+  @property
+  def entries(self):
+    """[(student name, neighbourhood, candidate label or None, model)], one per student."""
+    return list(zip(self.student_names, self._hoods.value, self._labels, self.student_models))
 
   @property
   def students(self):
-    """dict `{Neighbourhood: student model}`, the models being trained (pass it to `compose`)."""
-    return dict(zip(self._hoods.value, self.student_models))
+    """The models being trained, as given: `{Neighbourhood: model or {label: model}}`.
+
+    Without candidates this is what `compose` takes.
+    """
+    result = {}
+    for hood, label, model in zip(self._hoods.value, self._labels, self.student_models):
+      if label is None:
+        result[hood] = model
+      else:
+        result.setdefault(hood, {})[label] = model
+    return result
 
   def compile(self, optimizer="adam", **kwargs):
     super().compile(optimizer=optimizer, **kwargs)
@@ -110,9 +142,10 @@ class NeighbourhoodDistiller(keras.Model):
     return super().fit(*args, callbacks=with_pruning_step(self, callbacks), **kwargs)
 
   def call(self, inputs, training=False):
-    """{neighbourhood name: student output} for a batch of the source's dataset."""
-    return {hood.name: model(self._item(inputs, hood)[0], training=training)
-            for hood, model in zip(self._hoods.value, self.student_models)}
+    """{student name: output} for a batch of the source's dataset (see `student_names`)."""
+    return {name: model(self._item(inputs, hood)[0], training=training)
+            for name, hood, model in zip(self.student_names, self._hoods.value,
+                                         self.student_models)}
 
   def _item(self, data, hood):
     if not isinstance(data, dict) or hood.name not in data:

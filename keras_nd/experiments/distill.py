@@ -26,6 +26,7 @@ import time
 import keras_nd as nd
 from keras_nd import models
 from keras_nd._keras import keras
+from keras_nd.experiments.common import accuracy, scorable, write_results
 
 METHODS = ("ce", "kd", "nd", "nd_ft")
 
@@ -40,10 +41,6 @@ def build_model(name, input_shape, num_classes, multipliers=1.0):
                             input_shape=input_shape, num_classes=num_classes)
   raise ValueError(f"Unknown model {name!r}: use resnet20, resnet32, resnet44, resnet56 (any "
                    "resnetN with N = 6n+2) or resnet50.")
-
-
-def _accuracy(model, data):
-  return float(model.evaluate(data, verbose=0, return_dict=True)["accuracy"])
 
 
 def _compiled(model, learning_rate, steps):
@@ -84,7 +81,7 @@ class EpochTracker(keras.callbacks.Callback):
 
   def _evaluate(self):
     scored = self._scored()
-    validation, test = _accuracy(scored, self.validation), _accuracy(scored, self.test)
+    validation, test = accuracy(scored, self.validation), accuracy(scored, self.test)
     self.curve.append((self.seconds, test))
     if validation > self.best_validation:
       self.best_validation = validation
@@ -112,17 +109,10 @@ class EpochTracker(keras.callbacks.Callback):
       self._scored().set_weights(self._best_weights)
 
 
-def _scorable(model):
-  """Compiles a model for evaluation only (accuracy on logits)."""
-  model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"])
-  return model
-
-
 def time_to(curve, target):
   """The training seconds of the first point of `curve` at or above `target`, or None."""
-  for seconds, accuracy in curve:
-    if accuracy >= target:
+  for seconds, value in curve:
+    if value >= target:
       return seconds
   return None
 
@@ -201,7 +191,7 @@ class Experiment:
     """The teacher: loaded from the work directory when trained before with the same settings."""
     path = os.path.join(self.workdir, f"teacher-{self._key}.keras")
     if os.path.exists(path):
-      teacher = _scorable(keras.models.load_model(path, safe_mode=True))
+      teacher = scorable(keras.models.load_model(path, safe_mode=True))
       with open(path[:-len(".keras")] + ".json") as f:
         self.timings["teacher"] = json.load(f)["seconds"]
       self._say(f"Reusing the teacher {path}.")
@@ -236,7 +226,7 @@ class Experiment:
                                                       epochs * self.steps_per_epoch)
     distiller.compile(keras.optimizers.Adam(schedule), metrics=["accuracy"])
     tracker = EpochTracker(self.validation, self.test, patience=self.patience, offset=offset,
-                           evaluate_first=evaluate_first, student=_scorable(student))
+                           evaluate_first=evaluate_first, student=scorable(student))
     distiller.fit(self.train, epochs=epochs, verbose=self._fit_verbose(), callbacks=[tracker])
     return tracker
 
@@ -286,13 +276,13 @@ class Experiment:
                                    steps=self.steps_per_epoch)
     seconds = time.perf_counter() - start
     losses = {h.name: history.history[f"{h.name}_loss"][-1] for h in units}
-    student = _scorable(nd.compose(teacher, distiller.students))
+    student = scorable(nd.compose(teacher, distiller.students))
     return student, self.timings["cache"] + seconds, seconds, losses
 
   def nd_and_ft(self, teacher, multiplier, lookahead=0, fine_tune=True):
     """ND, and ND+FT on top of it: ([rows], ND+FT curve, per-hood losses, ND seconds)."""
     student, seconds, nd_seconds, losses = self.nd(teacher, multiplier, lookahead)
-    accuracy_nd = _accuracy(student, self.test)
+    accuracy_nd = accuracy(student, self.test)
     rows = [dict(self._row("nd", multiplier, student, seconds), lookahead=lookahead)]
     curve = [(seconds, accuracy_nd)]
     if fine_tune:
@@ -320,7 +310,7 @@ class Experiment:
 
   def _row(self, method, multiplier, student, seconds):
     row = {"method": method, "multiplier": multiplier, "params": student.count_params(),
-           "accuracy": _accuracy(_scorable(student), self.test), "seconds": seconds}
+           "accuracy": accuracy(scorable(student), self.test), "seconds": seconds}
     self._say(f"  {method:<6} k={multiplier:<5g} params={row['params']:<8} "
               f"accuracy={row['accuracy']:.4f}  {seconds:.1f}s")
     return row
@@ -371,7 +361,7 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
                 student_init=experiment.student_init,
                 num_train=data.num_train, num_validation=data.num_validation)
   teacher = experiment.teacher()
-  teacher_row = {"params": teacher.count_params(), "accuracy": _accuracy(teacher, experiment.test)}
+  teacher_row = {"params": teacher.count_params(), "accuracy": accuracy(teacher, experiment.test)}
   experiment._say(f"  teacher params={teacher_row['params']} "  # pylint: disable=protected-access
                   f"accuracy={teacher_row['accuracy']:.4f}")
   rows, curves, speedup, timings = [], {}, {}, {"teacher": experiment.timings["teacher"]}
@@ -402,16 +392,13 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
       timings[f"nd_all_sequential@{k:g}"] = sum(each.values())
   results = {"config": config, "teacher": teacher_row, "rows": rows, "timings": timings,
              "speedup": speedup, "curves": curves}
-  path = os.path.join(workdir, "results.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=1)
-  os.replace(path + ".tmp", path)
+  write_results(workdir, results)
   return results
 
 
 def _speedup(kd_curve, nd_ft_curve):
   """KD's time to its best accuracy minus 0.5 points over ND+FT's time to the same target."""
-  target = max(accuracy for _, accuracy in kd_curve) - 0.005
+  target = max(value for _, value in kd_curve) - 0.005
   kd_time, nd_ft_time = time_to(kd_curve, target), time_to(nd_ft_curve, target)
   return {"target": target, "kd_seconds": kd_time, "nd_ft_seconds": nd_ft_time,
           "ratio": kd_time / nd_ft_time if nd_ft_time else None}

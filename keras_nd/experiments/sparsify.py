@@ -17,7 +17,6 @@ the measured sparsity is that of the composed, stripped student's pruned
 kernels, and the seconds are training time (ND's include the cache build).
 """
 
-import json
 import os
 import time
 
@@ -25,6 +24,7 @@ import keras_nd as nd
 from keras_nd import sparsity
 from keras_nd._keras import keras
 from keras_nd.experiments import distill
+from keras_nd.experiments.common import accuracy, scorable, write_results
 
 METHODS = ("nd", "kd")
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -67,7 +67,7 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
   say = experiment._say  # pylint: disable=protected-access
   teacher = experiment.teacher()
   test = experiment.test
-  teacher_row = {"params": teacher.count_params(), "accuracy": _accuracy(teacher, test),
+  teacher_row = {"params": teacher.count_params(), "accuracy": accuracy(teacher, test),
                  "compressed_bytes": sparsity.compressed_size(teacher)}
   say(f"  teacher params={teacher_row['params']} accuracy={teacher_row['accuracy']:.4f}")
   hoods = nd.split_layers(teacher, sparsity.PRUNABLE_TYPES)
@@ -119,22 +119,13 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
                 num_train=data.num_train, nd_steps=nd_steps, kd_steps=kd_steps,
                 layers=[h.name for h in trained])
   results = {"config": config, "teacher": teacher_row, "rows": rows, "timings": timings}
-  path = os.path.join(workdir, "results.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=1)
-  os.replace(path + ".tmp", path)
+  write_results(workdir, results)
   return results
-
-
-def _accuracy(model, data):
-  model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"])
-  return float(model.evaluate(data, verbose=0, return_dict=True)["accuracy"])
 
 
 def _row(method, target, student, test, seconds, say):
   report = sparsity.report(student)
-  row = {"method": method, "sparsity": target, "accuracy": _accuracy(student, test),
+  row = {"method": method, "sparsity": target, "accuracy": accuracy(scorable(student), test),
          "seconds": seconds, "measured_sparsity": report["total"]["sparsity"],
          "compressed_bytes": sparsity.compressed_size(student)}
   say(f"  {method:<3} sparsity={target:<4g} measured={row['measured_sparsity']:.4f} "

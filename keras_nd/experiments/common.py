@@ -1,0 +1,60 @@
+"""What the experiment binaries share: data and training flags, scoring, writing results."""
+
+import json
+import os
+
+from absl import flags
+
+from keras_nd import data
+from keras_nd._keras import keras
+
+# The embedded dataset's training size in the binaries: keeps examples/distill.py, the main
+# job, within 5 minutes on 2 cores.
+EMBEDDED_NUM_TRAIN = 3000
+
+
+def define_flags(workdir, teacher_epochs=15):
+  """Defines the flags every experiment binary has: data, model, teacher, batch, seed, output."""
+  flags.DEFINE_string("dataset", "embedded", "'embedded' (generated offline), 'npz:PATH', or a "
+                      "tensorflow-datasets name such as 'cifar10' (prepared under --data_dir).")
+  flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+  flags.DEFINE_integer("num_train", None, "Training examples (default: all; for the embedded "
+                       f"dataset {EMBEDDED_NUM_TRAIN}).")
+  flags.DEFINE_integer("num_validation", 400, "Examples held out of training (early stopping).")
+  flags.DEFINE_string("model", "resnet20", "resnetN (N = 6n+2) or resnet50.")
+  flags.DEFINE_integer("teacher_epochs", teacher_epochs, "Teacher training epochs (the teacher "
+                       "is reused from --workdir when trained before with the same settings).")
+  flags.DEFINE_integer("batch_size", 128, "Batch size.")
+  flags.DEFINE_integer("seed", 0, "Seed of the data split and the models.")
+  flags.DEFINE_string("workdir", workdir, "Output directory.")
+  flags.DEFINE_integer("verbose", 1, "0 quiet, 1 a line per phase, 2 Keras progress bars.")
+
+
+def dataset_from_flags(values):
+  """The dataset the data flags name (`values` is absl's FLAGS)."""
+  num_train = values.num_train
+  if num_train is None and values.dataset == "embedded":
+    num_train = EMBEDDED_NUM_TRAIN
+  return data.get(values.dataset, data_dir=values.data_dir, num_train=num_train,
+                  num_validation=values.num_validation, seed=values.seed)
+
+
+def scorable(model):
+  """`model` compiled for evaluation only: accuracy of its logits."""
+  model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+  return model
+
+
+def accuracy(model, dataset):
+  """Accuracy of a compiled model on batches of (image, label)."""
+  return float(model.evaluate(dataset, verbose=0, return_dict=True)["accuracy"])
+
+
+def write_results(workdir, results):
+  """Writes `workdir/results.json` atomically (a temporary file renamed); returns its path."""
+  path = os.path.join(workdir, "results.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(results, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return path

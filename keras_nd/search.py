@@ -1,0 +1,277 @@
+"""Student Search: choosing one distilled candidate per neighbourhood.
+
+Every neighbourhood has candidates (students of several sizes, distilled
+independently); a candidate's quality is measured alone, as the accuracy of
+the teacher with only that neighbourhood replaced by it. Choosing a student
+then needs no training:
+
+* `greedy` is the paper's rule: in each neighbourhood the cheapest candidate
+  whose accuracy drop is below a threshold;
+* `frontier` is exact: assuming drops add up across neighbourhoods, it
+  returns every choice that no other beats in both cost and predicted drop
+  (the whole cost-versus-quality curve, in one call), and `budgeted` reads
+  the best choice within a budget off it.
+
+A candidate is a dict with at least "label", "accuracy" and the cost key
+("params" by default; "flops" works the same); the table is
+`{neighbourhood name: [candidates]}`. `distil` trains the candidates (all at
+once, from one activation source) and stores them, so that later searches
+train nothing; `score` builds the table.
+
+```python
+candidates = search.multipliers()                       # {"k0.1": builder, ..., "k1": builder}
+trained = search.distil(teacher, units, candidates, source, "workdir/search", epochs=3)
+table = search.score(teacher, units, trained, validation, "workdir/search")
+best = search.budgeted(table, teacher_accuracy, budget=150_000)
+student = search.compose_choice(teacher, units, trained, best["choice"])
+```
+"""
+
+import functools
+import json
+import os
+
+from keras_nd import graph, students
+from keras_nd._keras import keras
+from keras_nd.activations import teacher_fingerprint
+from keras_nd.distiller import NeighbourhoodDistiller
+
+COST_KEYS = ("params", "flops")
+MULTIPLIERS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def multipliers(ks=MULTIPLIERS, init="random"):
+  """Candidate builders `{"k<k>": f(hood) -> bottleneck student}`, one per multiplier."""
+  if not ks:
+    raise ValueError("The list of candidate multipliers is empty.")
+  return {f"k{k:g}": functools.partial(students.bottleneck, k=k, init=init) for k in ks}
+
+
+def flops(model):
+  """Multiply-accumulates of one example through `model`'s convolutions and Dense layers."""
+  total = 0
+  for layer in model.layers:
+    if isinstance(layer, keras.Model):
+      total += flops(layer)
+    elif isinstance(layer, keras.layers.DepthwiseConv2D):
+      kernel = layer.depthwise_kernel.shape
+      total += int(_positions(layer) * kernel[0] * kernel[1] * kernel[2] * kernel[3])
+    elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+                            keras.layers.Dense)):
+      total += int(_positions(layer) * layer.kernel.shape.num_elements())
+  return total
+
+
+def _positions(layer):
+  """How many times the layer's kernel is applied per example (output positions)."""
+  shape = layer.output_shape[1:-1]
+  count = 1
+  for size in shape:
+    count *= size
+  return count
+
+
+def _store(directory, teacher, hood):
+  return os.path.join(directory, f"teacher-{teacher_fingerprint(teacher)[:12]}", hood.name)
+
+
+def _check_candidates(hoods, candidates):
+  """`{hood name: {label: builder}}` from one family for all or a family per neighbourhood."""
+  if not isinstance(candidates, dict) or not candidates:
+    raise ValueError(f"candidates must be a non-empty dict {{label: builder}} or {{neighbourhood "
+                     f"name: {{label: builder}}}}; got {candidates!r}.")
+  names = [hood.name for hood in hoods]
+  if all(isinstance(v, dict) for v in candidates.values()):
+    missing = [n for n in names if n not in candidates]
+    if missing:
+      raise ValueError(f"No candidates for the neighbourhoods {missing}.")
+    family = {n: candidates[n] for n in names}
+  else:
+    family = {n: candidates for n in names}
+  for name, builders in family.items():
+    if not builders:
+      raise ValueError(f"Neighbourhood '{name}' has an empty list of candidates.")
+  return family
+
+
+def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128,
+           learning_rate=2e-3, seed=0, verbose=1):
+  """Distils every candidate of every neighbourhood not stored yet, all at once; loads the rest.
+
+  Each trained candidate is saved as `<directory>/teacher-<fingerprint>/
+  <neighbourhood>/<label>.keras` (written under a temporary name, then
+  renamed) with a `.json` beside it holding its final distillation loss, so
+  a later call, with more candidates or the same ones, trains only what is
+  missing.
+
+  Args:
+    teacher: the teacher the neighbourhoods were split from.
+    hoods: the neighbourhoods to search (e.g. the residual units).
+    candidates: `{label: builder}` for every neighbourhood (e.g.
+      `multipliers()`), or `{neighbourhood name: {label: builder}}`; a builder
+      is `f(neighbourhood) -> model` or a model.
+    source: an `ActivationSource` over the neighbourhoods.
+    directory: where candidates are stored.
+    epochs, batch_size, learning_rate, seed: the distillation's settings
+      (Adam, cosine decay), the same for every candidate.
+    verbose: 0 silent, 1 a line, 2 Keras progress bars too.
+
+  Returns:
+    `{neighbourhood name: {label: trained model}}`.
+  """
+  family = _check_candidates(hoods, candidates)
+  trained, pending = {}, {}
+  for hood in hoods:
+    store = _store(directory, teacher, hood)
+    trained[hood.name] = {}
+    for label, builder in family[hood.name].items():
+      path = os.path.join(store, f"{label}.keras")
+      if os.path.exists(path) and os.path.exists(path[:-len(".keras")] + ".json"):
+        trained[hood.name][label] = keras.models.load_model(path, safe_mode=True)
+      else:
+        keras.utils.set_random_seed(seed)
+        pending.setdefault(hood, {})[label] = builder(hood) if callable(builder) and not \
+            isinstance(builder, keras.layers.Layer) else builder
+  if pending:
+    count = sum(len(v) for v in pending.values())
+    if verbose:
+      print(f"Distilling {count} candidates of {len(pending)} neighbourhoods at once...",
+            flush=True)
+    distiller = NeighbourhoodDistiller(pending)
+    steps = epochs * -(-source.num_examples // batch_size) if source.num_examples else None
+    rate = (keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps
+            else learning_rate)
+    distiller.compile(keras.optimizers.Adam(rate))
+    history = distiller.fit(source.dataset(batch_size, seed=seed), epochs=epochs,
+                            verbose=2 if verbose > 1 else 0).history
+    distiller.calibrate_batch_norm(source.dataset(batch_size, seed=seed + 1))
+    for name, hood, label, model in distiller.entries:
+      store = _store(directory, teacher, hood)
+      os.makedirs(store, exist_ok=True)
+      path = os.path.join(store, f"{label}.keras")
+      model.save(path + ".tmp.keras")
+      with open(path[:-len(".keras")] + ".json", "w") as f:
+        json.dump({"loss": float(history[f"{name}_loss"][-1]), "epochs": epochs}, f)
+      os.replace(path + ".tmp.keras", path)
+      trained[hood.name][label] = model
+  return trained
+
+
+def score(teacher, hoods, trained, dataset, directory=None):
+  """The quality table: each candidate alone in the teacher, with its cost and distillation loss.
+
+  Args:
+    teacher, hoods: as for `distil`.
+    trained: `distil`'s result.
+    dataset: held-out batches of (image, label) to measure accuracy on.
+    directory: `distil`'s directory, to read each candidate's final loss
+      ("mse"); None leaves it out.
+
+  Returns:
+    `{neighbourhood name: [{"label", "params", "flops", "accuracy", "mse"}]}`,
+    candidates in the order given.
+  """
+  table = {}
+  by_name = {hood.name: hood for hood in hoods}
+  for name, models in trained.items():
+    hood = by_name[name]
+    rows = []
+    for label, model in models.items():
+      swapped = graph.substitute(teacher, {hood: model})
+      swapped.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+      row = {"label": label, "params": int(model.count_params()), "flops": flops(model),
+             "accuracy": float(swapped.evaluate(dataset, verbose=0, return_dict=True)["accuracy"])}
+      if directory is not None:
+        with open(os.path.join(_store(directory, teacher, hood), f"{label}.json")) as f:
+          row["mse"] = json.load(f)["loss"]
+      rows.append(row)
+    table[name] = rows
+  return table
+
+
+def compose_choice(teacher, hoods, trained, choice):
+  """The student of a selection (`greedy`, `budgeted` or a `frontier` point's "choice")."""
+  by_name = {hood.name: hood for hood in hoods}
+  return graph.compose(teacher, {by_name[name]: trained[name][candidate["label"]]
+                                 for name, candidate in choice.items()})
+
+
+def _check_table(table, cost):
+  if cost not in COST_KEYS:
+    raise ValueError(f"cost must be one of {list(COST_KEYS)}; got {cost!r}.")
+  if not isinstance(table, dict) or not table:
+    raise ValueError(f"The candidate table must be a non-empty dict {{neighbourhood: "
+                     f"[candidates]}}; got {table!r}.")
+  for name, candidates in table.items():
+    if not candidates:
+      raise ValueError(f"Neighbourhood '{name}' has no candidates.")
+    for candidate in candidates:
+      missing = [k for k in ("label", "accuracy", cost) if k not in candidate]
+      if missing:
+        raise ValueError(f"Candidate {candidate!r} of neighbourhood '{name}' lacks {missing}.")
+
+
+def greedy(table, teacher_accuracy, max_drop, cost="params"):
+  """The paper's rule: per neighbourhood, the cheapest candidate dropping accuracy by < `max_drop`.
+
+  Args:
+    table: `{neighbourhood name: [candidate dicts]}`.
+    teacher_accuracy: the teacher's accuracy on the same split.
+    max_drop: the largest accepted drop, as a fraction (0.01 = one point).
+    cost: "params" or "flops".
+
+  Returns:
+    `{neighbourhood name: candidate}`; a neighbourhood where no candidate is
+    within `max_drop` gets its most accurate candidate.
+  """
+  _check_table(table, cost)
+  choice = {}
+  for name, candidates in table.items():
+    within = [c for c in candidates if teacher_accuracy - c["accuracy"] < max_drop]
+    if within:
+      choice[name] = min(within, key=lambda c: (c[cost], -c["accuracy"]))
+    else:
+      choice[name] = max(candidates, key=lambda c: (c["accuracy"], -c[cost]))
+  return choice
+
+
+def frontier(table, teacher_accuracy, cost="params"):
+  """Every Pareto-optimal choice of one candidate per neighbourhood, cheapest first.
+
+  The predicted drop of a choice is the sum of its candidates' drops
+  (teacher accuracy minus candidate accuracy, each measured alone). The
+  frontier is built exactly by merging neighbourhoods one at a time and
+  discarding dominated partial choices (a dynamic programme over the
+  separable problem), so it needs no discretisation of the costs.
+
+  Returns:
+    A list of dicts {"cost", "drop", "choice": {name: candidate}}, with cost
+    strictly increasing and drop strictly decreasing.
+  """
+  _check_table(table, cost)
+  points = [(0, 0.0, ())]  # (cost, drop, chosen candidates in table order)
+  for candidates in table.values():
+    merged = sorted(((c0 + c[cost], d0 + teacher_accuracy - c["accuracy"], chosen + (c,))
+                     for c0, d0, chosen in points for c in candidates),
+                    key=lambda p: (p[0], p[1]))
+    points = []
+    for point in merged:  # cheapest first: keep a point only if it lowers the drop
+      if not points or point[1] < points[-1][1] - 1e-12:
+        points.append(point)
+  names = list(table)
+  return [{"cost": c, "drop": d, "choice": dict(zip(names, chosen))} for c, d, chosen in points]
+
+
+def budgeted(table, teacher_accuracy, budget, cost="params"):
+  """The choice with the smallest predicted drop whose total cost is within `budget`.
+
+  Raises:
+    ValueError: if even the cheapest choice costs more than `budget`.
+  """
+  points = frontier(table, teacher_accuracy, cost)
+  within = [p for p in points if p["cost"] <= budget]
+  if not within:
+    raise ValueError(f"A {cost} budget of {budget} is below the cheapest student, which costs "
+                     f"{points[0]['cost']}.")
+  return within[-1]

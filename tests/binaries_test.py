@@ -1,0 +1,51 @@
+"""The experiment binaries in examples/ run from the command line and say where they wrote."""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl.testing import parameterized
+
+from keras_nd._keras import tf
+
+_EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+_TINY = ["--num_train=48", "--num_validation=16", "--model=resnet8", "--teacher_epochs=1",
+         "--batch_size=16", "--verbose=0"]
+
+
+class BinariesTest(tf.test.TestCase, parameterized.TestCase):
+
+  def _run(self, binary, *flags):
+    workdir = self.get_temp_dir()
+    done = subprocess.run([sys.executable, os.path.join(_EXAMPLES, binary), *_TINY,
+                           f"--workdir={workdir}", *flags],
+                          capture_output=True, text=True, timeout=600, check=False)
+    self.assertEqual(done.returncode, 0, msg=done.stderr[-3000:])
+    path = os.path.join(workdir, "results.json")
+    self.assertIn(f"Results written to {path}", done.stdout)
+    with open(path) as f:
+      return json.load(f), done.stdout
+
+  def test_distill(self):
+    results, out = self._run("distill.py", "--methods=nd,nd_ft", "--nd_epochs=1", "--ft_epochs=1")
+    self.assertEqual([r["method"] for r in results["rows"]], ["nd", "nd_ft"])
+    self.assertIn("ND+FT", out)
+
+  def test_sparsify(self):
+    results, out = self._run("sparsify.py", "--sparsities=0.5", "--methods=nd", "--nd_epochs=1")
+    self.assertEqual([(r["method"], r["sparsity"]) for r in results["rows"]], [("nd", 0.5)])
+    self.assertIn("Table 3a", out)
+
+  @parameterized.named_parameters(("distill", "distill.py", "--methods=ce,dk", "dk"),
+                                  ("sparsify", "sparsify.py", "--sparsities=1.5", "1.5"))
+  def test_bad_flag_values_are_named(self, binary, flag, fragment):
+    done = subprocess.run([sys.executable, os.path.join(_EXAMPLES, binary), *_TINY, flag,
+                           f"--workdir={self.get_temp_dir()}"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    self.assertNotEqual(done.returncode, 0)
+    self.assertIn(fragment, done.stderr)
+
+
+if __name__ == "__main__":
+  tf.test.main()
