@@ -107,6 +107,34 @@ class DistillerFitTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
                         sum(results[f"{h.name}_loss"] for h in self.units), rtol=1e-5)
 
 
+class DistillerCandidatesTest(_TeacherCase, tf.test.TestCase):
+
+  def test_several_candidates_per_neighbourhood_train_independently(self):
+    keras.utils.set_random_seed(4)
+    small, large = nd.students.bottleneck(self.a, 0.25), nd.students.bottleneck(self.a, 1.0)
+    other = nd.students.bottleneck(self.b, 0.5)
+    distiller = nd.NeighbourhoodDistiller({self.a: {"small": small, "large": large},
+                                           self.b: other})
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
+    history = distiller.fit(self.online([self.a, self.b]).dataset(batch_size=16, seed=0),
+                            epochs=2, verbose=0).history
+    for name in (f"{_A}_small_loss", f"{_A}_large_loss", f"{_B}_loss"):
+      self.assertLess(history[name][-1], history[name][0], msg=name)
+    self.assertAllClose(history["loss"][-1],
+                        sum(history[n][-1] for n in (f"{_A}_small_loss", f"{_A}_large_loss",
+                                                     f"{_B}_loss")), rtol=1e-5)
+    students = distiller.students
+    self.assertEqual(students[self.a], {"small": small, "large": large})
+    self.assertIs(students[self.b], other)
+    self.assertEqual([e[:3] for e in distiller.entries],
+                     [(f"{_A}_small", self.a, "small"), (f"{_A}_large", self.a, "large"),
+                      (_B, self.b, None)])
+
+  def test_an_empty_candidate_dict_is_named(self):
+    with self.assertRaisesRegex(ValueError, f"'{_A}' has an empty dict"):
+      nd.NeighbourhoodDistiller({self.a: {}})
+
+
 class CalibrateBatchNormTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
 
   def _distiller(self):
