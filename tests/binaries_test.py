@@ -37,6 +37,12 @@ class BinariesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual([(r["method"], r["sparsity"]) for r in results["rows"]], [("nd", 0.5)])
     self.assertIn("Table 3a", out)
 
+  def test_student_search(self):
+    results, out = self._run("student_search.py", "--multipliers=0.5,1", "--drops=0.5",
+                             "--uniform=0.5", "--nd_epochs=1", "--ft_epochs=1")
+    self.assertEqual([r["method"] for r in results["rows"]], ["greedy", "uniform", "budgeted"])
+    self.assertIn("before FT", out)
+
   @parameterized.named_parameters(("distill", "distill.py", "--methods=ce,dk", "dk"),
                                   ("sparsify", "sparsify.py", "--sparsities=1.5", "1.5"))
   def test_bad_flag_values_are_named(self, binary, flag, fragment):

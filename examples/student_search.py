@@ -1,0 +1,43 @@
+"""Student Search (the paper's Figures 3, 6, 7): distil candidates once, then pick students.
+
+  python examples/student_search.py
+  python examples/student_search.py --multipliers=0.25,0.5,0.75,1 --drops=0.01,0.02
+
+It writes WORKDIR/results.json (the candidates' quality table, the
+params-versus-predicted-drop frontier, and every chosen student before and
+after fine-tuning) and prints one line per student. Candidates are stored in
+WORKDIR/candidates; a second run trains none of them again.
+"""
+
+import os
+
+from absl import app, flags
+
+from keras_nd.experiments import common, student_search
+
+FLAGS = flags.FLAGS
+common.define_flags(workdir="workdir/student_search")
+flags.DEFINE_list("multipliers", [f"{k:g}" for k in student_search.MULTIPLIERS],
+                  "Candidate bottleneck multipliers of every unit.")
+flags.DEFINE_list("drops", [f"{d:g}" for d in student_search.DROPS],
+                  "Accepted accuracy drops (fractions) of the greedy rule.")
+flags.DEFINE_list("uniform", [f"{k:g}" for k in student_search.UNIFORM],
+                  "Uniform multipliers to compare with (and whose sizes are the budgets).")
+flags.DEFINE_integer("nd_epochs", 3, "Distillation epochs of the candidates.")
+flags.DEFINE_integer("ft_epochs", 3, "Most fine-tuning epochs of each chosen student.")
+
+
+def main(argv):
+  del argv
+  results = student_search.run(
+      common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
+      multipliers=[float(k) for k in FLAGS.multipliers], drops=[float(d) for d in FLAGS.drops],
+      uniform=[float(k) for k in FLAGS.uniform],
+      epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs, ft=FLAGS.ft_epochs),
+      batch_size=FLAGS.batch_size, seed=FLAGS.seed, verbose=FLAGS.verbose)
+  print(student_search.table(results))
+  print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

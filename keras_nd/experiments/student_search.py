@@ -1,0 +1,118 @@
+"""The paper's Student Search (Figures 3, 6, 7): searched students against uniform multipliers.
+
+Every residual unit gets candidates of several bottleneck multipliers, all
+distilled at once from one activation cache and stored (a second run trains
+nothing). Each candidate is scored alone in the teacher on the validation
+split; then students are chosen by the paper's greedy rule for a sweep of
+accepted drops, and by the exact budgeted selection at the parameter counts
+of the uniform students, composed, and evaluated on the test split before and
+after KD fine-tuning, beside students of uniform k built from the same
+candidates.
+"""
+
+import os
+import time
+
+from keras_nd import search
+from keras_nd.experiments import distill
+from keras_nd.experiments.common import accuracy, scorable, write_results
+
+MULTIPLIERS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DROPS = (0.005, 0.01, 0.02, 0.05)
+UNIFORM = (0.25, 0.5, 0.75)
+
+
+def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, uniform=UNIFORM,
+        epochs=None, verbose=1, **settings):
+  """Runs the search and writes `workdir/results.json`.
+
+  Args:
+    data: a `keras_nd.data` dataset with a validation split.
+    workdir: output directory (teacher, cache and candidates are reused).
+    model: `resnet20`, ..., `resnet50`.
+    multipliers: the candidate bottleneck multipliers of every unit.
+    drops: accepted accuracy drops (fractions) of the greedy rule.
+    uniform: multipliers of the uniform students compared against; the
+      budgeted selection is run at their parameter counts. Each must be
+      among `multipliers`.
+    epochs: dict overriding the epoch budgets: teacher, nd (candidates), ft.
+    verbose: 0 silent, 1 a line per student, 2 Keras progress bars too.
+    **settings: passed to `distill.Experiment`.
+
+  Returns:
+    {"config", "teacher", "candidates": the quality table, "rows": [{"method",
+    "setting", "params", "predicted_drop", "accuracy_before_ft",
+    "accuracy"}], "timings"}.
+  """
+  labels = {k: f"k{k:g}" for k in multipliers}
+  missing = [k for k in uniform if k not in labels]
+  if missing:
+    raise ValueError(f"Uniform multipliers {missing} are not among the candidates "
+                     f"{list(multipliers)}.")
+  for drop in drops:
+    if not 0 <= drop < 1:
+      raise ValueError(f"Accepted drops are fractions in [0, 1); got {drop!r}.")
+  budget = dict(teacher=15, nd=3, ft=3)
+  budget.update(epochs or {})
+  experiment = distill.Experiment(data, model, workdir, dict(budget, kd=0, ce=0),
+                                  verbose=verbose, **settings)
+  teacher = experiment.teacher()
+  teacher_accuracy = accuracy(teacher, experiment.validation)
+  units, source = experiment.source(teacher, 0)
+  start = time.perf_counter()
+  trained = search.distil(teacher, units,
+                          search.multipliers(multipliers, init=experiment.student_init), source,
+                          os.path.join(workdir, "candidates"), epochs=budget["nd"],
+                          batch_size=experiment.batch_size,
+                          learning_rate=experiment.nd_learning_rate, seed=experiment.seed,
+                          verbose=verbose)
+  timings = {"teacher": experiment.timings["teacher"], "cache": experiment.timings["cache"],
+             "candidates": time.perf_counter() - start}
+  start = time.perf_counter()
+  table = search.score(teacher, units, trained, experiment.validation,
+                       os.path.join(workdir, "candidates"))
+  timings["scoring"] = time.perf_counter() - start
+
+  choices = [("greedy", drop, search.greedy(table, teacher_accuracy, drop)) for drop in drops]
+  points = search.frontier(table, teacher_accuracy)
+  for k in uniform:
+    choice = {name: next(c for c in rows if c["label"] == labels[k])
+              for name, rows in table.items()}
+    choices.append(("uniform", k, choice))
+    cost = sum(c["params"] for c in choice.values())
+    choices.append(("budgeted", cost, search.budgeted(table, teacher_accuracy, cost)["choice"]))
+  rows = []
+  for method, setting, choice in choices:
+    student = scorable(search.compose_choice(teacher, units, trained, choice))
+    before = accuracy(student, experiment.test)
+    tracker = experiment._kd(teacher, student, budget["ft"], experiment.learning_rate / 4)  # pylint: disable=protected-access
+    row = {"method": method, "setting": setting, "params": student.count_params(),
+           "predicted_drop": sum(teacher_accuracy - c["accuracy"] for c in choice.values()),
+           "choice": {name: c["label"] for name, c in choice.items()},
+           "accuracy_before_ft": before, "accuracy": accuracy(scorable(student), experiment.test),
+           "ft_seconds": tracker.seconds}
+    experiment._say(f"  {method:<8} {setting:<8g} params={row['params']:<8} before FT "  # pylint: disable=protected-access
+                    f"{row['accuracy_before_ft']:.4f} after {row['accuracy']:.4f}")
+    rows.append(row)
+  results = {"config": dict(dataset=data.name, model=model, multipliers=list(multipliers),
+                            drops=list(drops), uniform=list(uniform), epochs=budget,
+                            seed=experiment.seed, num_train=data.num_train),
+             "teacher": {"params": teacher.count_params(),
+                         "accuracy": accuracy(teacher, experiment.test),
+                         "validation_accuracy": teacher_accuracy},
+             "candidates": table, "frontier": [{"cost": p["cost"], "drop": p["drop"]}
+                                               for p in points],
+             "rows": rows, "timings": timings}
+  write_results(workdir, results)
+  return results
+
+
+def table(results):
+  """The results as text: one line per student, by method."""
+  lines = [f"Teacher: {100 * results['teacher']['accuracy']:.2f}% test, "
+           f"{results['teacher']['params']:,} params",
+           f"{'method':<10}{'setting':>10}{'params':>10}{'before FT':>11}{'after FT':>10}"]
+  for row in sorted(results["rows"], key=lambda r: (r["method"], r["params"])):
+    lines.append(f"{row['method']:<10}{row['setting']:>10g}{row['params']:>10,}"
+                 f"{100 * row['accuracy_before_ft']:>11.2f}{100 * row['accuracy']:>10.2f}")
+  return "\n".join(lines)
