@@ -19,7 +19,7 @@ from keras_nd.experiments.common import accuracy, scorable, write_results
 
 MULTIPLIERS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DROPS = (0.005, 0.01, 0.02, 0.05)
-UNIFORM = (0.25, 0.5, 0.75)
+UNIFORM = (0.3, 0.5, 0.7)
 
 
 def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, uniform=UNIFORM,
