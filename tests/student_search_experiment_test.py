@@ -35,6 +35,9 @@ class StudentSearchExperimentTest(tf.test.TestCase):
       again = student_search.run(dataset, workdir, **dict(kwargs, uniform=(), drops=(0.5,)))
     self.assertLen(again["rows"], 1)
 
+  def test_the_default_uniform_multipliers_are_default_candidates(self):
+    self.assertContainsSubset(student_search.UNIFORM, student_search.MULTIPLIERS)
+
   def test_uniform_multipliers_must_be_candidates(self):
     dataset = data.get("embedded", num_train=32, num_test=16, num_validation=16)
     with self.assertRaisesRegex(ValueError, "0.3"):
