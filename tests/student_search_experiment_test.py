@@ -6,7 +6,7 @@ from unittest import mock
 import keras_nd as nd
 from keras_nd import data
 from keras_nd._keras import tf
-from keras_nd.experiments import student_search
+from keras_nd.experiments import plot, student_search
 
 
 class StudentSearchExperimentTest(tf.test.TestCase):
@@ -30,6 +30,8 @@ class StudentSearchExperimentTest(tf.test.TestCase):
       self.assertLessEqual(budgeted["predicted_drop"], uniform["predicted_drop"] + 1e-9)
     self.assertEqual(set(results["candidates"]), {f"stage{s}_unit1_out" for s in (1, 2, 3)})
     self.assertIn("budgeted", student_search.table(results))
+    for path in results["figures"]:
+      self.assertEqual(plot.read_png(path).shape, (480, 720, 3))
     with mock.patch.object(nd.NeighbourhoodDistiller, "fit",
                            side_effect=AssertionError("a candidate was trained again")):
       again = student_search.run(dataset, workdir, **dict(kwargs, uniform=(), drops=(0.5,)))

@@ -14,7 +14,7 @@ import os
 import time
 
 from keras_nd import search
-from keras_nd.experiments import distill
+from keras_nd.experiments import distill, plot
 from keras_nd.experiments.common import accuracy, scorable, write_results
 
 MULTIPLIERS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -42,7 +42,7 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, u
   Returns:
     {"config", "teacher", "candidates": the quality table, "rows": [{"method",
     "setting", "params", "predicted_drop", "accuracy_before_ft",
-    "accuracy"}], "timings"}.
+    "accuracy"}], "timings", "figures": the paths of the two PNG plots}.
   """
   labels = {k: f"k{k:g}" for k in multipliers}
   missing = [k for k in uniform if k not in labels]
@@ -103,8 +103,32 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, u
              "candidates": table, "frontier": [{"cost": p["cost"], "drop": p["drop"]}
                                                for p in points],
              "rows": rows, "timings": timings}
+  results["figures"] = figures(results, workdir)
   write_results(workdir, results)
   return results
+
+
+def figures(results, directory):
+  """Draws the paper's Figure 3 (params vs accuracy) and Figure 6 (unit accuracy vs k) as PNGs.
+
+  Returns:
+    The two files' paths.
+  """
+  rows = results["rows"]
+  searched = [r for r in rows if r["method"] in ("greedy", "budgeted")]
+  uniform = [r for r in rows if r["method"] == "uniform"]
+  series = [(name, [r["params"] for r in group], [100 * r["accuracy"] for r in group])
+            for name, group in (("searched", searched), ("uniform k", uniform)) if group]
+  accuracy_path = os.path.join(directory, "search_vs_uniform.png")
+  plot.line_chart(accuracy_path, series, "Searched vs uniform students (after fine-tuning)",
+                  "parameters", "test accuracy %")
+  units = [(name, [float(c["label"][1:]) for c in candidates],
+            [100 * c["accuracy"] for c in candidates])
+           for name, candidates in results["candidates"].items()]
+  units_path = os.path.join(directory, "unit_accuracy_vs_k.png")
+  plot.line_chart(units_path, units, "Teacher with one unit replaced",
+                  "bottleneck multiplier k", "validation accuracy %", legend="lower right")
+  return [accuracy_path, units_path]
 
 
 def table(results):
