@@ -47,6 +47,21 @@ def multipliers(ks=MULTIPLIERS, init="random"):
   return {f"k{k:g}": functools.partial(students.bottleneck, k=k, init=init) for k in ks}
 
 
+def sparsities(levels, steps, kind="polynomial"):
+  """Candidate builders `{"s<level>": f(hood) -> sparse student}` for one-layer neighbourhoods.
+
+  `steps` is the number of training steps the candidates get (the pruning
+  schedule ramps over half of them); see `keras_nd.sparsity.sparse_student`.
+  Stored candidates are the stripped, plain sparse layers.
+  """
+  from keras_nd import sparsity  # pylint: disable=g-import-not-at-top  (tfmot only when pruning)
+
+  if not levels:
+    raise ValueError("The list of candidate sparsities is empty.")
+  return {f"s{level:g}": functools.partial(sparsity.sparse_student, target=level, steps=steps,
+                                           kind=kind) for level in levels}
+
+
 def flops(model):
   """Multiply-accumulates of one example through `model`'s convolutions and Dense layers."""
   total = 0
@@ -146,6 +161,9 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
                             verbose=2 if verbose > 1 else 0).history
     distiller.calibrate_batch_norm(source.dataset(batch_size, seed=seed + 1))
     for name, hood, label, model in distiller.entries:
+      if graph.prunes(model):  # pruned candidates are stored as plain sparse layers
+        from keras_nd import sparsity  # pylint: disable=g-import-not-at-top
+        model = sparsity.strip(model)
       store = _store(directory, teacher, hood)
       os.makedirs(store, exist_ok=True)
       path = os.path.join(store, f"{label}.keras")

@@ -190,3 +190,30 @@ class DistilAndScoreTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, self.units[0].name):
       search.distil(self.teacher, self.units[:1], wrong, self.source, self.get_temp_dir(),
                     epochs=1, verbose=0)
+
+
+class SparseCandidatesTest(tf.test.TestCase):
+
+  def test_sparsity_levels_as_candidates_are_pruned_stored_plain_and_scored(self):
+    x, y = testing.images(32)
+    teacher = testing.trained(testing.tiny_resnet(), x, y)
+    hoods = [h for h in nd.split_layers(teacher) if h.name in ("stage1_unit1_conv1",
+                                                                 "stage2_unit1_conv2")]
+    source = nd.ActivationSource(teacher, hoods, testing.dataset(x), verbose=0)
+    directory = self.get_temp_dir()
+    trained = search.distil(teacher, hoods, search.sparsities((0.25, 0.75), steps=8), source,
+                            directory, epochs=4, batch_size=16, verbose=0)
+    for name, models in trained.items():
+      for label, level in (("s0.25", 0.25), ("s0.75", 0.75)):
+        self.assertFalse(nd.graph.prunes(models[label]), msg=(name, label))
+        kernel = models[label].layers[-1].kernel.numpy()
+        self.assertAllClose(np.mean(kernel == 0), level, atol=0.01, msg=(name, label))
+    # Stored plain, so they load with safe_mode and without tfmot's scope.
+    with mock.patch.object(nd.NeighbourhoodDistiller, "fit", side_effect=AssertionError):
+      again = search.distil(teacher, hoods, search.sparsities((0.25, 0.75), steps=8), source,
+                            directory, epochs=4, batch_size=16, verbose=0)
+    self.assertEqual(sorted(again["stage1_unit1_conv1"]), ["s0.25", "s0.75"])
+    table = search.score(teacher, hoods, trained, testing.dataset(x, y), directory)
+    self.assertEqual([c["label"] for c in table["stage2_unit1_conv2"]], ["s0.25", "s0.75"])
+    with self.assertRaisesRegex(ValueError, "empty"):
+      search.sparsities((), steps=8)
