@@ -32,6 +32,7 @@ next opened, which refuses them and names the shard.
 
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -77,6 +78,94 @@ def teacher_fingerprint(model):
     digest.update(weight.name.encode())
     digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
   return digest.hexdigest()
+
+
+def noise_statistics(hood, input_mean=0.0, input_std=1.0):
+  """Per-channel mean and standard deviation of `hood`'s input, read from the teacher itself.
+
+  No data is used. The teacher's input is taken as N(input_mean, input_std^2)
+  per channel (standardised images: N(0, 1)), and the first two moments are
+  carried forward to the neighbourhood's input through the layers that set
+  them: a BatchNormalization layer in inference mode outputs mean `beta` and
+  standard deviation `|gamma| sqrt(v / (v + eps))` when its input has the
+  running mean and variance (m, v) it was trained on; a ReLU turns N(mu,
+  sigma^2) into a rectified Gaussian, whose moments are exact; Add sums means
+  and variances (its inputs taken as independent), and a ReLU after it treats
+  the sum as Gaussian, an approximation (within 11% on the test's small
+  residual model); ZeroPadShortcut,
+  padding, pooling and dropout keep each channel's moments (padded channels
+  are 0). Anything else (e.g. a convolution with no BatchNormalization after
+  it) raises, naming the layer.
+
+  The paper draws neighbourhood inputs from N(0, 1); these statistics add the
+  scale and offset each neighbourhood actually sees (a unit after ReLU never
+  sees negative inputs), still without reading any data.
+
+  Returns:
+    (mean, std): float32 arrays with one value per input channel.
+  """
+  channels = hood.input_shape[-1]
+  memo = {}
+
+  def moments(tensor):
+    key = id(tensor)
+    if key not in memo:
+      memo[key] = _moments(tensor, moments, channels, input_mean, input_std)
+    return memo[key]
+
+  mean, variance = moments(hood.input_tensor)
+  return (np.asarray(mean, np.float32) * np.ones(channels, np.float32),
+          np.sqrt(np.maximum(variance, 0.0)).astype(np.float32) * np.ones(channels, np.float32))
+
+
+def _moments(tensor, moments, channels, input_mean, input_std):
+  """(mean, variance) per channel of `tensor`, from those of its producer's inputs."""
+  layer, node_index, _ = tensor._keras_history  # pylint: disable=protected-access
+  node = layer._inbound_nodes[node_index]  # pylint: disable=protected-access
+  inputs = node.keras_inputs
+  kind = type(layer).__name__
+  if isinstance(layer, keras.layers.InputLayer) or not inputs:
+    width = tensor.shape[-1]
+    return (np.full(width, input_mean, np.float64), np.full(width, input_std**2, np.float64))
+  if isinstance(layer, keras.layers.BatchNormalization):
+    gamma = layer.gamma.numpy() if layer.scale else 1.0
+    beta = layer.beta.numpy() if layer.center else 0.0
+    variance = layer.moving_variance.numpy()
+    width = tensor.shape[-1]
+    return (np.broadcast_to(beta, width).astype(np.float64),
+            np.broadcast_to(gamma**2 * variance / (variance + layer.epsilon), width))
+  if isinstance(layer, keras.layers.ReLU) or (
+      isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] == "relu"):
+    return _rectified(*moments(inputs[0]))
+  if isinstance(layer, keras.layers.Add):
+    parts = [moments(t) for t in inputs]
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+  if kind == "ZeroPadShortcut":
+    mean, variance = moments(inputs[0])
+    extra = layer.filters - len(mean)
+    pad = (extra // 2, extra - extra // 2)
+    return np.pad(mean, pad), np.pad(variance, pad)
+  if isinstance(layer, (keras.layers.ZeroPadding2D, keras.layers.MaxPooling2D,
+                        keras.layers.AveragePooling2D, keras.layers.Dropout)):
+    return moments(inputs[0])
+  raise ValueError(
+      f"Cannot derive noise statistics through layer '{layer.name}' ({kind}): only "
+      "BatchNormalization, ReLU, Add, padding, pooling and dropout carry them. Pass mean and "
+      "stddev to ActivationSource.from_noise yourself.")
+
+
+def _rectified(mean, variance):
+  """Mean and variance of max(0, X) for X ~ N(mean, variance), per channel."""
+  mean, std = np.asarray(mean, np.float64), np.sqrt(np.asarray(variance, np.float64))
+  safe = np.where(std > 0, std, 1.0)
+  alpha = mean / safe
+  cdf = 0.5 * (1.0 + np.vectorize(math.erf)(alpha / math.sqrt(2.0)))
+  pdf = np.exp(-0.5 * alpha**2) / math.sqrt(2.0 * math.pi)
+  first = mean * cdf + std * pdf
+  second = (mean**2 + std**2) * cdf + mean * std * pdf
+  first = np.where(std > 0, first, np.maximum(mean, 0.0))
+  second = np.where(std > 0, second, np.maximum(mean, 0.0)**2)
+  return first, np.maximum(second - first**2, 0.0)
 
 
 def _nbytes(shape, dtype):
@@ -166,7 +255,10 @@ class ActivationSource:
       teacher: the trained functional teacher model.
       hoods: neighbourhoods of `teacher`.
       steps_per_epoch: batches per epoch of the served dataset.
-      mean, stddev: per-channel statistics of the noise (scalars or vectors).
+      mean, stddev: per-channel statistics of the noise (scalars or vectors),
+        the same for every neighbourhood or dicts {neighbourhood name: value};
+        or mean="teacher" for each neighbourhood's `noise_statistics` (stddev
+        is then ignored).
       seed: the noise of step s in every epoch is a function of (seed, s).
       lookahead: as for the constructor.
 
@@ -174,6 +266,12 @@ class ActivationSource:
       An `ActivationSource` in noise mode.
     """
     source = cls(teacher, hoods, None, lookahead=lookahead, verbose=0)
+    if isinstance(mean, str):
+      if mean != "teacher":
+        raise ValueError(f"mean must be a number, a vector, a dict or 'teacher'; got {mean!r}.")
+      statistics = {hood.name: noise_statistics(hood) for hood in hoods}
+      mean = {name: m for name, (m, _) in statistics.items()}
+      stddev = {name: s for name, (_, s) in statistics.items()}
     if steps_per_epoch < 1:
       raise ValueError(f"steps_per_epoch must be positive; got {steps_per_epoch}.")
     source._noise = (int(steps_per_epoch), mean, stddev, int(seed))  # pylint: disable=protected-access
@@ -302,8 +400,10 @@ class ActivationSource:
       for hood in self.hoods:
         shape = tf.concat([[batch_size], hood.input_shape[1:]], 0)
         step_seed = tf.stack([tf.cast(seed, tf.int64), step * 1009 + hood.index])
-        a = (tf.random.stateless_normal(shape, seed=step_seed) * tf.cast(stddev, tf.float32) +
-             tf.cast(mean, tf.float32))
+        hood_mean = mean[hood.name] if isinstance(mean, dict) else mean
+        hood_std = stddev[hood.name] if isinstance(stddev, dict) else stddev
+        a = (tf.random.stateless_normal(shape, seed=step_seed) * tf.cast(hood_std, tf.float32) +
+             tf.cast(hood_mean, tf.float32))
         t = hood.teacher(a, training=False)
         item = (a, t)
         if self.lookahead:
