@@ -278,10 +278,16 @@ def compose(teacher, students, name=None):
   return substitute(teacher, students, copy=True, name=name or f"{teacher.name}_student")
 
 
+def pruning_wrappers(model):
+  """The tfmot pruning wrappers in `model`, found without importing tfmot."""
+  if not isinstance(model, keras.layers.Layer):
+    return []
+  return [layer for layer in model.submodules if type(layer).__name__ == "PruneLowMagnitude"]
+
+
 def prunes(model):
-  """Whether `model` holds tfmot pruning wrappers (checked without importing tfmot)."""
-  return isinstance(model, keras.layers.Layer) and any(
-      type(layer).__name__ == "PruneLowMagnitude" for layer in model.submodules)
+  """Whether `model` holds tfmot pruning wrappers."""
+  return bool(pruning_wrappers(model))
 
 
 def _without_pruning(model):

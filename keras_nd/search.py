@@ -36,7 +36,7 @@ import numpy as np
 from keras_nd import graph, students
 from keras_nd._keras import keras
 from keras_nd.activations import teacher_fingerprint
-from keras_nd.distiller import NeighbourhoodDistiller
+from keras_nd.distiller import NeighbourhoodDistiller, as_student_model
 
 COST_KEYS = ("params", "flops")
 MULTIPLIERS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -88,8 +88,9 @@ def _positions(layer):
   return count
 
 
-def _store(directory, teacher, hood):
-  return os.path.join(directory, f"teacher-{teacher_fingerprint(teacher)[:12]}", hood.name)
+def _store(directory, teacher):
+  """The folder of `teacher`'s candidates (its weights' fingerprint, computed once per call)."""
+  return os.path.join(directory, f"teacher-{teacher_fingerprint(teacher)[:12]}")
 
 
 def _check_candidates(hoods, candidates):
@@ -137,18 +138,17 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
     `{neighbourhood name: {label: trained model}}`.
   """
   family = _check_candidates(hoods, candidates)
+  store = _store(directory, teacher)
   trained, pending = {}, {}
   for hood in hoods:
-    store = _store(directory, teacher, hood)
     trained[hood.name] = {}
     for label, builder in family[hood.name].items():
-      path = os.path.join(store, f"{label}.keras")
+      path = os.path.join(store, hood.name, f"{label}.keras")
       if os.path.exists(path) and os.path.exists(path[:-len(".keras")] + ".json"):
         trained[hood.name][label] = keras.models.load_model(path, safe_mode=True)
       else:
         keras.utils.set_random_seed(seed)
-        pending.setdefault(hood, {})[label] = builder(hood) if callable(builder) and not \
-            isinstance(builder, keras.layers.Layer) else builder
+        pending.setdefault(hood, {})[label] = as_student_model(hood, builder)
   if pending:
     count = sum(len(v) for v in pending.values())
     if verbose:
@@ -166,9 +166,8 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
       if graph.prunes(model):  # pruned candidates are stored as plain sparse layers
         from keras_nd import sparsity  # pylint: disable=g-import-not-at-top
         model = sparsity.strip(model)
-      store = _store(directory, teacher, hood)
-      os.makedirs(store, exist_ok=True)
-      path = os.path.join(store, f"{label}.keras")
+      os.makedirs(os.path.join(store, hood.name), exist_ok=True)
+      path = os.path.join(store, hood.name, f"{label}.keras")
       model.save(path + ".tmp.keras")
       with open(path[:-len(".keras")] + ".json", "w") as f:
         json.dump({"loss": float(history[f"{name}_loss"][-1]), "epochs": epochs}, f)
@@ -193,6 +192,7 @@ def score(teacher, hoods, trained, dataset, directory=None):
   """
   table = {}
   by_name = {hood.name: hood for hood in hoods}
+  store = _store(directory, teacher) if directory is not None else None
   for name, models in trained.items():
     hood = by_name[name]
     rows = []
@@ -200,7 +200,7 @@ def score(teacher, hoods, trained, dataset, directory=None):
       row = {"label": label, "params": int(model.count_params()), "flops": flops(model),
              "accuracy": _accuracy(graph.substitute(teacher, {hood: model}), dataset)}
       if directory is not None:
-        with open(os.path.join(_store(directory, teacher, hood), f"{label}.json")) as f:
+        with open(os.path.join(store, name, f"{label}.json")) as f:
           row["mse"] = json.load(f)["loss"]
       rows.append(row)
     table[name] = rows

@@ -193,10 +193,6 @@ def has_pruning(model):
   return graph.prunes(model)
 
 
-def _wrappers(model):
-  return [layer for layer in model.submodules if type(layer).__name__ == "PruneLowMagnitude"]
-
-
 def pruning_callbacks(model, callbacks):
   """`callbacks` with tfmot's `UpdatePruningStep` added if `model` prunes and it is missing."""
   callbacks = list(callbacks or [])
@@ -212,7 +208,7 @@ def strip(model):
   (e.g. outside `fit`) are sparse too. Pruning wrappers of depthwise
   convolutions come back as plain `DepthwiseConv2D` layers.
   """
-  for wrapper in _wrappers(model):
+  for wrapper in graph.pruning_wrappers(model):
     wrapper.pruning_obj.weight_mask_op()
   stripped = _prune.strip_pruning(model)
 

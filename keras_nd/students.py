@@ -65,10 +65,7 @@ def inner_layers(hood):
   unit the first conv, in a bottleneck unit the two inner convs, in an
   inverted residual the expansion conv.
   """
-  consumers = {}
-  for node in hood.nodes:
-    for tensor in node.keras_inputs:
-      consumers.setdefault(id(tensor), []).append(node)
+  consumers = _consumers(hood)
   output_id = id(hood.output_tensor)
 
   def absorbed(tensor):
@@ -84,6 +81,15 @@ def inner_layers(hood):
 
   return [node.layer for node in hood.nodes
           if _width_key(node.layer) and all(absorbed(t) for t in graph.output_tensors(node))]
+
+
+def _consumers(hood):
+  """{id(tensor): [nodes of `hood` that take it as input]}."""
+  consumers = {}
+  for node in hood.nodes:
+    for tensor in node.keras_inputs:
+      consumers.setdefault(id(tensor), []).append(node)
+  return consumers
 
 
 def _student(hood, name, configure):
@@ -167,10 +173,7 @@ def _init_from_teacher(hood, copies):
   norm; the channel-preserving layers they pass through keep the same
   channels, and the channel-mixing layers they reach keep the same inputs.
   """
-  consumers = {}
-  for node in hood.nodes:
-    for tensor in node.keras_inputs:
-      consumers.setdefault(id(tensor), []).append(node)
+  consumers = _consumers(hood)
   kept_out, kept_in = {}, {}  # id(teacher layer) -> channel indices kept
   for layer in inner_layers(hood):
     kernel = layer.get_weights()[0]

@@ -161,10 +161,11 @@ class Experiment:
     self.test = data.pipeline("test", 256, training=False)
     self.steps_per_epoch = -(-data.num_train // batch_size)
     self.max_lookahead = max_lookahead
+    self._sources = {}  # lookahead -> (units, ActivationSource)
     os.makedirs(workdir, exist_ok=True)
-    self._key = self._teacher_key()
+    self.key = self._teacher_key()
     # One cache per teacher and look-ahead: a retrained teacher never meets another's cache.
-    self.cache_dir = os.path.join(workdir, f"cache-{self._key}-lookahead{max_lookahead}")
+    self.cache_dir = os.path.join(workdir, f"cache-{self.key}-lookahead{max_lookahead}")
 
   def _teacher_key(self):
     """A digest of everything the teacher depends on, the data's first batch included."""
@@ -176,7 +177,7 @@ class Experiment:
     self.teacher_spec = spec
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
-  def _say(self, text):
+  def say(self, text):
     if self.verbose:
       print(text, flush=True)
 
@@ -189,16 +190,16 @@ class Experiment:
 
   def teacher(self):
     """The teacher: loaded from the work directory when trained before with the same settings."""
-    path = os.path.join(self.workdir, f"teacher-{self._key}.keras")
+    path = os.path.join(self.workdir, f"teacher-{self.key}.keras")
     if os.path.exists(path):
       teacher = scorable(keras.models.load_model(path, safe_mode=True))
       with open(path[:-len(".keras")] + ".json") as f:
         self.timings["teacher"] = json.load(f)["seconds"]
-      self._say(f"Reusing the teacher {path}.")
+      self.say(f"Reusing the teacher {path}.")
       return teacher
     teacher = _compiled(self._new(1.0), self.learning_rate,
                         self.epochs["teacher"] * self.steps_per_epoch)
-    self._say(f"Training the teacher ({self.model}, {self.epochs['teacher']} epochs)...")
+    self.say(f"Training the teacher ({self.model}, {self.epochs['teacher']} epochs)...")
     start = time.perf_counter()
     teacher.fit(self.train, epochs=self.epochs["teacher"], verbose=self._fit_verbose())
     self.timings["teacher"] = time.perf_counter() - start
@@ -218,7 +219,12 @@ class Experiment:
                 callbacks=[tracker])
     return self._row("ce", multiplier, student, tracker.seconds), tracker.curve
 
-  def _kd(self, teacher, student, epochs, learning_rate, offset=0.0, evaluate_first=False):
+  def fine_tune(self, teacher, student, epochs, learning_rate, offset=0.0, evaluate_first=False):
+    """Trains `student` by KD from `teacher`, evaluated every epoch; returns the `EpochTracker`.
+
+    Stops early on validation accuracy and ends with the best epoch's weights;
+    `offset` seconds start the tracker's clock (ND's time, for ND+FT).
+    """
     distiller = nd.KnowledgeDistiller(teacher=teacher, student=student,
                                       temperature=self.temperature,
                                       label_weight=self.label_weight)
@@ -246,20 +252,29 @@ class Experiment:
     else:
       student = nd.compose(teacher, self._students(nd.split(teacher)[1:-1], multiplier))
       learning_rate = self.learning_rate / 4
-    tracker = self._kd(teacher, student, self.epochs["kd"], learning_rate)
+    tracker = self.fine_tune(teacher, student, self.epochs["kd"], learning_rate)
     return self._row("kd", multiplier, student, tracker.seconds), tracker.curve
 
   def source(self, teacher, lookahead):
-    """The activation source of the residual units, from one cache built for `max_lookahead`."""
-    units = nd.split(teacher)[1:-1]
-    start = time.perf_counter()
-    # Built once with every tensor the run needs; sources with less look-ahead read a subset.
-    nd.ActivationSource(teacher, units, self.train_plain, lookahead=self.max_lookahead,
-                        cache_dir=self.cache_dir, verbose=int(self.verbose > 1))
-    source = nd.ActivationSource(teacher, units, self.train_plain, lookahead=lookahead,
-                                 cache_dir=self.cache_dir, verbose=0)
-    self.timings["cache"] = source.manifest.get("build_seconds", time.perf_counter() - start)
-    return units, source
+    """(residual units, activation source) for `lookahead`, all from one cache.
+
+    The cache is built (or verified) once per run, for `max_lookahead`; a
+    source of less look-ahead reads a subset of it, and each is opened once.
+    """
+    if not self._sources:
+      units = nd.split(teacher)[1:-1]
+      start = time.perf_counter()
+      built = nd.ActivationSource(teacher, units, self.train_plain, lookahead=self.max_lookahead,
+                                  cache_dir=self.cache_dir, verbose=int(self.verbose > 1))
+      self.timings["cache"] = built.manifest.get("build_seconds", time.perf_counter() - start)
+      self._sources[self.max_lookahead] = (units, built)
+    if lookahead not in self._sources:
+      units = self._sources[self.max_lookahead][0]
+      # Verified a moment ago by the source that built or opened it.
+      self._sources[lookahead] = (units, nd.ActivationSource(
+          teacher, units, self.train_plain, lookahead=lookahead, cache_dir=self.cache_dir,
+          verify=False, verbose=0))
+    return self._sources[lookahead]
 
   def nd(self, teacher, multiplier, lookahead=0):
     """ND of every residual unit: (student, cache + ND seconds, ND seconds, per-hood losses)."""
@@ -286,7 +301,7 @@ class Experiment:
     rows = [dict(self._row("nd", multiplier, student, seconds), lookahead=lookahead)]
     curve = [(seconds, accuracy_nd)]
     if fine_tune:
-      tracker = self._kd(teacher, student, self.epochs["ft"], self.learning_rate / 4,
+      tracker = self.fine_tune(teacher, student, self.epochs["ft"], self.learning_rate / 4,
                          offset=seconds, evaluate_first=True)
       curve = tracker.curve
       rows.append(dict(self._row("nd_ft", multiplier, student, tracker.seconds),
@@ -311,7 +326,7 @@ class Experiment:
   def _row(self, method, multiplier, student, seconds):
     row = {"method": method, "multiplier": multiplier, "params": student.count_params(),
            "accuracy": accuracy(scorable(student), self.test), "seconds": seconds}
-    self._say(f"  {method:<6} k={multiplier:<5g} params={row['params']:<8} "
+    self.say(f"  {method:<6} k={multiplier:<5g} params={row['params']:<8} "
               f"accuracy={row['accuracy']:.4f}  {seconds:.1f}s")
     return row
 
@@ -362,7 +377,7 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
                 num_train=data.num_train, num_validation=data.num_validation)
   teacher = experiment.teacher()
   teacher_row = {"params": teacher.count_params(), "accuracy": accuracy(teacher, experiment.test)}
-  experiment._say(f"  teacher params={teacher_row['params']} "  # pylint: disable=protected-access
+  experiment.say(f"  teacher params={teacher_row['params']} "
                   f"accuracy={teacher_row['accuracy']:.4f}")
   rows, curves, speedup, timings = [], {}, {}, {"teacher": experiment.timings["teacher"]}
   for k in multipliers:

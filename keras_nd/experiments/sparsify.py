@@ -64,7 +64,7 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
   budget = dict(teacher=15, nd=3, kd=3)
   budget.update(epochs or {})
   experiment = distill.Experiment(data, model, workdir, budget, verbose=verbose, **settings)
-  say = experiment._say  # pylint: disable=protected-access
+  say = experiment.say
   teacher = experiment.teacher()
   test = experiment.test
   teacher_row = {"params": teacher.count_params(), "accuracy": accuracy(teacher, test),
@@ -78,7 +78,7 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
   if "nd" in methods:
     start = time.perf_counter()
     source = nd.ActivationSource(teacher, trained, experiment.train_plain,
-                                 cache_dir=os.path.join(workdir, f"cache-layers-{experiment._key}"),  # pylint: disable=protected-access
+                                 cache_dir=os.path.join(workdir, f"cache-layers-{experiment.key}"),
                                  verbose=int(verbose > 1))
     timings["cache"] = source.manifest.get("build_seconds", time.perf_counter() - start)
   nd_steps = budget["nd"] * -(-(source.num_examples if source else data.num_train) //

@@ -85,13 +85,13 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, u
   for method, setting, choice in choices:
     student = scorable(search.compose_choice(teacher, units, trained, choice))
     before = accuracy(student, experiment.test)
-    tracker = experiment._kd(teacher, student, budget["ft"], experiment.learning_rate / 4)  # pylint: disable=protected-access
+    tracker = experiment.fine_tune(teacher, student, budget["ft"], experiment.learning_rate / 4)
     row = {"method": method, "setting": setting, "params": student.count_params(),
            "predicted_drop": sum(teacher_accuracy - c["accuracy"] for c in choice.values()),
            "choice": {name: c["label"] for name, c in choice.items()},
            "accuracy_before_ft": before, "accuracy": accuracy(scorable(student), experiment.test),
            "ft_seconds": tracker.seconds}
-    experiment._say(f"  {method:<8} {setting:<8g} params={row['params']:<8} before FT "  # pylint: disable=protected-access
+    experiment.say(f"  {method:<8} {setting:<8g} params={row['params']:<8} before FT "
                     f"{row['accuracy_before_ft']:.4f} after {row['accuracy']:.4f}")
     rows.append(row)
   results = {"config": dict(dataset=data.name, model=model, multipliers=list(multipliers),
