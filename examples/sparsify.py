@@ -22,6 +22,8 @@ flags.DEFINE_list("sparsities", [str(s) for s in sparsify.SPARSITIES], "Target s
 flags.DEFINE_list("methods", list(sparsify.METHODS), "Any of nd, kd.")
 flags.DEFINE_integer("nd_epochs", 3, "Neighbourhood distillation epochs per sparsity.")
 flags.DEFINE_integer("kd_epochs", 3, "End-to-end KD epochs per sparsity.")
+flags.DEFINE_bool("calibrate", True, "Re-estimate the ND student's BatchNorm statistics on the "
+                  "training images after composing (no weight changes).")
 
 
 def main(argv):
@@ -30,6 +32,7 @@ def main(argv):
       common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
       sparsities=[float(s) for s in FLAGS.sparsities], methods=FLAGS.methods,
       epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs, kd=FLAGS.kd_epochs),
+      calibrate=FLAGS.calibrate,
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, verbose=FLAGS.verbose)
   print(sparsify.table(results))
   print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")

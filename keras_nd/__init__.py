@@ -7,7 +7,7 @@ distillation (Shao et al., arXiv:2010.01189).
 
 from keras_nd import losses, students
 from keras_nd.activations import ActivationSource
-from keras_nd.distiller import NeighbourhoodDistiller
+from keras_nd.distiller import NeighbourhoodDistiller, calibrate_batch_norm
 from keras_nd.graph import compose, substitute
 from keras_nd.kd import KnowledgeDistiller
 from keras_nd.neighbourhood import Neighbourhood, split, split_layers
@@ -15,6 +15,6 @@ from keras_nd.neighbourhood import Neighbourhood, split, split_layers
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationSource", "KnowledgeDistiller", "Neighbourhood", "NeighbourhoodDistiller", "compose",
-    "losses", "split", "split_layers", "students", "substitute",
+    "ActivationSource", "KnowledgeDistiller", "Neighbourhood", "NeighbourhoodDistiller",
+    "calibrate_batch_norm", "compose", "losses", "split", "split_layers", "students", "substitute",
 ]

@@ -34,6 +34,65 @@ def with_pruning_step(model, callbacks):
   return sparsity.pruning_callbacks(model, callbacks)
 
 
+def _batch_norms(model):
+  return [layer for layer in model.submodules if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def _average_batch_statistics(layers, dataset, steps, forward):
+  """Sets the moving statistics of BatchNorm `layers` to the average over `steps` batches.
+
+  `forward(batch)` runs the layers in training mode; with momentum (n-1)/n at
+  the n-th batch, moving = (n-1)/n * moving + 1/n * batch is a running mean.
+  Returns the number of batches used.
+  """
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"steps must be a positive integer; got {steps!r}.")
+  momenta = [layer.momentum for layer in layers]
+  used = 0
+  try:
+    for used, batch in enumerate(dataset.take(steps), start=1):
+      for layer in layers:
+        layer.momentum = (used - 1) / used
+      forward(batch)
+  finally:
+    for layer, momentum in zip(layers, momenta):
+      layer.momentum = momentum
+  if not used:
+    raise ValueError("The dataset for calibrate_batch_norm is empty.")
+  return used
+
+
+def calibrate_batch_norm(model, dataset, steps=100):
+  """Re-estimates a model's BatchNorm moving statistics on data, weights fixed.
+
+  A composed student keeps the teacher's BatchNorm statistics wherever a
+  neighbourhood's BatchNorm was not part of a student (one-layer
+  neighbourhoods: the convolution is the student, the BatchNorm after it is
+  the teacher's). The student's small errors shift those statistics, more so
+  deeper in the network; re-estimating them on the composed student's own
+  activations removes that shift without training any weight. Each moving
+  mean and variance becomes the plain average of the batch statistics over
+  `steps` batches (Dropout, if any, also runs in training mode meanwhile).
+
+  Args:
+    model: a Keras model (e.g. from `keras_nd.compose`); it is changed in place.
+    dataset: batches of `x` or `(x, y, ...)` (labels are not used).
+    steps: number of batches to average over (fewer if the dataset ends).
+
+  Returns:
+    The number of batches used.
+  """
+  if not isinstance(model, keras.Model):
+    raise TypeError(f"model must be a tf_keras Model; got {type(model).__name__}.")
+  if not isinstance(dataset, tf.data.Dataset):
+    raise TypeError(f"dataset must be a tf.data.Dataset; got {type(dataset).__name__}.")
+
+  def forward(batch):
+    model(batch[0] if isinstance(batch, (tuple, list)) else batch, training=True)
+
+  return _average_batch_statistics(_batch_norms(model), dataset, steps, forward)
+
+
 class NeighbourhoodDistiller(keras.Model):
   """Distils each student neighbourhood from its teacher neighbourhood, all in one step.
 
@@ -202,7 +261,8 @@ class NeighbourhoodDistiller(keras.Model):
     behind, and a composed student, whose errors add up across
     neighbourhoods, suffers from the lag. This sets each moving mean and
     variance to the plain average of the batch statistics over `steps`
-    batches of `dataset` (the source's dataset, as for `fit`).
+    batches of `dataset` (the source's dataset, as for `fit`). For the
+    composed student, `keras_nd.calibrate_batch_norm` does the same on data.
 
     Args:
       dataset: batches of `{neighbourhood name: (a, T(a), ...)}`.
@@ -211,25 +271,13 @@ class NeighbourhoodDistiller(keras.Model):
     Returns:
       The number of batches used.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-      raise ValueError(f"steps must be a positive integer; got {steps!r}.")
-    layers = [(hood, model, [layer for layer in model.submodules
-                             if isinstance(layer, keras.layers.BatchNormalization)])
+    layers = [(hood, model, _batch_norms(model))
               for hood, model in zip(self._hoods.value, self.student_models)]
-    momenta = {id(layer): layer.momentum for _, _, bns in layers for layer in bns}
-    used = 0
-    try:
-      for used, data in enumerate(dataset.take(steps), start=1):
-        for hood, model, bns in layers:
-          if not bns:
-            continue
-          for layer in bns:  # moving = (used-1)/used * moving + 1/used * batch: a running mean
-            layer.momentum = (used - 1) / used
+
+    def forward(data):
+      for hood, model, bns in layers:
+        if bns:
           model(self._item(data, hood)[0], training=True)
-    finally:
-      for _, _, bns in layers:
-        for layer in bns:
-          layer.momentum = momenta[id(layer)]
-    if not used:
-      raise ValueError("The dataset for calibrate_batch_norm is empty.")
-    return used
+
+    return _average_batch_statistics([bn for _, _, bns in layers for bn in bns], dataset,
+                                     steps, forward)

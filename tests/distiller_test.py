@@ -180,6 +180,44 @@ class CalibrateBatchNormTest(_TeacherCase, tf.test.TestCase, parameterized.TestC
       distiller.calibrate_batch_norm(self.online([self.a]).dataset(batch_size=16), steps=steps)
 
 
+class CalibrateComposedModelTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
+  """keras_nd.calibrate_batch_norm: a whole model's BatchNorm statistics from its own activations."""
+
+  def test_statistics_are_the_composed_models_own_and_the_teacher_is_untouched(self):
+    teacher_before = testing.weights_of(self.teacher)
+    keras.utils.set_random_seed(3)
+    student = nd.compose(self.teacher, {self.a: nd.students.bottleneck(self.a, 0.5)})
+    weights_before = [w.numpy() for w in student.trainable_weights]
+    data = tf.data.Dataset.from_tensor_slices((self.x, self.y)).batch(16)
+    self.assertEqual(nd.calibrate_batch_norm(student, data), 4)  # 64 examples
+    bns = [layer for layer in student.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    self.assertGreater(len(bns), 2)
+    for bn in bns:
+      probe = keras.Model(student.input, bn.input)
+      inputs = [probe(x, training=True).numpy() for x, _ in data]
+      means = [x.reshape(-1, x.shape[-1]).mean(axis=0) for x in inputs]
+      self.assertAllClose(bn.moving_mean, np.mean(means, axis=0), rtol=1e-4, atol=1e-5)
+    for weight, old in zip(student.trainable_weights, weights_before):
+      self.assertAllEqual(weight.numpy(), old)
+    self.assertTeacherUnchanged(teacher_before)
+
+  def test_unlabelled_batches_are_accepted(self):
+    student = nd.compose(self.teacher, {})
+    data = tf.data.Dataset.from_tensor_slices(self.x).batch(32)
+    self.assertEqual(nd.calibrate_batch_norm(student, data, steps=1), 1)
+
+  def test_bad_input_is_named(self):
+    data = tf.data.Dataset.from_tensor_slices(self.x).batch(32)
+    with self.assertRaisesRegex(TypeError, "tf_keras Model"):
+      nd.calibrate_batch_norm(lambda x: x, data)
+    with self.assertRaisesRegex(TypeError, "tf.data.Dataset"):
+      nd.calibrate_batch_norm(self.teacher, self.x)
+    with self.assertRaisesRegex(ValueError, "steps"):
+      nd.calibrate_batch_norm(self.teacher, data, steps=0)
+    with self.assertRaisesRegex(ValueError, "empty"):
+      nd.calibrate_batch_norm(nd.compose(self.teacher, {}), data.take(0))
+
+
 class DistillerIndependenceTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
 
   def _trained_a(self, hoods):

@@ -29,9 +29,19 @@ class SparsifyExperimentTest(tf.test.TestCase, parameterized.TestCase):
       self.assertLess(row["compressed_bytes"], results["teacher"]["compressed_bytes"])
     self.assertNotIn("stem_conv", results["config"]["layers"])
     self.assertNotIn("head_logits", results["config"]["layers"])
+    for row in results["rows"]:  # ND's student is calibrated; the accuracy before is kept
+      self.assertEqual("accuracy_uncalibrated" in row, row["method"] == "nd")
     text = sparsify.table(results)
-    for label in ("KD", "ND", "measured sparsity", "speed-up KD/ND"):
+    for label in ("KD", "ND", "teacher BN stats", "measured sparsity", "speed-up KD/ND"):
       self.assertIn(label, text)
+
+  def test_without_calibration_nd_rows_have_one_accuracy(self):
+    dataset = data.get("embedded", num_train=64, num_test=32, num_validation=16)
+    results = sparsify.run(dataset, self.get_temp_dir(), model="resnet8", sparsities=(0.5,),
+                           methods=("nd",), epochs=dict(teacher=1, nd=1), batch_size=16,
+                           calibrate=False, verbose=0)
+    self.assertNotIn("accuracy_uncalibrated", results["rows"][0])
+    self.assertNotIn("teacher BN stats", sparsify.table(results))
 
   @parameterized.named_parameters(
       ("sparsity_one", dict(sparsities=(1.0,)), "1.0"),
