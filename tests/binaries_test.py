@@ -43,8 +43,15 @@ class BinariesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual([r["method"] for r in results["rows"]], ["greedy", "uniform", "budgeted"])
     self.assertIn("before FT", out)
 
+  def test_data_free(self):
+    results, out = self._run("data_free.py", "--multipliers=0.5", "--methods=gnd,gnkd",
+                             "--gnd_epochs=1", "--gnkd_epochs=1", "--steps_per_epoch=2")
+    self.assertEqual([r["method"] for r in results["rows"]], ["gnd", "gnkd"])
+    self.assertIn("Table 3b", out)
+
   @parameterized.named_parameters(("distill", "distill.py", "--methods=ce,dk", "dk"),
-                                  ("sparsify", "sparsify.py", "--sparsities=1.5", "1.5"))
+                                  ("sparsify", "sparsify.py", "--sparsities=1.5", "1.5"),
+                                  ("data_free", "data_free.py", "--multipliers=0", "0.0"))
   def test_bad_flag_values_are_named(self, binary, flag, fragment):
     done = subprocess.run([sys.executable, os.path.join(_EXAMPLES, binary), *_TINY, flag,
                            f"--workdir={self.get_temp_dir()}"],

@@ -1,0 +1,298 @@
+"""The paper's data-free experiment (Table 3b): students distilled from Gaussian noise alone.
+
+For each bottleneck multiplier k:
+
+  ce:      reference WITH data: the student trained from scratch by
+           cross-entropy on the training split (`distill.Experiment.ce`);
+  gnd:     G-ND: every residual unit distilled from Gaussian-noise inputs
+           (`ActivationSource.from_noise`), then composed, no fine-tuning;
+  gnd_ft:  G-ND, then fine-tuned by knowledge distillation on Gaussian-noise
+           images (the teacher's soft labels on noise, no labels);
+  gnkd:    GN-KD: the whole student trained end to end by knowledge
+           distillation on Gaussian-noise images, the baseline the paper
+           shows failing.
+
+The data-free methods read nothing of the dataset but its test split, for
+evaluation: given `teacher` (a model or a `.keras` path) and without "ce",
+the training split is never opened (tested with a dataset that raises when
+read). Without `teacher`, one is trained on the training split, or reused
+from `workdir` (`distill.Experiment.teacher`): the teacher is trained on
+data, the students are not.
+
+Noise. Images are standardised per channel by the data pipeline, so
+Gaussian-noise images are N(0, 1) in every channel. The inputs of each
+residual unit are drawn either from N(0, 1) (noise="standard", the paper's
+choice) or from per-channel statistics read from the teacher's BatchNorm
+layers (noise="teacher", `activations.noise_statistics`): the activations a
+unit sees are not standard normal (after a ReLU they are non-negative, with
+the scale the BatchNorm sets), and matching their first two moments puts the
+noise where the unit works on real data.
+
+BatchNorm. The students' BatchNorm statistics are estimated on noise that
+matches the teacher's statistics (G-ND), but noise images do not make a real
+image's activations: while fine-tuning or training on noise images (G-ND+FT,
+GN-KD) the students' BatchNorm layers are frozen (inference mode), so they
+keep the statistics they had instead of learning those of noise.
+"""
+
+import os
+import time
+
+import keras_nd as nd
+from keras_nd._keras import keras, tf
+from keras_nd.experiments import distill
+from keras_nd.experiments.common import accuracy, scorable, write_results
+
+METHODS = ("ce", "gnd", "gnd_ft", "gnkd")
+MULTIPLIERS = (1.0, 0.9, 0.75, 0.5)
+NOISES = ("teacher", "standard")
+LABELS = {"ce": "CE (with data)", "gnd": "G-ND", "gnd_ft": "G-ND+FT", "gnkd": "GN-KD"}
+
+
+def noise_images(input_shape, batch_size, steps, seed):
+  """A dataset of `steps` batches of N(0, 1) images, a function of (seed, step)."""
+  shape = [batch_size, *input_shape]
+  return tf.data.Dataset.range(steps).map(
+      lambda step: tf.random.stateless_normal(shape, seed=tf.stack([tf.cast(seed, tf.int64),
+                                                                    step])))
+
+
+class DataFree:
+  """One teacher; methods train students of a given multiplier without data.
+
+  Args:
+    teacher: the trained teacher.
+    model: model name for `distill.build_model` (GN-KD's random students).
+    input_shape, num_classes: of the teacher.
+    test: the test split's batches of (image, label), for evaluation only.
+    epochs: dict of epoch budgets: gnd, ft, gnkd.
+    steps_per_epoch: noise batches per epoch.
+    noise: "teacher" or "standard" (see the module docstring).
+    student_init: how students start (`students.bottleneck`'s init).
+    batch_size, learning_rate, nd_learning_rate, temperature, seed: training
+      settings.
+    verbose: 0 silent, 1 one line per phase, 2 Keras progress too.
+  """
+
+  def __init__(self, teacher, model, input_shape, num_classes, test, epochs, steps_per_epoch,
+               noise="teacher", student_init="random", batch_size=128, learning_rate=2e-3,
+               nd_learning_rate=2e-3, temperature=2.5, seed=0, verbose=1):
+    if noise not in NOISES:
+      raise ValueError(f"noise must be one of {list(NOISES)}; got {noise!r}.")
+    if student_init not in ("teacher", "random"):
+      raise ValueError(f"student_init must be 'teacher' or 'random'; got {student_init!r}.")
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or \
+        steps_per_epoch < 1:
+      raise ValueError(f"steps_per_epoch must be a positive integer; got {steps_per_epoch!r}.")
+    self.teacher = teacher
+    self.model = model
+    self.input_shape = tuple(input_shape)
+    self.num_classes = num_classes
+    self.test = test
+    self.epochs = dict(epochs)
+    self.steps_per_epoch = steps_per_epoch
+    self.noise = noise
+    self.student_init = student_init
+    self.batch_size = batch_size
+    self.learning_rate = learning_rate
+    self.nd_learning_rate = nd_learning_rate
+    self.temperature = temperature
+    self.seed = seed
+    self.verbose = verbose
+    self.units = nd.split(teacher)[1:-1]
+
+  def say(self, text):
+    if self.verbose:
+      print(text, flush=True)
+
+  def _students(self, multiplier):
+    keras.utils.set_random_seed(self.seed)
+    return {h: nd.students.bottleneck(h, multiplier, init=self.student_init) for h in self.units}
+
+  def _source(self, seed):
+    return nd.ActivationSource.from_noise(
+        self.teacher, self.units, self.steps_per_epoch, seed=seed,
+        mean="teacher" if self.noise == "teacher" else 0.0)
+
+  def gnd(self, multiplier):
+    """G-ND: (composed student, seconds, {unit: final loss})."""
+    distiller = nd.NeighbourhoodDistiller(self._students(multiplier))
+    steps = self.epochs["gnd"] * self.steps_per_epoch
+    distiller.compile(keras.optimizers.Adam(
+        keras.optimizers.schedules.CosineDecay(self.nd_learning_rate, steps)))
+    start = time.perf_counter()
+    history = distiller.fit(self._source(self.seed).dataset(self.batch_size),
+                            epochs=self.epochs["gnd"], verbose=2 if self.verbose > 1 else 0)
+    # Fresh noise (another seed) for the statistics, as for data (see calibrate_batch_norm).
+    distiller.calibrate_batch_norm(self._source(self.seed + 1).dataset(self.batch_size),
+                                   steps=self.steps_per_epoch)
+    seconds = time.perf_counter() - start
+    losses = {h.name: history.history[f"{h.name}_loss"][-1] for h in self.units}
+    return scorable(nd.compose(self.teacher, distiller.students)), seconds, losses
+
+  def kd_on_noise(self, student, epochs, learning_rate):
+    """Trains `student` by KD from the teacher on noise images, BatchNorm frozen; seconds."""
+    bns = [layer for layer in student.submodules
+           if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    for layer in bns:
+      layer.trainable = False  # inference mode: keeps its statistics
+    distiller = nd.KnowledgeDistiller(teacher=self.teacher, student=student,
+                                      temperature=self.temperature, label_weight=0.0)
+    distiller.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+        learning_rate, max(1, epochs * self.steps_per_epoch))))
+    images = noise_images(self.input_shape, self.batch_size, self.steps_per_epoch,
+                          self.seed + 2)
+    start = time.perf_counter()
+    try:
+      distiller.fit(images, epochs=epochs, verbose=2 if self.verbose > 1 else 0)
+    finally:
+      for layer in bns:
+        layer.trainable = True
+    return time.perf_counter() - start
+
+  def gnkd(self, multiplier):
+    """GN-KD: (student, seconds). From scratch, or the teacher's channels as G-ND starts."""
+    if self.student_init == "random":
+      keras.utils.set_random_seed(self.seed)
+      student = distill.build_model(self.model, self.input_shape, self.num_classes, multiplier)
+      learning_rate = self.learning_rate
+    else:
+      student = nd.compose(self.teacher, self._students(multiplier))
+      learning_rate = self.learning_rate / 4
+    return student, self.kd_on_noise(student, self.epochs["gnkd"], learning_rate)
+
+  def row(self, method, multiplier, student, seconds, **extra):
+    row = dict({"method": method, "multiplier": multiplier, "params": student.count_params(),
+                "accuracy": accuracy(scorable(student), self.test), "seconds": seconds}, **extra)
+    self.say(f"  {method:<6} k={multiplier:<5g} params={row['params']:<8} "
+             f"accuracy={row['accuracy']:.4f}  {seconds:.1f}s")
+    return row
+
+
+def load_teacher(teacher):
+  """A teacher given as a model or a `.keras` path (loaded with safe_mode)."""
+  if isinstance(teacher, keras.Model):
+    return scorable(teacher)
+  if not isinstance(teacher, (str, os.PathLike)) or not str(teacher).endswith(".keras"):
+    raise ValueError(f"teacher must be a tf_keras Model or a path to a .keras file; got "
+                     f"{teacher!r}.")
+  if not os.path.exists(teacher):
+    raise FileNotFoundError(f"No teacher model at '{teacher}'.")
+  return scorable(keras.models.load_model(teacher, safe_mode=True))
+
+
+def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHODS, teacher=None,
+        noise="teacher", student_init="random", epochs=None, steps_per_epoch=None, verbose=1,
+        **settings):
+  """Runs the experiment and writes `workdir/results.json`.
+
+  Args:
+    data: a `keras_nd.data` dataset. The data-free methods use its test split
+      only; "ce" and training a teacher use its training split (and
+      validation split, for the teacher's shared settings).
+    workdir: output directory.
+    model: `resnet20`, ..., `resnet50` (the teacher's architecture).
+    multipliers: bottleneck multipliers k, each in (0, 1].
+    methods: a subset of ("ce", "gnd", "gnd_ft", "gnkd").
+    teacher: a trained teacher (model or `.keras` path); None trains one on
+      the training split (or reuses it from `workdir`).
+    noise: "teacher" or "standard" (see the module docstring).
+    student_init: "random" (the paper's setting) or "teacher" (the teacher's
+      strongest channels: at k = 1 the student IS the teacher).
+    epochs: dict overriding the epoch budgets: teacher, ce, gnd, ft, gnkd.
+    steps_per_epoch: noise batches per epoch (default: a training epoch's
+      batches, from the dataset's size alone).
+    verbose: 0 silent, 1 one line per phase, 2 Keras progress bars too.
+    **settings: batch_size, learning_rate, nd_learning_rate, temperature,
+      seed (and label_weight, patience for "ce" and the teacher).
+
+  Returns:
+    {"config", "teacher", "rows": [{"method", "multiplier", "params",
+    "accuracy", "seconds"}], "timings"}.
+  """
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown or not methods:
+    raise ValueError(f"Unknown methods {unknown or list(methods)}; choose from {list(METHODS)}.")
+  for k in multipliers:
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+      raise ValueError(f"Multipliers must be in (0, 1]; got {k!r}.")
+  budget = dict(teacher=15, ce=6, gnd=10, ft=3, gnkd=10)
+  budget.update(epochs or {})
+  batch_size = settings.get("batch_size", 128)
+  if steps_per_epoch is None:
+    steps_per_epoch = -(-data.num_train // batch_size)
+  experiment = None
+  timings = {}
+  given = teacher is not None
+  if teacher is None or "ce" in methods:
+    if not data.num_validation:
+      raise ValueError(f"Dataset {data.name!r} has no validation split, which training the "
+                       "teacher needs: get it with keras_nd.data.get(..., num_validation=N).")
+    experiment = distill.Experiment(data, model, workdir, budget, verbose=verbose, **settings)
+  if teacher is None:
+    teacher = experiment.teacher()
+    timings["teacher"] = experiment.timings["teacher"]
+  else:
+    teacher = load_teacher(teacher)
+    os.makedirs(workdir, exist_ok=True)
+  test = experiment.test if experiment else data.pipeline("test", 256, training=False)
+  free_settings = {k: v for k, v in settings.items()
+                   if k in ("batch_size", "learning_rate", "nd_learning_rate", "temperature",
+                            "seed")}
+  runner = DataFree(teacher, model, data.input_shape, data.num_classes, test, budget,
+                    steps_per_epoch, noise=noise, student_init=student_init, verbose=verbose,
+                    **free_settings)
+  teacher_row = {"params": teacher.count_params(), "accuracy": accuracy(teacher, test)}
+  runner.say(f"  teacher params={teacher_row['params']} accuracy={teacher_row['accuracy']:.4f}")
+  rows = []
+  for k in multipliers:
+    if "ce" in methods:
+      rows.append(experiment.ce(k)[0])
+    if "gnd" in methods or "gnd_ft" in methods:
+      student, seconds, losses = runner.gnd(k)
+      timings[f"gnd@{k:g}"] = seconds
+      timings[f"gnd_losses@{k:g}"] = losses
+      row = runner.row("gnd", k, student, seconds)
+      if "gnd" in methods:
+        rows.append(row)
+      if "gnd_ft" in methods:
+        ft_seconds = runner.kd_on_noise(student, budget["ft"], runner.learning_rate / 4)
+        timings[f"ft@{k:g}"] = ft_seconds
+        rows.append(runner.row("gnd_ft", k, student, seconds + ft_seconds,
+                               accuracy_before_ft=row["accuracy"]))
+    if "gnkd" in methods:
+      student, seconds = runner.gnkd(k)
+      timings[f"gnkd@{k:g}"] = seconds
+      rows.append(runner.row("gnkd", k, student, seconds))
+  config = dict(dataset=data.name, model=model, multipliers=list(multipliers),
+                methods=list(methods), noise=noise, student_init=student_init, epochs=budget,
+                steps_per_epoch=steps_per_epoch, batch_size=runner.batch_size,
+                learning_rate=runner.learning_rate, nd_learning_rate=runner.nd_learning_rate,
+                temperature=runner.temperature, seed=runner.seed,
+                teacher_given=given)
+  results = {"config": config, "teacher": teacher_row, "rows": rows, "timings": timings}
+  write_results(workdir, results)
+  return results
+
+
+def table(results):
+  """The results as text, shaped like the paper's Table 3b."""
+  ks = results["config"]["multipliers"]
+  rows = results["rows"]
+  width = 10
+  params = {r["multiplier"]: r["params"] for r in rows}
+  lines = ["Test accuracy (%) without training data, by bottleneck multiplier k (Table 3b)",
+           f"noise: {results['config']['noise']}, students: {results['config']['student_init']} "
+           "init",
+           f"{'k':<18}" + "".join(f"{k:>{width}g}" for k in ks),
+           f"{'params':<18}" + "".join(f"{params.get(k, 0):>{width},}" for k in ks),
+           f"{'teacher':<18}{100 * results['teacher']['accuracy']:>{width}.2f}"]
+  for method in METHODS:
+    if not any(r["method"] == method for r in rows):
+      continue
+    cells = []
+    for k in ks:
+      match = [r for r in rows if r["method"] == method and r["multiplier"] == k]
+      cells.append(f"{100 * match[0]['accuracy']:>{width}.2f}" if match else f"{'-':>{width}}")
+    lines.append(f"{LABELS[method]:<18}" + "".join(cells))
+  return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""Tests of the data-free experiment (examples/data_free.py's logic)."""
+
+import functools
+import json
+import os
+import tempfile
+
+import numpy as np
+from absl.testing import parameterized
+
+from keras_nd import data
+from keras_nd._keras import keras, tf
+from keras_nd.experiments import data_free, distill
+
+_TINY = dict(teacher=1, ce=1, gnd=1, ft=1, gnkd=1)
+
+
+class _TrainingSplitRead(Exception):
+  pass
+
+
+class _TestSplitOnly:
+  """A dataset whose every split but the test split raises when read; it records what is asked."""
+
+  def __init__(self, dataset):
+    self._dataset = dataset
+    self.asked = []
+
+  def __getattr__(self, name):
+    return getattr(self._dataset, name)
+
+  def pipeline(self, split, batch_size, **kwargs):
+    self.asked.append(split)
+    if split == "test":
+      return self._dataset.pipeline(split, batch_size, **kwargs)
+
+    def read():
+      raise _TrainingSplitRead(f"the {split} split was read")
+      yield  # pylint: disable=unreachable
+
+    # The same element spec as the real split, so that only iterating it can fail.
+    spec = self._dataset.pipeline(split, batch_size, **kwargs).element_spec
+    return tf.data.Dataset.from_generator(read, output_signature=spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _teacher_path():
+  """A resnet8 teacher trained for one epoch on the embedded data, saved once."""
+  dataset = data.get("embedded", num_train=64, num_test=32, num_validation=16)
+  keras.utils.set_random_seed(0)
+  teacher = distill.build_model("resnet8", dataset.input_shape, dataset.num_classes)
+  teacher.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  teacher.fit(dataset.pipeline("train", 16, training=True), epochs=1, verbose=0)
+  path = os.path.join(tempfile.mkdtemp(), "teacher.keras")
+  teacher.save(path)
+  return path
+
+
+class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
+
+  def _dataset(self):
+    return data.get("embedded", num_train=64, num_test=32, num_validation=16)
+
+  def test_every_method_runs_and_writes_results(self):
+    workdir = self.get_temp_dir()
+    results = data_free.run(self._dataset(), workdir, model="resnet8", multipliers=(1.0, 0.5),
+                            epochs=_TINY, steps_per_epoch=2, batch_size=16, verbose=0)
+    with open(os.path.join(workdir, "results.json")) as f:
+      self.assertEqual(json.load(f)["rows"], results["rows"])
+    self.assertEqual([(r["method"], r["multiplier"]) for r in results["rows"]],
+                     [(m, k) for k in (1.0, 0.5) for m in data_free.METHODS])
+    for row in results["rows"]:
+      self.assertBetween(row["accuracy"], 0.0, 1.0)
+      self.assertGreater(row["seconds"], 0.0)
+    gnd_ft = [r for r in results["rows"] if r["method"] == "gnd_ft"][0]
+    self.assertIn("accuracy_before_ft", gnd_ft)
+    self.assertFalse(results["config"]["teacher_given"])
+    self.assertIn("teacher", results["timings"])
+    text = data_free.table(results)
+    for label in ("Table 3b", "CE (with data)", "G-ND", "G-ND+FT", "GN-KD", "teacher"):
+      self.assertIn(label, text)
+
+  @parameterized.named_parameters(("teacher_noise_random_students", "teacher", "random"),
+                                  ("standard_noise_teacher_students", "standard", "teacher"))
+  def test_data_free_methods_never_read_the_training_split(self, noise, student_init):
+    guarded = _TestSplitOnly(self._dataset())
+    results = data_free.run(guarded, self.get_temp_dir(), model="resnet8", multipliers=(0.5,),
+                            methods=("gnd", "gnd_ft", "gnkd"), teacher=_teacher_path(),
+                            noise=noise, student_init=student_init, epochs=_TINY,
+                            steps_per_epoch=2, batch_size=16, verbose=0)
+    self.assertEqual(set(guarded.asked), {"test"})
+    self.assertLen(results["rows"], 3)
+    self.assertTrue(results["config"]["teacher_given"])
+
+  def test_the_guard_catches_a_read_of_the_training_split(self):
+    # The reference method reads the data: the guard must stop it, or it proves nothing above.
+    guarded = _TestSplitOnly(self._dataset())
+    with self.assertRaises(Exception) as raised:
+      data_free.run(guarded, self.get_temp_dir(), model="resnet8", multipliers=(0.5,),
+                    methods=("ce",), teacher=_teacher_path(), epochs=_TINY, batch_size=16,
+                    verbose=0)
+    self.assertIn("split was read", str(raised.exception))
+
+  def test_with_teacher_init_a_full_width_student_starts_as_the_teacher(self):
+    teacher = data_free.load_teacher(_teacher_path())
+    dataset = self._dataset()
+    runner = data_free.DataFree(teacher, "resnet8", dataset.input_shape, dataset.num_classes,
+                                dataset.pipeline("test", 16), dict(gnd=1, ft=1, gnkd=1), 2,
+                                student_init="teacher")
+    student = runner._students(1.0)  # pylint: disable=protected-access
+    x = next(iter(dataset.pipeline("test", 16)))[0]
+    for hood, model in student.items():
+      a = keras.Model(teacher.input, hood.input_tensor)(x)
+      self.assertAllClose(model(a), hood.teacher(a), atol=1e-5)
+
+  def test_kd_on_noise_keeps_batch_norm_statistics_and_trains_the_rest(self):
+    teacher = data_free.load_teacher(_teacher_path())
+    dataset = self._dataset()
+    runner = data_free.DataFree(teacher, "resnet8", dataset.input_shape, dataset.num_classes,
+                                dataset.pipeline("test", 16), dict(gnd=1, ft=1, gnkd=1), 3,
+                                batch_size=8)
+    keras.utils.set_random_seed(1)
+    student = distill.build_model("resnet8", dataset.input_shape, dataset.num_classes, 0.5)
+    bns = [l for l in student.layers if isinstance(l, keras.layers.BatchNormalization)]
+    statistics = [(bn.moving_mean.numpy(), bn.moving_variance.numpy()) for bn in bns]
+    kernels = [l.kernel.numpy() for l in student.layers if isinstance(l, keras.layers.Conv2D)]
+    runner.kd_on_noise(student, epochs=1, learning_rate=1e-2)
+    for bn, (mean, variance) in zip(bns, statistics):
+      self.assertAllEqual(bn.moving_mean, mean)
+      self.assertAllEqual(bn.moving_variance, variance)
+      self.assertTrue(bn.trainable)  # restored
+    after = [l.kernel.numpy() for l in student.layers if isinstance(l, keras.layers.Conv2D)]
+    self.assertTrue(all(not np.array_equal(a, b) for a, b in zip(after, kernels)))
+
+  def test_noise_images_are_standard_normal_and_reproducible(self):
+    images = data_free.noise_images((8, 8, 3), 64, 3, seed=5)
+    batches = [b.numpy() for b in images]
+    self.assertLen(batches, 3)
+    self.assertEqual(batches[0].shape, (64, 8, 8, 3))
+    values = np.concatenate(batches).ravel()
+    self.assertAllClose([values.mean(), values.std()], [0.0, 1.0], atol=0.03)
+    self.assertAllEqual(batches[1], list(data_free.noise_images((8, 8, 3), 64, 3, seed=5))[1])
+    self.assertNotAllEqual(batches[0], batches[1])
+
+  @parameterized.named_parameters(
+      ("unknown_method", dict(methods=("gnd", "kd")), ValueError, "kd"),
+      ("multiplier_zero", dict(multipliers=(0.0,)), ValueError, "0.0"),
+      ("multiplier_above_one", dict(multipliers=(1.5,)), ValueError, "1.5"),
+      ("unknown_noise", dict(noise="uniform"), ValueError, "uniform"),
+      ("unknown_init", dict(student_init="zeros"), ValueError, "zeros"),
+      ("bad_steps", dict(steps_per_epoch=0), ValueError, "steps_per_epoch"),
+      ("teacher_not_keras", dict(teacher="teacher.h5"), ValueError, "teacher.h5"),
+      ("teacher_missing", dict(teacher="missing/teacher.keras"), FileNotFoundError,
+       "missing/teacher.keras"))
+  def test_bad_arguments_are_named(self, kwargs, error, fragment):
+    kwargs = dict(dict(methods=("gnd",), teacher=_teacher_path()), **kwargs)
+    with self.assertRaisesRegex(error, fragment):
+      data_free.run(self._dataset(), self.get_temp_dir(), model="resnet8", epochs=_TINY,
+                    verbose=0, **kwargs)
+
+
+if __name__ == "__main__":
+  tf.test.main()
