@@ -121,15 +121,18 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
                                 batch_size=8)
     keras.utils.set_random_seed(1)
     student = distill.build_model("resnet8", dataset.input_shape, dataset.num_classes, 0.5)
-    bns = [l for l in student.layers if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [layer for layer in student.layers
+           if isinstance(layer, keras.layers.BatchNormalization)]
     statistics = [(bn.moving_mean.numpy(), bn.moving_variance.numpy()) for bn in bns]
-    kernels = [l.kernel.numpy() for l in student.layers if isinstance(l, keras.layers.Conv2D)]
+    kernels = [layer.kernel.numpy() for layer in student.layers
+               if isinstance(layer, keras.layers.Conv2D)]
     runner.kd_on_noise(student, epochs=1, learning_rate=1e-2)
     for bn, (mean, variance) in zip(bns, statistics):
       self.assertAllEqual(bn.moving_mean, mean)
       self.assertAllEqual(bn.moving_variance, variance)
       self.assertTrue(bn.trainable)  # restored
-    after = [l.kernel.numpy() for l in student.layers if isinstance(l, keras.layers.Conv2D)]
+    after = [layer.kernel.numpy() for layer in student.layers
+             if isinstance(layer, keras.layers.Conv2D)]
     self.assertTrue(all(not np.array_equal(a, b) for a, b in zip(after, kernels)))
 
   def test_noise_images_are_standard_normal_and_reproducible(self):

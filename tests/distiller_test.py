@@ -181,7 +181,7 @@ class CalibrateBatchNormTest(_TeacherCase, tf.test.TestCase, parameterized.TestC
 
 
 class CalibrateComposedModelTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
-  """keras_nd.calibrate_batch_norm: a whole model's BatchNorm statistics from its own activations."""
+  """keras_nd.calibrate_batch_norm: a model's BatchNorm statistics from its own activations."""
 
   def test_statistics_are_the_composed_models_own_and_the_teacher_is_untouched(self):
     teacher_before = testing.weights_of(self.teacher)
