@@ -94,8 +94,9 @@ def noise_statistics(hood, input_mean=0.0, input_std=1.0):
   the sum as Gaussian, an approximation (within 11% on the test's small
   residual model); ZeroPadShortcut,
   padding, pooling and dropout keep each channel's moments (padded channels
-  are 0). Anything else (e.g. a convolution with no BatchNormalization after
-  it) raises, naming the layer.
+  are 0); dropout and Gaussian noise layers are the identity at inference.
+  Anything else (e.g. a convolution with no BatchNormalization after it)
+  raises, naming the layer.
 
   The paper draws neighbourhood inputs from N(0, 1); these statistics add the
   scale and offset each neighbourhood actually sees (a unit after ReLU never
@@ -146,7 +147,8 @@ def _moments(tensor, moments, channels, input_mean, input_std):
     pad = (extra // 2, extra - extra // 2)
     return np.pad(mean, pad), np.pad(variance, pad)
   if isinstance(layer, (keras.layers.ZeroPadding2D, keras.layers.MaxPooling2D,
-                        keras.layers.AveragePooling2D, keras.layers.Dropout)):
+                        keras.layers.AveragePooling2D, keras.layers.Dropout,
+                        keras.layers.GaussianNoise, keras.layers.GaussianDropout)):
     return moments(inputs[0])
   raise ValueError(
       f"Cannot derive noise statistics through layer '{layer.name}' ({kind}): only "

@@ -13,7 +13,7 @@ import testing
 from absl.testing import parameterized
 
 import keras_nd as nd
-from keras_nd import activations
+from keras_nd import activations, models
 from keras_nd._keras import keras, tf
 
 # 50 examples in records of 16: three full records and a partial one of 2.
@@ -546,3 +546,13 @@ class NoiseStatisticsTest(tf.test.TestCase):
       self.assertAllClose(a.std(axis=0), std, atol=0.05)
     with self.assertRaisesRegex(ValueError, "'data'"):
       nd.ActivationSource.from_noise(model, hoods, steps_per_epoch=4, mean="data")
+
+  def test_a_noise_regularised_teachers_statistics_are_the_plain_ones(self):
+    keras.utils.set_random_seed(0)
+    plain = models.resnet_v1(depth=8)
+    noisy = models.resnet_v1(depth=8, unit_noise=0.1)
+    noisy.set_weights(plain.get_weights())
+    for hood, noisy_hood in zip(nd.split(plain)[1:-1], nd.split(noisy)[1:-1]):
+      for got, want in zip(activations.noise_statistics(noisy_hood),
+                           activations.noise_statistics(hood)):
+        self.assertAllClose(got, want)

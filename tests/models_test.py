@@ -5,6 +5,7 @@ import os
 import numpy as np
 from absl.testing import parameterized
 
+import keras_nd as nd
 from keras_nd import models
 from keras_nd._keras import keras, tf
 
@@ -186,6 +187,64 @@ class ResNet50V1Test(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError,
                                 "expected length 16, got length 9"):
       models.resnet50_v1(multipliers=[1.0] * 9)
+
+
+class UnitNoiseTest(tf.test.TestCase, parameterized.TestCase):
+  """`unit_noise`: GaussianNoise after every residual unit, for the noise-regularised teacher."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    keras.utils.set_random_seed(0)
+    shape = (8, 8, 3)
+    cls.plain = models.resnet_v1(depth=8, input_shape=shape, num_classes=3, weight_decay=0.0)
+    cls.noisy = models.resnet_v1(depth=8, input_shape=shape, num_classes=3, weight_decay=0.0,
+                                 unit_noise=0.5)
+    cls.noisy.set_weights(cls.plain.get_weights())
+    cls.x = np.random.default_rng(0).normal(size=(4,) + shape).astype("float32")
+
+  def test_unit_outputs_are_gaussian_noise_layers_after_the_final_relu(self):
+    for prefix in ("stage1_unit1", "stage2_unit1", "stage3_unit1"):
+      noise = self.noisy.get_layer(f"{prefix}_out")
+      self.assertIsInstance(noise, keras.layers.GaussianNoise, msg=prefix)
+      self.assertEqual(noise.stddev, 0.5)
+      self.assertIsInstance(noise.input._keras_history.layer, keras.layers.ReLU)  # pylint: disable=protected-access
+      self.assertEqual(noise.input._keras_history.layer.name, f"{prefix}_out_relu")  # pylint: disable=protected-access
+    self.assertIsInstance(self.plain.get_layer("stage1_unit1_out"), keras.layers.ReLU)
+    self.assertEqual(self.noisy.count_params(), self.plain.count_params())
+
+  def test_inference_is_that_of_the_plain_model_with_the_same_weights(self):
+    self.assertAllEqual(self.noisy(self.x, training=False), self.plain(self.x, training=False))
+
+  def test_training_mode_adds_noise(self):
+    self.assertNotAllClose(self.noisy(self.x, training=True), self.plain(self.x, training=True))
+
+  def test_split_gives_the_plain_models_neighbourhoods_each_holding_its_noise(self):
+    plain, noisy = nd.split(self.plain), nd.split(self.noisy)
+    self.assertEqual([h.name for h in noisy], [h.name for h in plain])
+    for hood in noisy[1:-1]:
+      self.assertIsInstance(hood.layers[-1], keras.layers.GaussianNoise, msg=hood.name)
+      self.assertEqual(hood.layers[-1].name, hood.name)
+
+  def test_resnet50_split_gives_the_plain_models_neighbourhoods(self):
+    plain = models.resnet50_v1(input_shape=(32, 32, 3), num_classes=10)
+    noisy = models.resnet50_v1(input_shape=(32, 32, 3), num_classes=10, unit_noise=0.1)
+    self.assertIsInstance(noisy.get_layer("stage4_unit3_out"), keras.layers.GaussianNoise)
+    self.assertEqual([h.name for h in nd.split(noisy)], [h.name for h in nd.split(plain)])
+
+  def test_noise_regularised_model_saves_and_loads_in_safe_mode(self):
+    path = os.path.join(self.get_temp_dir(), "noisy.keras")
+    self.noisy.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    self.assertAllClose(loaded(self.x, training=False), self.noisy(self.x, training=False))
+    self.assertEqual(loaded.get_layer("stage2_unit1_out").stddev, 0.5)
+
+  @parameterized.named_parameters(("negative", -0.1), ("string", "0.1"), ("nan", float("nan")))
+  def test_rejects_a_bad_unit_noise(self, unit_noise):
+    with self.assertRaisesRegex(ValueError, "unit_noise must be a number >= 0"):
+      models.resnet_v1(depth=8, input_shape=(8, 8, 3), unit_noise=unit_noise)
+    with self.assertRaisesRegex(ValueError, "unit_noise must be a number >= 0"):
+      models.resnet50_v1(input_shape=(32, 32, 3), unit_noise=unit_noise)
 
 
 if __name__ == "__main__":

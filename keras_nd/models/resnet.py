@@ -83,7 +83,7 @@ class ZeroPadShortcut(keras.layers.Layer):
 
 
 def resnet_v1(depth=20, multipliers=1.0, input_shape=(32, 32, 3),
-              num_classes=10, weight_decay=1e-4, name=None):
+              num_classes=10, weight_decay=1e-4, name=None, unit_noise=0.0):
   """ResNetV1 for small images (He et al. 2016, Sec. 4.2, CIFAR-10).
 
   A 3x3 convolution with 16 filters (+BN+ReLU), then 3 stages of `n` basic
@@ -111,6 +111,13 @@ def resnet_v1(depth=20, multipliers=1.0, input_shape=(32, 32, 3),
   counting from 1, plus `stage{s}_unit1_shortcut` where the shape changes;
   `head_pool`, `head_logits`.
 
+  With `unit_noise` > 0 (the noise-regularised teacher of the paper's App.
+  B.1) each unit ends with `keras.layers.GaussianNoise(unit_noise)` after its
+  final ReLU, active in training only. The noise layer then carries the name
+  `stage{s}_unit{u}_out` and the ReLU becomes `stage{s}_unit{u}_out_relu`, so
+  `keras_nd.split` gives the same neighbourhoods, with the same names, as
+  for the plain model, each unit's noise inside its own neighbourhood.
+
   Example:
 
   ```python
@@ -128,14 +135,16 @@ def resnet_v1(depth=20, multipliers=1.0, input_shape=(32, 32, 3),
     weight_decay: L2 factor of the kernel regularizer of every convolution and
       of the logits layer; 0 disables it.
     name: model name; defaults to `f"resnet{depth}_v1"`.
+    unit_noise: standard deviation of the Gaussian noise added to every
+      residual unit's output while training; 0 adds no layer.
 
   Returns:
     A functional `keras.Model` mapping images to logits.
 
   Raises:
     ValueError: if `depth` is not `6n + 2` with `n >= 1`, `multipliers` has
-      the wrong length or a value outside (0, 1], or `num_classes` or
-      `weight_decay` is out of range.
+      the wrong length or a value outside (0, 1], or `num_classes`,
+      `weight_decay` or `unit_noise` is out of range.
   """
   if (isinstance(depth, bool) or not isinstance(depth, numbers.Integral)
       or depth < 8 or (depth - 2) % 6):
@@ -145,6 +154,7 @@ def resnet_v1(depth=20, multipliers=1.0, input_shape=(32, 32, 3),
   units_per_stage = (depth - 2) // 6
   ks = _unit_multipliers(multipliers, 3 * units_per_stage)
   _check_head(num_classes, weight_decay)
+  _check_unit_noise(unit_noise)
   regularizer = _regularizer(weight_decay)
 
   inputs = keras.Input(shape=input_shape, name="input")
@@ -156,14 +166,14 @@ def resnet_v1(depth=20, multipliers=1.0, input_shape=(32, 32, 3),
     for unit in range(1, units_per_stage + 1):
       strides = 2 if stage > 1 and unit == 1 else 1
       x = _basic_unit(x, filters, strides, ks[unit_index], regularizer,
-                      prefix=f"stage{stage}_unit{unit}")
+                      prefix=f"stage{stage}_unit{unit}", noise=unit_noise)
       unit_index += 1
   outputs = _head(x, num_classes, regularizer)
   return keras.Model(inputs, outputs, name=name or f"resnet{depth}_v1")
 
 
 def resnet50_v1(multipliers=1.0, input_shape=(224, 224, 3), num_classes=1000,
-                weight_decay=1e-4, name=None):
+                weight_decay=1e-4, name=None, unit_noise=0.0):
   """ResNetV1-50 for ImageNet (He et al. 2016) with bottleneck multipliers.
 
   The stem is that of `keras.applications.ResNet50`: 3-pixel zero padding,
@@ -190,7 +200,7 @@ def resnet50_v1(multipliers=1.0, input_shape=(224, 224, 3), num_classes=1000,
   `stem_pool_pad`, `stem_pool`;
   `stage{s}_unit{u}_{conv1,bn1,relu1,conv2,bn2,relu2,conv3,bn3,add,out}`,
   plus `stage{s}_unit1_shortcut_conv` and `stage{s}_unit1_shortcut_bn`;
-  `head_pool`, `head_logits`.
+  `head_pool`, `head_logits`. `unit_noise` works as in `resnet_v1`.
 
   Example:
 
@@ -207,16 +217,20 @@ def resnet50_v1(multipliers=1.0, input_shape=(224, 224, 3), num_classes=1000,
     weight_decay: L2 factor of the kernel regularizer of every convolution and
       of the logits layer; 0 disables it.
     name: model name; defaults to `"resnet50_v1"`.
+    unit_noise: standard deviation of the Gaussian noise added to every
+      residual unit's output while training; 0 adds no layer.
 
   Returns:
     A functional `keras.Model` mapping images to logits.
 
   Raises:
     ValueError: if `multipliers` has the wrong length or a value outside
-      (0, 1], or `num_classes` or `weight_decay` is out of range.
+      (0, 1], or `num_classes`, `weight_decay` or `unit_noise` is out of
+      range.
   """
   ks = _unit_multipliers(multipliers, sum(_RESNET50_STAGE_UNITS))
   _check_head(num_classes, weight_decay)
+  _check_unit_noise(unit_noise)
   regularizer = _regularizer(weight_decay)
 
   inputs = keras.Input(shape=input_shape, name="input")
@@ -234,7 +248,7 @@ def resnet50_v1(multipliers=1.0, input_shape=(224, 224, 3), num_classes=1000,
       strides = 2 if stage > 1 and unit == 1 else 1
       x = _bottleneck_unit(x, filters, strides, ks[unit_index], regularizer,
                            projection=unit == 1,
-                           prefix=f"stage{stage}_unit{unit}")
+                           prefix=f"stage{stage}_unit{unit}", noise=unit_noise)
       unit_index += 1
   outputs = _head(x, num_classes, regularizer)
   return keras.Model(inputs, outputs, name=name or "resnet50_v1")
@@ -293,6 +307,13 @@ def _check_head(num_classes, weight_decay):
         f"weight_decay must be a number >= 0; got {weight_decay!r}.")
 
 
+def _check_unit_noise(unit_noise):
+  if not _is_number(unit_noise) or not unit_noise >= 0:
+    raise ValueError(
+        f"unit_noise must be a number >= 0 (the stddev of the noise after each "
+        f"residual unit); got unit_noise={unit_noise!r}.")
+
+
 def _regularizer(weight_decay):
   return keras.regularizers.L2(weight_decay) if weight_decay else None
 
@@ -304,7 +325,7 @@ def _conv(filters, kernel_size, strides, regularizer, name, padding="same"):
       name=name)
 
 
-def _basic_unit(x, filters, strides, k, regularizer, prefix):
+def _basic_unit(x, filters, strides, k, regularizer, prefix, noise=0.0):
   """One CIFAR basic unit; returns its output tensor."""
   shortcut = x
   if strides != 1 or x.shape[-1] != filters:
@@ -317,11 +338,11 @@ def _basic_unit(x, filters, strides, k, regularizer, prefix):
   x = _conv(filters, 3, 1, regularizer, f"{prefix}_conv2")(x)
   x = keras.layers.BatchNormalization(momentum=_CIFAR_BN_MOMENTUM, name=f"{prefix}_bn2")(x)
   x = keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
-  return keras.layers.ReLU(name=f"{prefix}_out")(x)
+  return _unit_output(x, prefix, noise)
 
 
 def _bottleneck_unit(x, filters, strides, k, regularizer, projection,
-                     prefix):
+                     prefix, noise=0.0):
   """One ResNet-50 bottleneck unit; returns its output tensor."""
   def batch_norm(name):
     return keras.layers.BatchNormalization(epsilon=_RESNET50_BN_EPSILON,
@@ -343,7 +364,23 @@ def _bottleneck_unit(x, filters, strides, k, regularizer, projection,
   x = _conv(out_filters, 1, 1, regularizer, f"{prefix}_conv3")(x)
   x = batch_norm("bn3")(x)
   x = keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
-  return keras.layers.ReLU(name=f"{prefix}_out")(x)
+  return _unit_output(x, prefix, noise)
+
+
+def _unit_output(x, prefix, noise):
+  """A unit's final ReLU, followed by GaussianNoise(noise) when noise > 0.
+
+  The unit's output keeps the name `{prefix}_out` either way: with noise it
+  is the GaussianNoise layer's (the ReLU becomes `{prefix}_out_relu`). A
+  chain of parameter-free layers after the Add joins the unit's
+  neighbourhood, so `split` names the neighbourhoods of a noise-regularised
+  model exactly as those of the plain one, and the cut between two units
+  lies after the noise: each unit's neighbourhood holds its own noise.
+  """
+  if not noise:
+    return keras.layers.ReLU(name=f"{prefix}_out")(x)
+  x = keras.layers.ReLU(name=f"{prefix}_out_relu")(x)
+  return keras.layers.GaussianNoise(noise, name=f"{prefix}_out")(x)
 
 
 def _head(x, num_classes, regularizer):

@@ -1,0 +1,686 @@
+"""The thresholding effect: how much error a trained model's neighbourhoods tolerate.
+
+Neighbourhood Distillation works because a trained network absorbs small errors
+in the outputs of its neighbourhoods: accuracy holds until the error passes a
+threshold, which falls as more neighbourhoods are perturbed together (Shao et
+al., arXiv:2010.01189, Fig. 1 and App. B.1). This module measures that
+tolerance and checks distilled students against it:
+
+* `with_output_noise` and `output_sweep`: Gaussian noise added to the outputs
+  of neighbourhoods (each alone, all at once, or the first 1, 2, ..., n), at
+  inference, through `keras_nd.substitute`;
+* `weight_sweep`: noise on the kernels, layer by layer and cumulatively,
+  against the prediction that the drops add up (Fig. 4);
+* `thresholds_from_sweep`, `diagnose` and `format_diagnosis`: each student's
+  relative error against the threshold of its neighbourhood.
+
+Amplitudes. Output noise is absolute (standard deviation `epsilon`) or
+*relative*: `epsilon` times the neighbourhood's clean output RMS, i.e.
+`sqrt(mean(T_i(a)^2))` over all examples and elements (`output_rms`). A
+student's error amplitude in `diagnose` is `RMS(S_i(a) - T_i(a)) /
+RMS(T_i(a))`, a relative amplitude on the same scale, so thresholds from a
+relative `output_sweep` compare with it directly. Weight noise is relative to
+each kernel's own standard deviation.
+
+```python
+teacher_accuracy = perturb.accuracy(teacher, validation)
+rows = perturb.output_sweep(teacher, hoods, validation, [0.0, 0.1, 0.3, 1.0], relative=True)
+thresholds = perturb.thresholds_from_sweep(rows, teacher_accuracy, drop=0.01)
+print(perturb.format_diagnosis(perturb.diagnose(teacher, students, validation, thresholds)))
+```
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+from keras_nd import graph
+from keras_nd._keras import keras, tf
+from keras_nd.activations import ActivationSource
+from keras_nd.distiller import as_student_model
+from keras_nd.neighbourhood import Neighbourhood
+
+MODES = ("each", "all", "cumulative")
+KERNEL_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+
+
+class OutputNoise(keras.layers.Layer):
+  """Adds Gaussian noise of a set standard deviation to its input, in training and inference alike.
+
+  The noise is a function of (`seed`, `stream`, number of calls so far):
+  two layers with the same seed and stream draw the same noise on their n-th
+  call, and every call draws afresh (batches of one evaluation get
+  independent noise). The standard deviation and the seed are variables, so
+  a traced model is re-used for every amplitude and seed; `reset` sets them
+  and restarts the call count.
+
+  Args:
+    stddev: the noise's standard deviation (>= 0).
+    seed: an integer seed.
+    stream: an integer telling apart layers of one model that share a seed
+      (`with_output_noise` uses the neighbourhood's index).
+    **kwargs: passed on to `keras.layers.Layer`.
+  """
+
+  def __init__(self, stddev=0.0, seed=0, stream=0, **kwargs):
+    super().__init__(**kwargs)
+    self._initial_stddev = float(stddev)
+    self._initial_seed = int(seed)
+    self.stream = int(stream)
+
+  def build(self, input_shape):
+    self.stddev = self.add_weight(
+        "stddev", shape=(), dtype=tf.float32, trainable=False,
+        initializer=keras.initializers.Constant(self._initial_stddev))
+    self.seed = self.add_weight("seed", shape=(), dtype=tf.int64, trainable=False,
+                                initializer=keras.initializers.Constant(self._initial_seed))
+    self.calls = self.add_weight("calls", shape=(), dtype=tf.int64, trainable=False,
+                                 initializer="zeros")
+    super().build(input_shape)
+
+  def call(self, inputs):
+    seed = tf.random.experimental.stateless_fold_in(
+        tf.stack([self.seed, tf.constant(self.stream, tf.int64)]), self.calls)
+    noise = tf.random.stateless_normal(tf.shape(inputs), seed, dtype=inputs.dtype)
+    self.calls.assign_add(1)
+    return inputs + tf.cast(self.stddev, inputs.dtype) * noise
+
+  def reset(self, stddev, seed):
+    """Sets the standard deviation and the seed, and restarts the noise sequence."""
+    self.stddev.assign(stddev)
+    self.seed.assign(seed)
+    self.calls.assign(0)
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def get_config(self):
+    config = super().get_config()
+    stddev, seed = ((float(self.stddev.numpy()), int(self.seed.numpy())) if self.built else
+                    (self._initial_stddev, self._initial_seed))
+    config.update(stddev=stddev, seed=seed, stream=self.stream)
+    return config
+
+
+def with_output_noise(model, hoods, epsilon, seed=0, scales=None, name=None):
+  """`model` with Gaussian noise added to the output of each of `hoods`, also at inference.
+
+  Built with `keras_nd.substitute` (sharing `model`'s layers and weights:
+  nothing of `model` changes): each neighbourhood `T_i` is replaced by
+  `T_i` followed by an `OutputNoise` layer named `<hood name>_noise`. Call
+  the result with `training=False`, as any teacher part (training mode
+  would update the shared BatchNorm statistics).
+
+  Args:
+    model: a functional tf_keras model.
+    hoods: neighbourhoods of `model` (from `keras_nd.split` or
+      `split_layers`), or one neighbourhood.
+    epsilon: the noise amplitude, >= 0.
+    seed: an integer; the same seed gives the same noise (on the n-th call).
+    scales: None for absolute noise (standard deviation `epsilon`), or
+      `{hood name: scale}` for relative noise (standard deviation `epsilon *
+      scale`), e.g. `output_rms(model, hoods, data)`.
+    name: the result's name (default: model's name + "_noisy").
+
+  Returns:
+    A flat functional `keras.Model` with `model`'s input and output shapes.
+
+  Raises:
+    TypeError, ValueError: naming the bad argument: a neighbourhood of
+      another model, a negative epsilon, scales missing a neighbourhood.
+
+  Example:
+    >>> noisy = perturb.with_output_noise(teacher, hoods[2], epsilon=0.1)
+    >>> logits = noisy(images, training=False)
+  """
+  hoods = _checked_hoods(model, hoods)
+  epsilon = _checked_epsilon(epsilon)
+  seed = _checked_seed(seed)
+  scales = _checked_scales(hoods, scales)
+  noisy, layers = _noisy(model, hoods, name)
+  _reset(layers, {hood.name: epsilon * scales[hood.name] for hood in hoods}, seed)
+  return noisy
+
+
+def output_rms(model, hoods, dataset, steps=None):
+  """Each neighbourhood's clean output RMS, `sqrt(mean(T_i(a)^2))`: `{hood name: rms}`.
+
+  The mean runs over every element of every example of the first `steps`
+  batches of `dataset` (all of them if None), in one teacher pass per batch.
+  These are the scales of relative noise.
+
+  Args:
+    model: a functional tf_keras model.
+    hoods: neighbourhoods of `model`.
+    dataset: a batched `tf.data.Dataset` of `x` or `(x, y, ...)`.
+    steps: batches to read, or None for all.
+  """
+  hoods = _checked_hoods(model, hoods)
+  _check_steps(steps, allow_none=True)
+  extractor = keras.Model(model.inputs, [hood.output_tensor for hood in hoods])
+  squares = tf.function(lambda x: [tf.reduce_sum(tf.square(tf.cast(t, tf.float64))) for t in
+                                   tf.nest.flatten(extractor(x, training=False))],
+                        reduce_retracing=True)
+  totals, count = np.zeros(len(hoods)), 0
+  for x in _inputs(dataset, model, steps):
+    totals += np.array([float(s) for s in squares(x)])
+    count += int(tf.shape(x)[0])
+  if not count:
+    raise ValueError("The dataset for output_rms is empty.")
+  sizes = [int(np.prod(hood.output_shape[1:])) for hood in hoods]
+  return {hood.name: math.sqrt(total / (count * size))
+          for hood, total, size in zip(hoods, totals, sizes)}
+
+
+def accuracy(model, dataset):
+  """Top-1 accuracy of `model`'s outputs (argmax) on a batched dataset of `(x, y)`.
+
+  Labels are class indices (or one-hot rows). Computed batch by batch with
+  the model called in inference mode inside one `tf.function`; nothing is
+  compiled.
+  """
+  return _Scorer(model, dataset)()
+
+
+def output_sweep(model, hoods, dataset, epsilons, mode="each", seeds=(0, 1, 2), relative=False):
+  """Accuracy of `model` with noise of each amplitude on the outputs of neighbourhoods (Fig. 1).
+
+  One noisy model (noise after every neighbourhood of `hoods`, its amplitude
+  a variable) serves the whole sweep: a configuration sets the amplitudes,
+  zero where unperturbed, and nothing is traced again.
+
+  Args:
+    model: a trained functional tf_keras model.
+    hoods: neighbourhoods of `model`, in order.
+    dataset: a batched `tf.data.Dataset` of `(x, y)` with class-index
+      (or one-hot) labels.
+    epsilons: the amplitudes to try (a non-empty sequence of numbers >= 0).
+    mode: "each" perturbs each neighbourhood alone, "all" all of them at
+      once, "cumulative" the first 1, 2, ..., n of `hoods`.
+    seeds: the seeds to average over; a seed gives the same noise at every
+      amplitude (common random numbers, so curves are smooth).
+    relative: False for absolute noise; True for noise relative to each
+      neighbourhood's clean output RMS on `dataset` (`output_rms`), the scale
+      `diagnose` and `thresholds_from_sweep` need; or `{hood name: scale}`.
+
+  Returns:
+    A list of rows, one per perturbed set of neighbourhoods and amplitude:
+    `{"hoods": [names], "epsilon", "relative", "accuracy_mean",
+    "accuracy_std", "accuracies"}`, with the mean and (population) standard
+    deviation of the accuracies over the seeds.
+
+  Raises:
+    TypeError, ValueError: naming the bad argument (empty epsilons, a
+      negative epsilon, an unknown mode, a neighbourhood of another model, a
+      dataset without labels).
+  """
+  hoods = _checked_hoods(model, hoods)
+  epsilons = _checked_epsilons(epsilons)
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {list(MODES)}; got {mode!r}.")
+  seeds = _checked_seeds(seeds)
+  if relative is True:
+    scales = output_rms(model, hoods, dataset)
+  elif relative is False:
+    scales = None
+  else:
+    scales = relative
+  scales = _checked_scales(hoods, scales)
+  noisy, layers = _noisy(model, hoods, None)
+  score = _Scorer(noisy, dataset)
+  if mode == "each":
+    groups = [[hood] for hood in hoods]
+  elif mode == "all":
+    groups = [hoods]
+  else:
+    groups = [hoods[:n] for n in range(1, len(hoods) + 1)]
+  rows = []
+  for group in groups:
+    for epsilon in epsilons:
+      accuracies = []
+      for seed in seeds:
+        _reset(layers, {hood.name: epsilon * scales[hood.name] for hood in group}, seed)
+        accuracies.append(score())
+      rows.append({"hoods": [hood.name for hood in group], "epsilon": epsilon,
+                   "relative": relative is not False, "accuracy_mean": float(np.mean(accuracies)),
+                   "accuracy_std": float(np.std(accuracies)), "accuracies": accuracies})
+  return rows
+
+
+def weight_sweep(model, dataset, epsilon, layers=None, seeds=(0, 1, 2)):
+  """Accuracy drops from noise on the kernels, layer by layer and cumulatively (App. B.1, Fig. 4).
+
+  A kernel `W` gets noise `N(0, (epsilon * std(W))^2)`, relative to the
+  standard deviation of its own elements; biases and other weights are left
+  alone. Each layer is perturbed alone, then the first 1, 2, ..., n layers
+  together; the noise of a layer for a seed is the same draw in both, so the
+  cumulative measurement at 1 equals the first individual one, and
+  `predicted_drop` (the sum of the individual mean drops of the first n
+  layers) is what additive drops would give. A drop is the clean accuracy
+  minus the perturbed one.
+
+  Every kernel is restored exactly afterwards, also when an error
+  interrupts the sweep.
+
+  Args:
+    model: a trained tf_keras model.
+    dataset: a batched `tf.data.Dataset` of `(x, y)`.
+    epsilon: the relative amplitude, >= 0.
+    layers: the layers to perturb, in order: names or layer objects, each
+      with a kernel; default every Conv2D, DepthwiseConv2D and Dense layer
+      (nested models included), in the model's order.
+    seeds: the seeds to average over.
+
+  Returns:
+    `{"accuracy": clean accuracy, "epsilon",
+    "individual": [{"layer", "drop_mean", "drop_std"}],
+    "cumulative": [{"layers": n, "layer": name of the n-th,
+    "measured_drop_mean", "measured_drop_std", "predicted_drop"}]}`.
+
+  Raises:
+    TypeError, ValueError: a negative epsilon, an unknown layer or one
+      without a kernel, no layer to perturb.
+  """
+  if not isinstance(model, keras.Model):
+    raise TypeError(f"model must be a tf_keras Model; got {type(model).__name__}.")
+  epsilon = _checked_epsilon(epsilon)
+  seeds = _checked_seeds(seeds)
+  kernels = _kernels(model, layers)
+  originals = [kernel.numpy() for _, kernel in kernels]
+  score = _Scorer(model, dataset)
+
+  def perturb(index, seed):
+    original = originals[index]
+    rng = np.random.default_rng([seed, index])
+    noise = rng.normal(0.0, epsilon * float(np.std(original)), original.shape)
+    kernels[index][1].assign_add(noise.astype(original.dtype))
+
+  def restore():
+    for (_, kernel), original in zip(kernels, originals):
+      kernel.assign(original)
+
+  clean = score()
+  individual_drops = np.zeros((len(kernels), len(seeds)))
+  cumulative_drops = np.zeros((len(kernels), len(seeds)))
+  try:
+    for index in range(len(kernels)):
+      for s, seed in enumerate(seeds):
+        perturb(index, seed)
+        individual_drops[index, s] = clean - score()
+        restore()
+    for s, seed in enumerate(seeds):
+      for index in range(len(kernels)):
+        perturb(index, seed)
+        cumulative_drops[index, s] = clean - score()
+      restore()
+  finally:
+    restore()
+  means = individual_drops.mean(axis=1)
+  predicted = np.cumsum(means)
+  return {
+      "accuracy": clean,
+      "epsilon": epsilon,
+      "individual": [{"layer": name, "drop_mean": float(means[i]),
+                      "drop_std": float(individual_drops[i].std())}
+                     for i, (name, _) in enumerate(kernels)],
+      "cumulative": [{"layers": i + 1, "layer": name,
+                      "measured_drop_mean": float(cumulative_drops[i].mean()),
+                      "measured_drop_std": float(cumulative_drops[i].std()),
+                      "predicted_drop": float(predicted[i])}
+                     for i, (name, _) in enumerate(kernels)],
+  }
+
+
+def thresholds_from_sweep(rows, teacher_accuracy, drop=0.01):
+  """Each neighbourhood's threshold, read off an `output_sweep(..., mode="each")`.
+
+  A neighbourhood's threshold is the largest amplitude up to which the mean
+  accuracy stays within `drop` of `teacher_accuracy`: the amplitudes are
+  taken in increasing order and the last one before the first that falls
+  below `teacher_accuracy - drop` is kept (0.0 if even the smallest fails).
+
+  Args:
+    rows: the rows of a relative "each" sweep.
+    teacher_accuracy: the clean accuracy (e.g. `accuracy(teacher, data)`).
+    drop: the tolerated accuracy drop, as a fraction (0.01 = one point).
+
+  Returns:
+    `{hood name: epsilon}`, ready for `diagnose`.
+
+  Raises:
+    ValueError: rows of several neighbourhoods at once (not an "each"
+      sweep), rows of absolute noise, or no rows.
+  """
+  if not rows:
+    raise ValueError("thresholds_from_sweep needs the rows of an output_sweep; got none.")
+  if not _is_number(teacher_accuracy):
+    raise TypeError(f"teacher_accuracy must be a number; got {teacher_accuracy!r}.")
+  if not _is_number(drop) or drop < 0:
+    raise ValueError(f"drop must be a number >= 0; got drop={drop!r}.")
+  curves = {}
+  for row in rows:
+    if len(row["hoods"]) != 1:
+      raise ValueError(f"thresholds_from_sweep needs the rows of a mode='each' sweep; a row "
+                       f"perturbs {row['hoods']} together.")
+    if not row.get("relative", True):
+      raise ValueError(
+          f"The sweep row of '{row['hoods'][0]}' at epsilon={row['epsilon']} is of absolute "
+          "noise; thresholds compare with relative errors, so sweep with relative=True.")
+    curves.setdefault(row["hoods"][0], []).append((row["epsilon"], row["accuracy_mean"]))
+  thresholds = {}
+  for name, curve in curves.items():
+    threshold = 0.0
+    for epsilon, mean in sorted(curve):
+      if mean < teacher_accuracy - drop:
+        break
+      threshold = float(epsilon)
+    thresholds[name] = threshold
+  return thresholds
+
+
+def diagnose(teacher, students, dataset, thresholds=None, steps=10, batch_size=128):
+  """Each student's relative error against its neighbourhood's threshold.
+
+  A student's error amplitude is `RMS(S_i(a) - T_i(a)) / RMS(T_i(a))` over
+  the teacher's own activations `a` of the first `steps` batches of
+  `dataset` (one teacher pass per batch, through an online
+  `keras_nd.ActivationSource`); every part runs in inference mode. An error
+  above its threshold predicts that the student alone already costs
+  accuracy: distil it longer, or make it larger.
+
+  Args:
+    teacher: the functional teacher model.
+    students: `{Neighbourhood: student model}` for neighbourhoods of
+      `teacher` (as for `keras_nd.compose`).
+    dataset: a `tf.data.Dataset` of teacher inputs `x` or `(x, y, ...)`.
+    thresholds: None (nothing flagged), one relative amplitude for every
+      neighbourhood, or `{hood name: epsilon}` naming every student's
+      neighbourhood (e.g. `thresholds_from_sweep` of a relative sweep).
+    steps: batches of activations to measure on.
+    batch_size: examples per batch.
+
+  Returns:
+    A list of rows `{"hood", "error", "threshold", "flagged"}` in the
+    teacher's order; `flagged` is True when error > threshold.
+
+  Raises:
+    TypeError, ValueError: naming the bad argument: a student's
+      neighbourhood of another model, a student of the wrong shapes, a
+      threshold missing for a student or given for a neighbourhood that has
+      none.
+  """
+  graph.check_functional(teacher, "teacher")
+  pairs = _checked_students(teacher, students)
+  limits = _checked_thresholds(pairs, thresholds)
+  _check_steps(steps)
+  source = ActivationSource(teacher, [hood for hood, _ in pairs], dataset, cache_dir=None,
+                            verbose=0)
+
+  @tf.function(reduce_retracing=True)
+  def squares(batch):
+    sums = []
+    for hood, student in pairs:
+      a, t = batch[hood.name][:2]
+      s = tf.cast(student(a, training=False), tf.float64)
+      t = tf.cast(t, tf.float64)
+      sums.append((tf.reduce_sum(tf.square(s - t)), tf.reduce_sum(tf.square(t))))
+    return sums
+
+  errors, norms = np.zeros(len(pairs)), np.zeros(len(pairs))
+  for batch in source.dataset(batch_size=batch_size, shuffle=False).take(steps):
+    for i, (error, norm) in enumerate(squares(batch)):
+      errors[i] += float(error)
+      norms[i] += float(norm)
+  rows = []
+  for (hood, _), error, norm in zip(pairs, errors, norms):
+    if norm > 0:
+      amplitude = math.sqrt(error / norm)
+    else:
+      amplitude = 0.0 if error == 0 else math.inf
+    threshold = limits[hood.name]
+    rows.append({"hood": hood.name, "error": amplitude, "threshold": threshold,
+                 "flagged": threshold is not None and amplitude > threshold})
+  return rows
+
+
+def format_diagnosis(rows):
+  """A printable table of `diagnose`'s rows: one line per neighbourhood, flagged ones marked."""
+  width = max([len("neighbourhood")] + [len(row["hood"]) for row in rows])
+  lines = [f"{'neighbourhood':<{width}}  {'error':>9}  {'threshold':>9}  flagged"]
+  for row in rows:
+    threshold = "-" if row["threshold"] is None else f"{row['threshold']:9.4f}"
+    mark = "OVER" if row["flagged"] else ""
+    lines.append(f"{row['hood']:<{width}}  {row['error']:9.4f}  {threshold:>9}  {mark}".rstrip())
+  if all(row["threshold"] is None for row in rows):
+    lines.append("No thresholds given: nothing flagged.")
+  else:
+    flagged = sum(row["flagged"] for row in rows)
+    lines.append(f"{flagged} of {len(rows)} neighbourhoods over their threshold.")
+  return "\n".join(lines)
+
+
+class _Scorer:
+  """Top-1 accuracy of one model on one dataset, through a single traced step."""
+
+  def __init__(self, model, dataset):
+    self.model = model
+    self.dataset = dataset
+    x_spec, y_spec = _labelled_specs(dataset)
+
+    def counts(x, y):
+      outputs = model(x, training=False)
+      predicted = tf.argmax(outputs, axis=-1)
+      if y.shape.rank == outputs.shape.rank and y.shape[-1] == outputs.shape[-1] != 1:
+        labels = tf.argmax(y, axis=-1)
+      else:
+        labels = tf.cast(tf.reshape(y, [-1]), tf.int64)
+      return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int64)), tf.size(labels)
+
+    self._counts = tf.function(counts, input_signature=[x_spec, y_spec])
+
+  def __call__(self):
+    correct = total = 0
+    for batch in self.dataset:
+      c, n = self._counts(batch[0], batch[1])
+      correct += int(c)
+      total += int(n)
+    if not total:
+      raise ValueError("The dataset to score accuracy on is empty.")
+    return correct / total
+
+
+def _labelled_specs(dataset):
+  """Specs of a batched (x, y) dataset's elements, any batch size."""
+  if not isinstance(dataset, tf.data.Dataset):
+    raise TypeError(f"dataset must be a tf.data.Dataset; got {type(dataset).__name__}.")
+  spec = dataset.element_spec
+  if not isinstance(spec, (tuple, list)) or len(spec) < 2 or not all(
+      isinstance(s, tf.TensorSpec) for s in spec[:2]):
+    raise ValueError(f"dataset elements must be batches (x, y) of images and labels to score "
+                     f"accuracy on; got elements {spec}.")
+  if spec[0].shape.rank is None or spec[0].shape.rank < 1:
+    raise ValueError(f"dataset elements must be batches (x, y); got x of shape {spec[0].shape}.")
+  return [tf.TensorSpec([None] + spec[i].shape.as_list()[1:], spec[i].dtype) for i in (0, 1)]
+
+
+def _inputs(dataset, model, steps):
+  """The batched teacher inputs of a dataset of x or (x, y, ...)."""
+  if not isinstance(dataset, tf.data.Dataset):
+    raise TypeError(f"dataset must be a tf.data.Dataset; got {type(dataset).__name__}.")
+  spec = dataset.element_spec
+  if isinstance(spec, (tuple, list)):
+    dataset = dataset.map(lambda *xs: xs[0])
+    spec = spec[0]
+  if not isinstance(spec, tf.TensorSpec) or spec.shape.rank != model.inputs[0].shape.rank:
+    raise ValueError(f"dataset elements must be batches of inputs of model '{model.name}' "
+                     f"(shape {tuple(model.inputs[0].shape)}), alone or as (x, y); got "
+                     f"{dataset.element_spec}.")
+  return dataset if steps is None else dataset.take(steps)
+
+
+def _noisy(model, hoods, name):
+  """`model` with an OutputNoise layer (zero amplitude) after each hood: (model, {name: layer})."""
+  layers, replacements = {}, {}
+  for hood in hoods:
+    noise = OutputNoise(stream=hood.index, name=f"{hood.name}_noise")
+    inputs = keras.Input(hood.input_shape[1:], dtype=hood.input_tensor.dtype)
+    replacements[hood] = keras.Model(inputs, noise(hood.teacher(inputs)),
+                                     name=f"{hood.name}_noisy")
+    layers[hood.name] = noise
+  noisy = graph.substitute(model, replacements, name=name or f"{model.name}_noisy")
+  return noisy, layers
+
+
+def _reset(layers, amplitudes, seed):
+  for name, layer in layers.items():
+    layer.reset(amplitudes.get(name, 0.0), seed)
+
+
+def _kernels(model, layers):
+  """[(layer name, kernel variable)] of the layers to perturb, in order."""
+  if layers is None:
+    found = [(layer.name, _kernel(layer)) for layer in _all_layers(model)
+             if isinstance(layer, KERNEL_LAYERS)]
+    if not found:
+      raise ValueError(f"Model '{model.name}' has no Conv2D, DepthwiseConv2D or Dense layer to "
+                       "perturb; name the layers with `layers`.")
+    return found
+  if isinstance(layers, (str, keras.layers.Layer)):
+    layers = [layers]
+  if not layers:
+    raise ValueError("layers is empty; pass None for every Conv2D, DepthwiseConv2D and Dense.")
+  by_name = {layer.name: layer for layer in _all_layers(model)}
+  found = []
+  for item in layers:
+    name = item if isinstance(item, str) else getattr(item, "name", None)
+    if name not in by_name or (not isinstance(item, str) and by_name[name] is not item):
+      raise ValueError(f"Layer {item if isinstance(item, str) else name!r} is not a layer of "
+                       f"model '{model.name}'.")
+    kernel = _kernel(by_name[name])
+    if kernel is None:
+      raise ValueError(f"Layer '{name}' ({type(by_name[name]).__name__}) of model "
+                       f"'{model.name}' has no kernel to perturb.")
+    found.append((name, kernel))
+  names = [name for name, _ in found]
+  if len(set(names)) != len(names):
+    raise ValueError(f"layers names a layer more than once: {names}.")
+  return found
+
+
+def _all_layers(model):
+  for layer in model.layers:
+    if isinstance(layer, keras.Model):
+      yield from _all_layers(layer)
+    else:
+      yield layer
+
+
+def _kernel(layer):
+  kernel = getattr(layer, "depthwise_kernel", None)
+  return kernel if kernel is not None else getattr(layer, "kernel", None)
+
+
+def _checked_hoods(model, hoods):
+  graph.check_functional(model)
+  if isinstance(hoods, Neighbourhood):
+    hoods = [hoods]
+  if isinstance(hoods, (str, bytes)) or not hasattr(hoods, "__iter__"):
+    raise TypeError(f"hoods must be a list of keras_nd.Neighbourhood objects; got {hoods!r}.")
+  hoods = list(hoods)
+  if not hoods:
+    raise ValueError("hoods is empty; pass the neighbourhoods to perturb (keras_nd.split(model)).")
+  for hood in hoods:
+    if not isinstance(hood, Neighbourhood):
+      raise TypeError(f"hoods must be keras_nd.Neighbourhood objects; got {hood!r}.")
+    if hood.model is not model:
+      raise ValueError(f"Neighbourhood '{hood.name}' was split from model '{hood.model.name}', "
+                       f"not from model '{model.name}'.")
+  names = [hood.name for hood in hoods]
+  if len(set(names)) != len(names):
+    raise ValueError(f"Neighbourhood names must be unique; got {names}.")
+  return hoods
+
+
+def _checked_students(teacher, students):
+  if not isinstance(students, dict):
+    raise TypeError(f"students must be a dict {{Neighbourhood: student model}}; got "
+                    f"{type(students).__name__}.")
+  if not students:
+    raise ValueError("students is empty; pass {Neighbourhood: student model}.")
+  hoods = _checked_hoods(teacher, list(students))
+  return [(hood, as_student_model(hood, students[hood]))
+          for hood in sorted(hoods, key=lambda h: h.index)]
+
+
+def _checked_thresholds(pairs, thresholds):
+  names = [hood.name for hood, _ in pairs]
+  if thresholds is None:
+    return dict.fromkeys(names)
+  if not isinstance(thresholds, dict):
+    return dict.fromkeys(names, _checked_epsilon(thresholds, "threshold"))
+  missing = [name for name in names if name not in thresholds]
+  if missing:
+    raise ValueError(f"thresholds has no value for the neighbourhoods {missing} of the students; "
+                     f"it has {sorted(thresholds)}.")
+  unknown = sorted(set(thresholds) - set(names))
+  if unknown:
+    raise ValueError(f"thresholds names neighbourhoods {unknown} that have no student (students "
+                     f"are missing for them); the students' neighbourhoods are {names}.")
+  return {name: _checked_epsilon(thresholds[name], f"threshold of '{name}'") for name in names}
+
+
+def _checked_scales(hoods, scales):
+  if scales is None:
+    return {hood.name: 1.0 for hood in hoods}
+  if not isinstance(scales, dict):
+    raise TypeError(f"scales must be None or a dict {{hood name: scale}}; got {scales!r}.")
+  missing = [hood.name for hood in hoods if hood.name not in scales]
+  if missing:
+    raise ValueError(f"scales has no value for the neighbourhoods {missing}; it has "
+                     f"{sorted(scales)}.")
+  return {hood.name: _checked_epsilon(scales[hood.name], f"scale of '{hood.name}'")
+          for hood in hoods}
+
+
+def _is_number(value):
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _checked_epsilon(epsilon, what="epsilon"):
+  if not _is_number(epsilon):
+    raise TypeError(f"{what} must be a number >= 0; got {epsilon!r}.")
+  if not math.isfinite(epsilon) or epsilon < 0:
+    raise ValueError(f"{what} must be a finite number >= 0; got {epsilon!r}.")
+  return float(epsilon)
+
+
+def _checked_epsilons(epsilons):
+  if _is_number(epsilons) or not hasattr(epsilons, "__iter__"):
+    raise TypeError(f"epsilons must be a sequence of amplitudes; got {epsilons!r}.")
+  epsilons = [_checked_epsilon(e, f"epsilons[{i}]") for i, e in enumerate(epsilons)]
+  if not epsilons:
+    raise ValueError("epsilons is empty; pass the amplitudes to try, e.g. [0.0, 0.1, 0.3, 1.0].")
+  return epsilons
+
+
+def _checked_seed(seed):
+  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    raise TypeError(f"seed must be an integer; got {seed!r}.")
+  return int(seed)
+
+
+def _checked_seeds(seeds):
+  if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
+    seeds = [seeds]
+  seeds = [_checked_seed(seed) for seed in seeds]
+  if not seeds:
+    raise ValueError("seeds is empty; pass at least one seed.")
+  return seeds
+
+
+def _check_steps(steps, allow_none=False):
+  if steps is None and allow_none:
+    return
+  if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+    raise ValueError(f"steps must be a positive integer; got steps={steps!r}.")
