@@ -55,6 +55,8 @@ _DTYPES = {"float16": tf.float16, "bfloat16": tf.bfloat16, "float32": tf.float32
 # page-faults fresh memory). FixedLengthRecordDataset read a ResNet-20 cache (all 12 tensors,
 # 4096 examples) with 2.5x less CPU in 6 MiB records than in 54 MiB ones.
 _RECORD_BYTES = 4 * 2**20
+_IDENTITY_AT_INFERENCE = (keras.layers.Dropout, keras.layers.GaussianNoise,
+                          keras.layers.GaussianDropout)
 # {teacher: {keys: _Extraction}}: sources of one teacher share the extractor and its traced
 # pass, so building a second cache (other data, or a rebuild) does not trace the teacher again.
 _EXTRACTIONS = weakref.WeakKeyDictionary()
@@ -99,24 +101,59 @@ def noise_statistics(hood, input_mean=0.0, input_std=1.0):
   raises, naming the layer.
 
   The paper draws neighbourhood inputs from N(0, 1); these statistics add the
-  scale and offset each neighbourhood actually sees (a unit after ReLU never
-  sees negative inputs), still without reading any data.
+  scale and offset each neighbourhood actually sees, still without reading
+  any data, and `ActivationSource.from_noise(mean="teacher")` also gives
+  inputs that a ReLU produces the rectified shape (a unit after a ReLU never
+  sees negative inputs).
 
   Returns:
     (mean, std): float32 arrays with one value per input channel.
   """
-  channels = hood.input_shape[-1]
+  return _moments_at(hood.input_tensor, hood.input_shape[-1], input_mean, input_std)
+
+
+def _moments_at(tensor, channels, input_mean, input_std):
+  """(mean, std) per channel of `tensor` for N(input_mean, input_std^2) teacher inputs."""
   memo = {}
 
-  def moments(tensor):
-    key = id(tensor)
-    if key not in memo:
-      memo[key] = _moments(tensor, moments, channels, input_mean, input_std)
-    return memo[key]
+  def moments(t):
+    if id(t) not in memo:
+      memo[id(t)] = _moments(t, moments, channels, input_mean, input_std)
+    return memo[id(t)]
 
-  mean, variance = moments(hood.input_tensor)
+  mean, variance = moments(tensor)
   return (np.asarray(mean, np.float32) * np.ones(channels, np.float32),
           np.sqrt(np.maximum(variance, 0.0)).astype(np.float32) * np.ones(channels, np.float32))
+
+
+def _relu_input(tensor):
+  """The input of the ReLU that produced `tensor` (through noise or dropout layers), or None."""
+  layer, node_index, _ = tensor._keras_history  # pylint: disable=protected-access
+  while isinstance(layer, _IDENTITY_AT_INFERENCE):
+    tensor = layer._inbound_nodes[node_index].keras_inputs[0]  # pylint: disable=protected-access
+    layer, node_index, _ = tensor._keras_history  # pylint: disable=protected-access
+  if _is_relu(layer):
+    return layer._inbound_nodes[node_index].keras_inputs[0]  # pylint: disable=protected-access
+  return None
+
+
+def _is_relu(layer):
+  return isinstance(layer, keras.layers.ReLU) or (
+      isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] == "relu")
+
+
+def _teacher_noise(hood):
+  """(mean, std, rectify) of the noise for `hood`'s input under mean="teacher".
+
+  An input produced by a ReLU is drawn as ReLU(N(mean, std^2)) with the
+  moments of the ReLU's input, so that it is non-negative with the teacher's
+  share of zeros; its moments are then `noise_statistics(hood)`. Any other
+  input is drawn as N(`noise_statistics(hood)`).
+  """
+  before = _relu_input(hood.input_tensor)
+  mean, std = _moments_at(hood.input_tensor if before is None else before,
+                          hood.input_shape[-1], 0.0, 1.0)
+  return mean, std, before is not None
 
 
 def _moments(tensor, moments, channels, input_mean, input_std):
@@ -135,8 +172,7 @@ def _moments(tensor, moments, channels, input_mean, input_std):
     width = tensor.shape[-1]
     return (np.broadcast_to(beta, width).astype(np.float64),
             np.broadcast_to(gamma**2 * variance / (variance + layer.epsilon), width))
-  if isinstance(layer, keras.layers.ReLU) or (
-      isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] == "relu"):
+  if _is_relu(layer):
     return _rectified(*moments(inputs[0]))
   if isinstance(layer, keras.layers.Add):
     parts = [moments(t) for t in inputs]
@@ -147,8 +183,7 @@ def _moments(tensor, moments, channels, input_mean, input_std):
     pad = (extra // 2, extra - extra // 2)
     return np.pad(mean, pad), np.pad(variance, pad)
   if isinstance(layer, (keras.layers.ZeroPadding2D, keras.layers.MaxPooling2D,
-                        keras.layers.AveragePooling2D, keras.layers.Dropout,
-                        keras.layers.GaussianNoise, keras.layers.GaussianDropout)):
+                        keras.layers.AveragePooling2D) + _IDENTITY_AT_INFERENCE):
     return moments(inputs[0])
   raise ValueError(
       f"Cannot derive noise statistics through layer '{layer.name}' ({kind}): only "
@@ -259,8 +294,12 @@ class ActivationSource:
       steps_per_epoch: batches per epoch of the served dataset.
       mean, stddev: per-channel statistics of the noise (scalars or vectors),
         the same for every neighbourhood or dicts {neighbourhood name: value};
-        or mean="teacher" for each neighbourhood's `noise_statistics` (stddev
-        is then ignored).
+        or mean="teacher" for statistics read from the teacher (stddev is then
+        ignored): an input that a ReLU produces is drawn as ReLU(N(m, s^2))
+        with the moments (m, s^2) of the ReLU's input, so it is non-negative,
+        with as many zeros as the teacher's model of it predicts, and has the
+        moments `noise_statistics(hood)`; any other input is drawn as
+        N(`noise_statistics(hood)`).
       seed: the noise of step s in every epoch is a function of (seed, s).
       lookahead: as for the constructor.
 
@@ -271,12 +310,15 @@ class ActivationSource:
     if isinstance(mean, str):
       if mean != "teacher":
         raise ValueError(f"mean must be a number, a vector, a dict or 'teacher'; got {mean!r}.")
-      statistics = {hood.name: noise_statistics(hood) for hood in hoods}
-      mean = {name: m for name, (m, _) in statistics.items()}
-      stddev = {name: s for name, (_, s) in statistics.items()}
+      statistics = {hood.name: _teacher_noise(hood) for hood in hoods}
+      mean = {name: m for name, (m, _, _) in statistics.items()}
+      stddev = {name: s for name, (_, s, _) in statistics.items()}
+      rectify = {name for name, (_, _, r) in statistics.items() if r}
+    else:
+      rectify = set()
     if steps_per_epoch < 1:
       raise ValueError(f"steps_per_epoch must be positive; got {steps_per_epoch}.")
-    source._noise = (int(steps_per_epoch), mean, stddev, int(seed))  # pylint: disable=protected-access
+    source._noise = (int(steps_per_epoch), mean, stddev, int(seed), rectify)  # pylint: disable=protected-access
     return source
 
   @property
@@ -395,7 +437,7 @@ class ActivationSource:
     return windows.flat_map(lambda tensors, pair: _shuffled_batches(tensors, pair, batch_size))
 
   def _noise_dataset(self, batch_size):
-    steps, mean, stddev, seed = self._noise
+    steps, mean, stddev, seed, rectify = self._noise
 
     def make(step):
       batch = {}
@@ -406,6 +448,8 @@ class ActivationSource:
         hood_std = stddev[hood.name] if isinstance(stddev, dict) else stddev
         a = (tf.random.stateless_normal(shape, seed=step_seed) * tf.cast(hood_std, tf.float32) +
              tf.cast(hood_mean, tf.float32))
+        if hood.name in rectify:
+          a = tf.nn.relu(a)
         t = hood.teacher(a, training=False)
         item = (a, t)
         if self.lookahead:

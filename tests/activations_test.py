@@ -544,6 +544,9 @@ class NoiseStatisticsTest(tf.test.TestCase):
       a = batch[hood.name][0].numpy().reshape(-1, 3)
       self.assertAllClose(a.mean(axis=0), mean, atol=0.05)
       self.assertAllClose(a.std(axis=0), std, atol=0.05)
+      # Both inputs come out of a ReLU: drawn rectified, never negative, some exactly 0.
+      self.assertGreaterEqual(a.min(), 0.0)
+      self.assertBetween(np.mean(a == 0), 0.05, 0.95)
     with self.assertRaisesRegex(ValueError, "'data'"):
       nd.ActivationSource.from_noise(model, hoods, steps_per_epoch=4, mean="data")
 
@@ -556,3 +559,7 @@ class NoiseStatisticsTest(tf.test.TestCase):
       for got, want in zip(activations.noise_statistics(noisy_hood),
                            activations.noise_statistics(hood)):
         self.assertAllClose(got, want)
+    source = nd.ActivationSource.from_noise(noisy, nd.split(noisy)[2:-1], steps_per_epoch=1,
+                                            mean="teacher")
+    for a, _ in next(iter(source.dataset(batch_size=4))).values():  # unit outputs: rectified
+      self.assertGreaterEqual(float(tf.reduce_min(a)), 0.0)

@@ -49,6 +49,14 @@ class BinariesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual([r["method"] for r in results["rows"]], ["gnd", "gnkd"])
     self.assertIn("Table 3b", out)
 
+  def test_thresholding(self):
+    figures = os.path.join(self.get_temp_dir(), "figures")
+    results, out = self._run("thresholding.py", "--epsilons=0,0.5", "--seeds=0",
+                             "--weight_epsilons=0.3", "--nd_epochs=1", f"--figures_dir={figures}")
+    self.assertEqual([r["teacher"] for r in results["table4"]], ["plain", "regularised"])
+    self.assertTrue(os.path.exists(os.path.join(figures, "figure5.png")))
+    self.assertIn("Table 4", out)
+
   @parameterized.named_parameters(("distill", "distill.py", "--methods=ce,dk", "dk"),
                                   ("sparsify", "sparsify.py", "--sparsities=1.5", "1.5"),
                                   ("data_free", "data_free.py", "--multipliers=0", "0.0"))

@@ -31,14 +31,20 @@ from keras_nd.experiments.common import accuracy, scorable, write_results
 METHODS = ("ce", "kd", "nd", "nd_ft")
 
 
-def build_model(name, input_shape, num_classes, multipliers=1.0):
-  """`resnetN` (N = 6n+2: the CIFAR ResNetV1) or `resnet50` with bottleneck multipliers."""
+def build_model(name, input_shape, num_classes, multipliers=1.0, unit_noise=0.0):
+  """`resnetN` (N = 6n+2: the CIFAR ResNetV1) or `resnet50` with bottleneck multipliers.
+
+  `unit_noise` > 0 adds Gaussian noise of that standard deviation after every
+  residual unit while training (the noise-regularised teacher of App. B.1).
+  """
   if name == "resnet50":
-    return models.resnet50_v1(multipliers, input_shape=input_shape, num_classes=num_classes)
+    return models.resnet50_v1(multipliers, input_shape=input_shape, num_classes=num_classes,
+                              unit_noise=unit_noise)
   depth = name[len("resnet"):]
   if name.startswith("resnet") and depth.isdigit() and int(depth) >= 8 and int(depth) % 6 == 2:
     return models.resnet_v1(depth=int(depth), multipliers=multipliers,
-                            input_shape=input_shape, num_classes=num_classes)
+                            input_shape=input_shape, num_classes=num_classes,
+                            unit_noise=unit_noise)
   raise ValueError(f"Unknown model {name!r}: use resnet20, resnet32, resnet44, resnet56 (any "
                    "resnetN with N = 6n+2) or resnet50.")
 
@@ -134,11 +140,19 @@ class Experiment:
       init): "teacher" (the teacher's strongest inner channels) or "random"
       (the paper's setting). CE students always start from scratch.
     verbose: 0 silent, 1 one line per phase, 2 Keras progress too.
+    unit_noise: standard deviation of the Gaussian noise after every residual
+      unit of the teacher while it trains (App. B.1); 0, the default, for the
+      plain teacher. It enters the teacher key only when non-zero, so plain
+      teachers keep their keys (and caches).
+
+  Attributes:
+    students: `{Neighbourhood: student}` of the latest `nd` call, as
+      `keras_nd.compose` and `perturb.diagnose` take them (None before).
   """
 
   def __init__(self, data, model, workdir, epochs, batch_size=128, learning_rate=2e-3,
                nd_learning_rate=2e-3, temperature=2.5, label_weight=1.0, patience=2, seed=0,
-               max_lookahead=0, student_init="teacher", verbose=1):
+               max_lookahead=0, student_init="teacher", verbose=1, unit_noise=0.0):
     self.data = data
     self.model = model
     self.workdir = workdir
@@ -154,6 +168,8 @@ class Experiment:
       raise ValueError(f"student_init must be 'teacher' or 'random'; got {student_init!r}.")
     self.student_init = student_init
     self.verbose = verbose
+    self.unit_noise = unit_noise
+    self.students = None
     self.timings = {}
     self.train = data.pipeline("train", batch_size, training=True, seed=seed)
     self.train_plain = data.pipeline("train", batch_size, training=False)
@@ -174,6 +190,8 @@ class Experiment:
             "epochs": self.epochs["teacher"], "batch_size": self.batch_size,
             "learning_rate": self.learning_rate, "seed": self.seed,
             "first_batch": hashlib.sha256(first_batch.tobytes()).hexdigest()}
+    if self.unit_noise:
+      spec["unit_noise"] = self.unit_noise
     self.teacher_spec = spec
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -184,9 +202,10 @@ class Experiment:
   def _fit_verbose(self):
     return 2 if self.verbose > 1 else 0
 
-  def _new(self, multiplier):
+  def _new(self, multiplier, unit_noise=0.0):
     keras.utils.set_random_seed(self.seed)
-    return build_model(self.model, self.data.input_shape, self.data.num_classes, multiplier)
+    return build_model(self.model, self.data.input_shape, self.data.num_classes, multiplier,
+                       unit_noise)
 
   def teacher(self):
     """The teacher: loaded from the work directory when trained before with the same settings."""
@@ -197,7 +216,7 @@ class Experiment:
         self.timings["teacher"] = json.load(f)["seconds"]
       self.say(f"Reusing the teacher {path}.")
       return teacher
-    teacher = _compiled(self._new(1.0), self.learning_rate,
+    teacher = _compiled(self._new(1.0, self.unit_noise), self.learning_rate,
                         self.epochs["teacher"] * self.steps_per_epoch)
     self.say(f"Training the teacher ({self.model}, {self.epochs['teacher']} epochs)...")
     start = time.perf_counter()
@@ -291,7 +310,8 @@ class Experiment:
                                    steps=self.steps_per_epoch)
     seconds = time.perf_counter() - start
     losses = {h.name: history.history[f"{h.name}_loss"][-1] for h in units}
-    student = scorable(nd.compose(teacher, distiller.students))
+    self.students = distiller.students
+    student = scorable(nd.compose(teacher, self.students))
     return student, self.timings["cache"] + seconds, seconds, losses
 
   def nd_and_ft(self, teacher, multiplier, lookahead=0, fine_tune=True):

@@ -1,0 +1,124 @@
+"""Smoke tests of the thresholding experiment (examples/thresholding.py's logic)."""
+
+import json
+import os
+
+from absl.testing import parameterized
+
+from keras_nd import data
+from keras_nd._keras import tf
+from keras_nd.experiments import distill, plot, thresholding
+
+_UNITS = [f"stage{s}_unit1_out" for s in (1, 2, 3)]  # ResNet-8's three residual units
+
+
+class ThresholdingExperimentTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_runs_and_writes_results_figures_and_table(self):
+    workdir = self.get_temp_dir()
+    dataset = data.get("embedded", num_train=64, num_test=32, num_validation=16)
+    results = thresholding.run(dataset, workdir, model="resnet8", epsilons=(0.0, 0.5),
+                               seeds=(0,), sigma=0.1, weight_epsilons=(0.3,),
+                               epochs=dict(teacher=1, nd=1), batch_size=16, verbose=0)
+    with open(os.path.join(workdir, "results.json")) as f:
+      self.assertEqual(json.load(f), json.loads(json.dumps(results)))
+
+    sweeps = results["sweeps"]
+    self.assertEqual([(r["hoods"], r["epsilon"]) for r in sweeps["each"]],
+                     [([u], e) for u in _UNITS for e in (0.0, 0.5)])
+    self.assertEqual([r["hoods"] for r in sweeps["all"]], [_UNITS, _UNITS])
+    self.assertEqual([len(r["hoods"]) for r in sweeps["cumulative"]], [1, 1, 2, 2, 3, 3])
+    self.assertEqual([r["hoods"] for r in sweeps["regularised_all"]], [_UNITS, _UNITS])
+    for rows in sweeps.values():
+      self.assertTrue(all(r["relative"] for r in rows))
+    # Without noise every configuration scores the clean validation accuracy.
+    clean = results["teacher"]["validation_accuracy"]
+    for mode in ("each", "all", "cumulative"):
+      for row in sweeps[mode]:
+        if row["epsilon"] == 0.0:
+          self.assertAlmostEqual(row["accuracy_mean"], clean)
+    self.assertEqual(set(results["teacher"]["output_rms"]), set(_UNITS))
+
+    thresholds = results["thresholds"]
+    self.assertEqual(set(thresholds["each"]), set(_UNITS))
+    self.assertEqual(set(thresholds["cumulative"]), {"1", "2", "3"})
+    for value in (thresholds["all"], thresholds["regularised_all"],
+                  *thresholds["cumulative"].values()):
+      self.assertIn(value, (0.0, 0.5))  # a threshold is one of the swept amplitudes
+    self.assertEqual(thresholds["each_min"], min(thresholds["each"].values()))
+    self.assertAlmostEqual(thresholds["each_mean"], sum(thresholds["each"].values()) / 3)
+
+    [weights] = results["weight_sweeps"]
+    self.assertEqual(weights["epsilon"], 0.3)
+    self.assertLen(weights["cumulative"], 8)  # 1 stem + 6 unit convolutions + the logits
+
+    self.assertEqual([(r["teacher"], r["unit_noise"]) for r in results["table4"]],
+                     [("plain", 0.0), ("regularised", 0.1)])
+    for row in results["table4"]:
+      self.assertBetween(row["nd_accuracy"], 0.0, 1.0)
+      self.assertLess(row["params"], results["teacher"]["params"])
+    self.assertEqual([r["hood"] for r in results["diagnosis"]], _UNITS)
+    self.assertEqual({r["threshold"] for r in results["diagnosis"]},
+                     set(thresholds["each"].values()))
+
+    # The two teachers have their own keys, files and caches in one work directory.
+    keys = results["teacher"]["key"], results["regularised_teacher"]["key"]
+    self.assertNotEqual(*keys)
+    with open(os.path.join(workdir, f"teacher-{keys[1]}.json")) as f:
+      self.assertEqual(json.load(f)["unit_noise"], 0.1)
+    for key in keys:
+      self.assertTrue(os.path.exists(os.path.join(workdir, f"teacher-{key}.keras")))
+      self.assertTrue(os.path.isdir(os.path.join(workdir, f"cache-{key}-lookahead0")))
+
+    self.assertEqual([os.path.basename(p) for p in results["figures"]],
+                     ["figure1.png", "figure1_units.png", "figure4.png", "figure5.png"])
+    for path in results["figures"]:
+      self.assertEqual(plot.read_png(path).shape, (480, 720, 3))
+
+    text = thresholding.table(results)
+    for label in ("Thresholds", "each stage2_unit1_out", "first 1 unit ", "first 2 units",
+                  "all units", "noise-trained", "Kernel noise (Fig. 4)", "Table 4",
+                  "plain teacher", "regularised teacher (sigma=0.1)", "Diagnosis",
+                  "neighbourhoods over their threshold"):
+      self.assertIn(label, text)
+
+  @parameterized.named_parameters(
+      ("negative_epsilon", dict(epsilons=(0.0, -0.1)), r"epsilons\[1\]=-0.1"),
+      ("no_epsilons", dict(epsilons=()), "epsilons is empty"),
+      ("negative_weight_epsilon", dict(weight_epsilons=(-1.0,)), "weight_epsilons"),
+      ("no_seeds", dict(seeds=()), "seeds"),
+      ("sigma_zero", dict(sigma=0.0), "sigma=0.0"),
+      ("multiplier_above_one", dict(multiplier=1.5), "multiplier=1.5"),
+      ("unknown_model", dict(model="resnet7"), "resnet7"),
+  )
+  def test_bad_arguments_are_named(self, kwargs, fragment):
+    dataset = data.get("embedded", num_train=32, num_test=16, num_validation=16)
+    with self.assertRaisesRegex(ValueError, fragment):
+      thresholding.run(dataset, self.get_temp_dir(), **dict(dict(model="resnet8", verbose=0),
+                                                             **kwargs))
+
+  def test_a_dataset_without_validation_split_is_refused(self):
+    dataset = data.get("embedded", num_train=32, num_test=16)
+    with self.assertRaisesRegex(ValueError, "num_validation"):
+      thresholding.run(dataset, self.get_temp_dir(), model="resnet8", verbose=0)
+
+  def test_unit_noise_enters_the_teacher_key_only_when_set(self):
+    dataset = data.get("embedded", num_train=32, num_test=16, num_validation=16)
+
+    def experiment(**kwargs):
+      return distill.Experiment(dataset, "resnet8", self.get_temp_dir(), dict(teacher=1),
+                                verbose=0, **kwargs)
+
+    plain, zero, noisy = experiment(), experiment(unit_noise=0.0), experiment(unit_noise=0.1)
+    self.assertEqual(zero.key, plain.key)
+    self.assertNotEqual(noisy.key, plain.key)
+    # The plain spec has exactly the fields it had before unit_noise existed, so the keys of
+    # teachers and caches already on disk stay valid.
+    self.assertEqual(set(plain.teacher_spec), {"data", "num_train", "model", "epochs",
+                                               "batch_size", "learning_rate", "seed",
+                                               "first_batch"})
+    self.assertEqual(noisy.teacher_spec, dict(plain.teacher_spec, unit_noise=0.1))
+
+
+if __name__ == "__main__":
+  tf.test.main()
