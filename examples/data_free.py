@@ -30,8 +30,7 @@ flags.DEFINE_enum("noise", "teacher", list(data_free.NOISES), "Each unit's input
 flags.DEFINE_enum("student_init", "random", ["random", "teacher"], "How students start: from "
                   "scratch (the paper), or from the teacher's strongest inner channels (at k=1 "
                   "the teacher itself).")
-flags.DEFINE_integer("steps_per_epoch", None, "Noise batches per epoch (default: as many as a "
-                     "training epoch has).")
+flags.DEFINE_integer("steps_per_epoch", 100, "Noise batches per epoch.")
 flags.DEFINE_integer("ce_epochs", 6, "Cross-entropy (with data) student epochs.")
 flags.DEFINE_integer("gnd_epochs", 10, "G-ND epochs.")
 flags.DEFINE_integer("ft_epochs", 3, "G-ND+FT fine-tuning epochs on noise images.")

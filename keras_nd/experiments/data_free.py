@@ -182,7 +182,7 @@ def load_teacher(teacher):
 
 
 def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHODS, teacher=None,
-        noise="teacher", student_init="random", epochs=None, steps_per_epoch=None, verbose=1,
+        noise="teacher", student_init="random", epochs=None, steps_per_epoch=100, verbose=1,
         **settings):
   """Runs the experiment and writes `workdir/results.json`.
 
@@ -200,8 +200,8 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
     student_init: "random" (the paper's setting) or "teacher" (the teacher's
       strongest channels: at k = 1 the student IS the teacher).
     epochs: dict overriding the epoch budgets: teacher, ce, gnd, ft, gnkd.
-    steps_per_epoch: noise batches per epoch (default: a training epoch's
-      batches, from the dataset's size alone).
+    steps_per_epoch: noise batches per epoch (of G-ND, its fine-tuning and
+      GN-KD alike).
     verbose: 0 silent, 1 one line per phase, 2 Keras progress bars too.
     **settings: batch_size, learning_rate, nd_learning_rate, temperature,
       seed (and label_weight, patience for "ce" and the teacher).
@@ -218,9 +218,6 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
       raise ValueError(f"Multipliers must be in (0, 1]; got {k!r}.")
   budget = dict(teacher=15, ce=6, gnd=10, ft=3, gnkd=10)
   budget.update(epochs or {})
-  batch_size = settings.get("batch_size", 128)
-  if steps_per_epoch is None:
-    steps_per_epoch = -(-data.num_train // batch_size)
   experiment = None
   timings = {}
   given = teacher is not None
