@@ -45,6 +45,7 @@ import numpy as np
 
 from keras_nd import graph
 from keras_nd._keras import keras, tf
+from keras_nd.neighbourhood import checked_hoods
 
 MANIFEST = "manifest.json"
 _FORMAT = "keras_nd.activations/1"
@@ -253,7 +254,7 @@ class ActivationSource:
                records_batch=256, shard_bytes=256 * 2**20, data_fingerprint=None, verify=True,
                verbose=1):
     self.teacher = teacher
-    self.hoods = _checked_hoods(teacher, hoods)
+    self.hoods = checked_hoods(teacher, hoods, "teacher")
     if dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}.")
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
@@ -469,22 +470,6 @@ def _shuffled_batches(tensors, seed, batch_size):
   order = tf.random.experimental.stateless_shuffle(tf.range(count), seed=seed)
   return tf.data.Dataset.range(0, count, batch_size).map(
       lambda start: {k: tf.gather(v, order[start:start + batch_size]) for k, v in tensors.items()})
-
-
-def _checked_hoods(teacher, hoods):
-  hoods = list(hoods)
-  if not hoods:
-    raise ValueError("ActivationSource needs at least one neighbourhood; got none.")
-  for hood in hoods:
-    if not hasattr(hood, "nodes"):
-      raise TypeError(f"Expected keras_nd.Neighbourhood objects; got {type(hood).__name__}.")
-    if hood.model is not teacher:
-      raise ValueError(f"Neighbourhood '{hood.name}' was split from model '{hood.model.name}', not "
-                       f"from the teacher '{teacher.name}'.")
-  names = [hood.name for hood in hoods]
-  if len(set(names)) != len(names):
-    raise ValueError(f"Neighbourhood names must be unique; got {names}.")
-  return hoods
 
 
 def _layout(hoods, lookahead):

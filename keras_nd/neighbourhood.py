@@ -268,3 +268,36 @@ def split_layers(model, layer_types=DEFAULT_LAYER_TYPES):
     raise ValueError(f"Model '{model.name}' has no layer of types "
                      f"{[t.__name__ for t in types]} to make one-layer neighbourhoods of.")
   return hoods
+
+
+def checked_hoods(model, hoods, what="model"):
+  """`hoods` as a list, checked to be distinct neighbourhoods split from `model`.
+
+  Args:
+    model: the model the neighbourhoods must come from.
+    hoods: a `Neighbourhood` or an iterable of them.
+    what: how messages name `model` (e.g. "teacher").
+
+  Raises:
+    TypeError: something other than neighbourhoods.
+    ValueError: no neighbourhoods, one split from another model, or two of
+      one name.
+  """
+  if isinstance(hoods, Neighbourhood):
+    hoods = [hoods]
+  if isinstance(hoods, (str, bytes)) or not hasattr(hoods, "__iter__"):
+    raise TypeError(f"hoods must be a list of keras_nd.Neighbourhood objects; got {hoods!r}.")
+  hoods = list(hoods)
+  if not hoods:
+    raise ValueError(f"No neighbourhoods given; pass neighbourhoods of the {what} "
+                     "(keras_nd.split or split_layers of it).")
+  for hood in hoods:
+    if not isinstance(hood, Neighbourhood):
+      raise TypeError(f"hoods must be keras_nd.Neighbourhood objects; got {hood!r}.")
+    if hood.model is not model:
+      raise ValueError(f"Neighbourhood '{hood.name}' was split from model '{hood.model.name}', "
+                       f"not from the {what} '{model.name}'.")
+  names = [hood.name for hood in hoods]
+  if len(set(names)) != len(names):
+    raise ValueError(f"Neighbourhood names must be unique; got {names}.")
+  return hoods

@@ -39,7 +39,7 @@ from keras_nd import graph
 from keras_nd._keras import keras, tf
 from keras_nd.activations import ActivationSource
 from keras_nd.distiller import as_student_model
-from keras_nd.neighbourhood import Neighbourhood
+from keras_nd.neighbourhood import checked_hoods
 
 MODES = ("each", "all", "cumulative")
 KERNEL_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
@@ -583,23 +583,7 @@ def _kernel(layer):
 
 def _checked_hoods(model, hoods):
   graph.check_functional(model)
-  if isinstance(hoods, Neighbourhood):
-    hoods = [hoods]
-  if isinstance(hoods, (str, bytes)) or not hasattr(hoods, "__iter__"):
-    raise TypeError(f"hoods must be a list of keras_nd.Neighbourhood objects; got {hoods!r}.")
-  hoods = list(hoods)
-  if not hoods:
-    raise ValueError("hoods is empty; pass the neighbourhoods to perturb (keras_nd.split(model)).")
-  for hood in hoods:
-    if not isinstance(hood, Neighbourhood):
-      raise TypeError(f"hoods must be keras_nd.Neighbourhood objects; got {hood!r}.")
-    if hood.model is not model:
-      raise ValueError(f"Neighbourhood '{hood.name}' was split from model '{hood.model.name}', "
-                       f"not from model '{model.name}'.")
-  names = [hood.name for hood in hoods]
-  if len(set(names)) != len(names):
-    raise ValueError(f"Neighbourhood names must be unique; got {names}.")
-  return hoods
+  return checked_hoods(model, hoods)
 
 
 def _checked_students(teacher, students):

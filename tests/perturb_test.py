@@ -114,7 +114,7 @@ class WithOutputNoiseTest(_TeacherTestCase):
       perturb.with_output_noise(other, self.hoods, 0.1)
 
   def test_rejects_no_neighbourhoods(self):
-    with self.assertRaisesRegex(ValueError, "hoods is empty"):
+    with self.assertRaisesRegex(ValueError, "No neighbourhoods given"):
       perturb.with_output_noise(self.teacher, [], 0.1)
 
   def test_rejects_scales_missing_a_neighbourhood(self):
