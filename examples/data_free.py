@@ -31,6 +31,7 @@ flags.DEFINE_enum("student_init", "random", ["random", "teacher"], "How students
                   "scratch (the paper), or from the teacher's strongest inner channels (at k=1 "
                   "the teacher itself).")
 flags.DEFINE_integer("steps_per_epoch", 100, "Noise batches per epoch.")
+flags.DEFINE_float("nd_learning_rate", 2e-3, "Adam learning rate of G-ND (cosine decay).")
 flags.DEFINE_integer("ce_epochs", 6, "Cross-entropy (with data) student epochs.")
 flags.DEFINE_integer("gnd_epochs", 10, "G-ND epochs.")
 flags.DEFINE_integer("ft_epochs", 3, "G-ND+FT fine-tuning epochs on noise images.")
@@ -45,7 +46,8 @@ def main(argv):
       teacher=FLAGS.teacher, noise=FLAGS.noise, student_init=FLAGS.student_init,
       epochs=dict(teacher=FLAGS.teacher_epochs, ce=FLAGS.ce_epochs, gnd=FLAGS.gnd_epochs,
                   ft=FLAGS.ft_epochs, gnkd=FLAGS.gnkd_epochs),
-      steps_per_epoch=FLAGS.steps_per_epoch, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+      steps_per_epoch=FLAGS.steps_per_epoch, nd_learning_rate=FLAGS.nd_learning_rate,
+      batch_size=FLAGS.batch_size, seed=FLAGS.seed,
       verbose=FLAGS.verbose)
   print(data_free.table(results))
   print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")
