@@ -143,29 +143,29 @@ def with_output_noise(model, hoods, epsilon, seed=0, scales=None, name=None):
   return noisy
 
 
-def output_rms(model, hoods, dataset, steps=None):
+def output_rms(model, hoods, dataset, steps=None, batch_size=256):
   """Each neighbourhood's clean output RMS, `sqrt(mean(T_i(a)^2))`: `{hood name: rms}`.
 
   The mean runs over every element of every example of the first `steps`
-  batches of `dataset` (all of them if None), in one teacher pass per batch.
-  These are the scales of relative noise.
+  batches (of `batch_size` examples) of `dataset`, all of them if None, in
+  one teacher pass per batch (an online `ActivationSource`). These are the
+  scales of relative noise.
 
   Args:
     model: a functional tf_keras model.
     hoods: neighbourhoods of `model`.
-    dataset: a batched `tf.data.Dataset` of `x` or `(x, y, ...)`.
+    dataset: a `tf.data.Dataset` of `x` or `(x, y, ...)`, batched or not.
     steps: batches to read, or None for all.
+    batch_size: examples per teacher pass.
   """
   hoods = _checked_hoods(model, hoods)
   _check_steps(steps, allow_none=True)
-  extractor = keras.Model(model.inputs, [hood.output_tensor for hood in hoods])
-  squares = tf.function(lambda x: [tf.reduce_sum(tf.square(tf.cast(t, tf.float64))) for t in
-                                   tf.nest.flatten(extractor(x, training=False))],
-                        reduce_retracing=True)
+  batches = ActivationSource(model, hoods, dataset, verbose=0).dataset(batch_size, shuffle=False)
   totals, count = np.zeros(len(hoods)), 0
-  for x in _inputs(dataset, model, steps):
-    totals += np.array([float(s) for s in squares(x)])
-    count += int(tf.shape(x)[0])
+  for batch in batches if steps is None else batches.take(steps):
+    targets = [batch[hood.name][1] for hood in hoods]
+    totals += [float(tf.reduce_sum(tf.square(tf.cast(t, tf.float64)))) for t in targets]
+    count += int(tf.shape(targets[0])[0])
   if not count:
     raise ValueError("The dataset for output_rms is empty.")
   sizes = [int(np.prod(hood.output_shape[1:])) for hood in hoods]
@@ -502,21 +502,6 @@ def _labelled_specs(dataset):
   if spec[0].shape.rank is None or spec[0].shape.rank < 1:
     raise ValueError(f"dataset elements must be batches (x, y); got x of shape {spec[0].shape}.")
   return [tf.TensorSpec([None] + spec[i].shape.as_list()[1:], spec[i].dtype) for i in (0, 1)]
-
-
-def _inputs(dataset, model, steps):
-  """The batched teacher inputs of a dataset of x or (x, y, ...)."""
-  if not isinstance(dataset, tf.data.Dataset):
-    raise TypeError(f"dataset must be a tf.data.Dataset; got {type(dataset).__name__}.")
-  spec = dataset.element_spec
-  if isinstance(spec, (tuple, list)):
-    dataset = dataset.map(lambda *xs: xs[0])
-    spec = spec[0]
-  if not isinstance(spec, tf.TensorSpec) or spec.shape.rank != model.inputs[0].shape.rank:
-    raise ValueError(f"dataset elements must be batches of inputs of model '{model.name}' "
-                     f"(shape {tuple(model.inputs[0].shape)}), alone or as (x, y); got "
-                     f"{dataset.element_spec}.")
-  return dataset if steps is None else dataset.take(steps)
 
 
 def _noisy(model, hoods, name):
