@@ -525,7 +525,7 @@ def _reset(layers, amplitudes, seed):
 def _kernels(model, layers):
   """[(layer name, kernel variable)] of the layers to perturb, in order."""
   if layers is None:
-    found = [(layer.name, _kernel(layer)) for layer in _all_layers(model)
+    found = [(layer.name, graph.kernel(layer)) for layer in graph.leaf_layers(model)
              if isinstance(layer, KERNEL_LAYERS)]
     if not found:
       raise ValueError(f"Model '{model.name}' has no Conv2D, DepthwiseConv2D or Dense layer to "
@@ -535,14 +535,14 @@ def _kernels(model, layers):
     layers = [layers]
   if not layers:
     raise ValueError("layers is empty; pass None for every Conv2D, DepthwiseConv2D and Dense.")
-  by_name = {layer.name: layer for layer in _all_layers(model)}
+  by_name = {layer.name: layer for layer in graph.leaf_layers(model)}
   found = []
   for item in layers:
     name = item if isinstance(item, str) else getattr(item, "name", None)
     if name not in by_name or (not isinstance(item, str) and by_name[name] is not item):
       raise ValueError(f"Layer {item if isinstance(item, str) else name!r} is not a layer of "
                        f"model '{model.name}'.")
-    kernel = _kernel(by_name[name])
+    kernel = graph.kernel(by_name[name])
     if kernel is None:
       raise ValueError(f"Layer '{name}' ({type(by_name[name]).__name__}) of model "
                        f"'{model.name}' has no kernel to perturb.")
@@ -551,19 +551,6 @@ def _kernels(model, layers):
   if len(set(names)) != len(names):
     raise ValueError(f"layers names a layer more than once: {names}.")
   return found
-
-
-def _all_layers(model):
-  for layer in model.layers:
-    if isinstance(layer, keras.Model):
-      yield from _all_layers(layer)
-    else:
-      yield layer
-
-
-def _kernel(layer):
-  kernel = getattr(layer, "depthwise_kernel", None)
-  return kernel if kernel is not None else getattr(layer, "kernel", None)
 
 
 def _checked_hoods(model, hoods):

@@ -67,10 +67,8 @@ def sparsities(levels, steps, kind="polynomial"):
 def flops(model):
   """Multiply-accumulates of one example through `model`'s convolutions and Dense layers."""
   total = 0
-  for layer in model.layers:
-    if isinstance(layer, keras.Model):
-      total += flops(layer)
-    elif isinstance(layer, keras.layers.DepthwiseConv2D):
+  for layer in graph.leaf_layers(model):
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
       kernel = layer.depthwise_kernel.shape
       total += int(_positions(layer) * kernel[0] * kernel[1] * kernel[2] * kernel[3])
     elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,

@@ -236,15 +236,8 @@ def strip(model):
 
 def _kernels(model):
   """[(layer name, kernel)] of the prunable layers of a (stripped) model."""
-  found = []
-  for layer in model.layers:
-    if isinstance(layer, keras.Model):
-      found += _kernels(layer)
-    elif isinstance(layer, keras.layers.DepthwiseConv2D):
-      found.append((layer.name, layer.depthwise_kernel))
-    elif isinstance(layer, PRUNABLE_TYPES):
-      found.append((layer.name, layer.kernel))
-  return found
+  return [(layer.name, graph.kernel(layer)) for layer in graph.leaf_layers(model)
+          if isinstance(layer, PRUNABLE_TYPES)]
 
 
 def report(model):
