@@ -368,15 +368,26 @@ def thresholds_from_sweep(rows, teacher_accuracy, drop=0.01):
           f"The sweep row of '{row['hoods'][0]}' at epsilon={row['epsilon']} is of absolute "
           "noise; thresholds compare with relative errors, so sweep with relative=True.")
     curves.setdefault(row["hoods"][0], []).append((row["epsilon"], row["accuracy_mean"]))
-  thresholds = {}
-  for name, curve in curves.items():
-    threshold = 0.0
-    for epsilon, mean in sorted(curve):
-      if mean < teacher_accuracy - drop:
-        break
-      threshold = float(epsilon)
-    thresholds[name] = threshold
-  return thresholds
+  return {name: threshold(curve, teacher_accuracy, drop) for name, curve in curves.items()}
+
+
+def threshold(curve, reference, drop=0.01):
+  """The largest amplitude of `curve` before the first whose accuracy is under `reference - drop`.
+
+  Args:
+    curve: `[(epsilon, accuracy)]` points, in any order.
+    reference: the clean accuracy.
+    drop: the tolerated accuracy drop, as a fraction.
+
+  Returns:
+    That amplitude, or 0.0 if even the smallest one fails.
+  """
+  found = 0.0
+  for epsilon, value in sorted(curve):
+    if value < reference - drop:
+      break
+    found = float(epsilon)
+  return found
 
 
 def diagnose(teacher, students, dataset, thresholds=None, steps=10, batch_size=128):

@@ -143,7 +143,7 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
       "teacher": summary,
       "regularised_teacher": regular_summary,
       "sweeps": sweeps,
-      "thresholds": _thresholds(sweeps, summary["validation_accuracy"],
+      "thresholds": _thresholds(sweeps, thresholds, summary["validation_accuracy"],
                                 regular_summary["validation_accuracy"], drop),
       "weight_sweeps": weight_sweeps,
       "table4": table4,
@@ -190,16 +190,6 @@ def _nd_row(name, unit_noise, experiment, teacher, summary, multiplier, timings,
           "params": rows[0]["params"], "losses": losses}
 
 
-def _threshold(points, reference, drop):
-  """The largest amplitude before the first whose accuracy falls below `reference - drop`."""
-  threshold = 0.0
-  for epsilon, value in sorted(points):
-    if value < reference - drop:
-      break
-    threshold = epsilon
-  return threshold
-
-
 def _curve(rows, hoods=None):
   """[(epsilon, mean accuracy)] of the rows perturbing exactly `hoods` (all rows if None)."""
   return [(r["epsilon"], r["accuracy_mean"]) for r in rows
@@ -222,16 +212,15 @@ def _cumulative_curves(rows):
   return dict(sorted(curves.items()))
 
 
-def _thresholds(sweeps, reference, regular_reference, drop):
-  """Thresholds of every curve: per unit, all units, the first k, the regularised teacher."""
-  each = perturb.thresholds_from_sweep(sweeps["each"], reference, drop)
+def _thresholds(sweeps, each, reference, regular_reference, drop):
+  """Thresholds of every curve: per unit (`each`), all units, the first k, the regularised one."""
   return {"drop": drop, "each": each, "each_min": min(each.values()),
           "each_mean": sum(each.values()) / len(each),
-          "all": _threshold(_curve(sweeps["all"]), reference, drop),
-          "cumulative": {str(k): _threshold(curve, reference, drop)
+          "all": perturb.threshold(_curve(sweeps["all"]), reference, drop),
+          "cumulative": {str(k): perturb.threshold(curve, reference, drop)
                          for k, curve in _cumulative_curves(sweeps["cumulative"]).items()},
-          "regularised_all": _threshold(_curve(sweeps["regularised_all"]), regular_reference,
-                                        drop)}
+          "regularised_all": perturb.threshold(_curve(sweeps["regularised_all"]),
+                                               regular_reference, drop)}
 
 
 def figures(results, directory):
