@@ -440,9 +440,6 @@ class ActivationSource:
   def _noise_dataset(self, batch_size):
     steps, mean, stddev, seed, rectify = self._noise
 
-    # Plain Python control flow over the neighbourhoods, traced once: nothing for AutoGraph to
-    # convert (and converting it fails with a warning on every source).
-    @tf.autograph.experimental.do_not_convert
     def make(step):
       batch = {}
       for hood in self.hoods:
