@@ -1,5 +1,7 @@
 """NeighbourhoodDistiller: trains every student neighbourhood at once, independently."""
 
+import contextlib
+
 from keras_nd import graph, losses
 from keras_nd._keras import keras, tf
 
@@ -93,6 +95,49 @@ def calibrate_batch_norm(model, dataset, steps=100):
   return _average_batch_statistics(_batch_norms(model), dataset, steps, forward)
 
 
+def _on(device):
+  """A `tf.device` scope, or no scope for None."""
+  return contextlib.nullcontext() if device is None else tf.device(device)
+
+
+def _placement(hoods, devices):
+  """The device of each student (one per entry of `hoods`), or [None, ...] without placement."""
+  if devices is None:
+    return [None] * len(hoods)
+  if tf.distribute.has_strategy():
+    raise ValueError("devices= places whole neighbourhoods on devices itself; it cannot be "
+                     "combined with a tf.distribute strategy, which replicates every student.")
+  if isinstance(devices, str) or not isinstance(devices, (list, tuple, dict)) or not devices:
+    raise ValueError("devices must be a non-empty list of device names or a dict {neighbourhood "
+                     f"name: device}}; got {devices!r}.")
+  known = {_canonical(d.name) for d in tf.config.list_logical_devices()}
+  for device in (devices.values() if isinstance(devices, dict) else devices):
+    if not isinstance(device, str) or _canonical(device) not in known:
+      raise ValueError(f"Unknown device {device!r}; this process has {sorted(known)}.")
+  if isinstance(devices, dict):
+    names = {hood.name for hood in hoods}
+    unknown = sorted(set(devices) - names)
+    missing = sorted(names - set(devices))
+    if unknown or missing:
+      raise ValueError(f"devices must name every neighbourhood being distilled exactly: missing "
+                       f"{missing}, unknown {unknown}.")
+    return [devices[hood.name] for hood in hoods]
+  # Largest first onto the least loaded device (parameters as the measure of work).
+  load = {device: 0 for device in devices}
+  placed = {}
+  for i in sorted(range(len(hoods)), key=lambda i: -hoods[i].teacher.count_params()):
+    device = min(devices, key=lambda d: load[d])
+    placed[i] = device
+    load[device] += hoods[i].teacher.count_params()
+  return [placed[i] for i in range(len(hoods))]
+
+
+def _canonical(name):
+  """'/device:CPU:0' for '/cpu:0', 'CPU:0', '/job:localhost/replica:0/task:0/device:CPU:0'."""
+  spec = tf.DeviceSpec.from_string(name if name.startswith("/") else "/device:" + name)
+  return f"/device:{(spec.device_type or '').upper()}:{spec.device_index or 0}"
+
+
 class NeighbourhoodDistiller(keras.Model):
   """Distils each student neighbourhood from its teacher neighbourhood, all in one step.
 
@@ -116,6 +161,18 @@ class NeighbourhoodDistiller(keras.Model):
       output is also passed through (Eq. 5); the data must come from an
       `ActivationSource` with at least this look-ahead.
     lookahead_weights: alpha_1..alpha_J (default all 1.0).
+    devices: model-parallel placement on one machine: None (everything on the
+      default device, or replicated by a `tf.distribute` strategy), a list of
+      device names (whole neighbourhoods are spread over them, the largest
+      first onto the least loaded device, by the teacher neighbourhoods'
+      parameter counts), or a
+      dict `{neighbourhood name: device}`. Each neighbourhood's forward pass,
+      loss and gradients run on its device, and nothing is all-reduced: the
+      problems are independent. A student given as a function
+      `f(neighbourhood)` is built on its device, so its weights (and the
+      optimizer's slots) live there; a student given as a built model keeps
+      its weights where they were created (they are copied each step).
+      Not combinable with a `tf.distribute` strategy.
 
   Example:
     >>> distiller = nd.NeighbourhoodDistiller(students)
@@ -124,7 +181,7 @@ class NeighbourhoodDistiller(keras.Model):
     >>> student = nd.compose(teacher, distiller.students)
   """
 
-  def __init__(self, students, lookahead=0, lookahead_weights=None, **kwargs):
+  def __init__(self, students, lookahead=0, lookahead_weights=None, devices=None, **kwargs):
     kwargs.setdefault("name", "neighbourhood_distiller")
     super().__init__(**kwargs)
     if not isinstance(students, dict) or not students:
@@ -158,7 +215,11 @@ class NeighbourhoodDistiller(keras.Model):
     self.lookahead_weights = [float(w) for w in lookahead_weights]
     self._hoods = _Untracked([hood for hood, _, _ in entries])
     self._labels = [label for _, label, _ in entries]
-    self.student_models = [as_student_model(hood, student) for hood, _, student in entries]
+    self._devices = _placement([hood for hood, _, _ in entries], devices)
+    self.student_models = []
+    for (hood, _, student), device in zip(entries, self._devices):
+      with _on(device):
+        self.student_models.append(as_student_model(hood, student))
     # The teacher parts are not tracked, so they are not among the trained variables; their
     # `trainable` flags are left alone, since they are the user's teacher's layers.
     self._following = _Untracked(
@@ -169,6 +230,13 @@ class NeighbourhoodDistiller(keras.Model):
     if len(set(self.student_names)) != len(self.student_names):
       raise ValueError(f"Student names must be unique; got {self.student_names}.")
     self.hood_trackers = [keras.metrics.Mean(name=f"{name}_loss") for name in self.student_names]
+
+  @property
+  def placement(self):
+    """{student name: device}, or None when the distiller does not place neighbourhoods."""
+    if self._devices[0] is None:
+      return None
+    return dict(zip(self.student_names, self._devices))
 
   @property
   def entries(self):
@@ -202,9 +270,12 @@ class NeighbourhoodDistiller(keras.Model):
 
   def call(self, inputs, training=False):
     """{student name: output} for a batch of the source's dataset (see `student_names`)."""
-    return {name: model(self._item(inputs, hood)[0], training=training)
-            for name, hood, model in zip(self.student_names, self._hoods.value,
-                                         self.student_models)}
+    outputs = {}
+    for name, hood, model, device in zip(self.student_names, self._hoods.value,
+                                         self.student_models, self._devices):
+      with _on(device):
+        outputs[name] = model(self._item(inputs, hood)[0], training=training)
+    return outputs
 
   def _item(self, data, hood):
     if not isinstance(data, dict) or hood.name not in data:
@@ -222,17 +293,20 @@ class NeighbourhoodDistiller(keras.Model):
     """(total to minimise, [per-neighbourhood distillation loss])."""
     per_hood = []
     total = 0.0
-    for hood, model in zip(self._hoods.value, self.student_models):
-      item = self._item(data, hood)
-      prediction = model(item[0], training=training)
-      loss = losses.neighbourhood_mse(item[1], prediction)
-      if self.lookahead:
-        loss += losses.lookahead_loss(prediction, item[2], self._following.value[hood.name],
-                                      self.lookahead_weights)
+    for hood, model, device in zip(self._hoods.value, self.student_models, self._devices):
+      with _on(device):
+        item = self._item(data, hood)
+        prediction = model(item[0], training=training)
+        loss = losses.neighbourhood_mse(item[1], prediction)
+        if self.lookahead:
+          loss += losses.lookahead_loss(prediction, item[2], self._following.value[hood.name],
+                                        self.lookahead_weights)
+        if model.losses:
+          loss_to_minimise = loss + tf.add_n(model.losses)
+        else:
+          loss_to_minimise = loss
       per_hood.append(loss)
-      total += loss
-      if model.losses:
-        total += tf.add_n(model.losses)
+      total += loss_to_minimise
     return total, per_hood
 
   def _track(self, total, per_hood):
@@ -275,9 +349,10 @@ class NeighbourhoodDistiller(keras.Model):
               for hood, model in zip(self._hoods.value, self.student_models)]
 
     def forward(data):
-      for hood, model, bns in layers:
+      for (hood, model, bns), device in zip(layers, self._devices):
         if bns:
-          model(self._item(data, hood)[0], training=True)
+          with _on(device):
+            model(self._item(data, hood)[0], training=True)
 
     return _average_batch_statistics([bn for _, _, bns in layers for bn in bns], dataset,
                                      steps, forward)

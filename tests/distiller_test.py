@@ -399,5 +399,62 @@ class DistillerStrategyTest(_TeacherCase, tf.test.TestCase, parameterized.TestCa
       self.assertAllClose(one, other, rtol=1e-5, atol=1e-6)
 
 
+class DistillerPlacementTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
+  """Whole neighbourhoods on different (logical CPU) devices, no all-reduce."""
+
+  def _trained(self, devices):
+    keras.utils.set_random_seed(3)
+    builders = {h: functools.partial(nd.students.bottleneck, k=0.5) for h in (self.a, self.b)}
+    distiller = nd.NeighbourhoodDistiller(builders, devices=devices)
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
+    history = distiller.fit(self.online([self.a, self.b]).dataset(batch_size=16), epochs=2,
+                            verbose=0).history
+    return distiller, history
+
+  def test_each_neighbourhood_trains_on_its_device_as_it_would_on_one(self):
+    before = testing.weights_of(self.teacher)
+    placed, history = self._trained({_A: "/cpu:0", _B: "/cpu:1"})
+    self.assertEqual(placed.placement, {_A: "/cpu:0", _B: "/cpu:1"})
+    students = placed.students
+    self.assertTrue(all(w.device.endswith("CPU:0") for w in students[self.a].weights))
+    self.assertTrue(all(w.device.endswith("CPU:1") for w in students[self.b].weights))
+    slots = [v for v in placed.optimizer.variables() if "stage2_unit1" in v.name]
+    self.assertNotEmpty(slots)
+    self.assertTrue(all(v.device.endswith("CPU:1") for v in slots))
+    single, single_history = self._trained(None)
+    self.assertIsNone(single.placement)
+    self.assertAllClose(history[f"{_B}_loss"], single_history[f"{_B}_loss"], rtol=1e-5)
+    for hood in (self.a, self.b):
+      for one, other in zip(students[hood].get_weights(), single.students[hood].get_weights()):
+        self.assertAllClose(one, other, rtol=1e-4, atol=1e-5)
+    self.assertTeacherUnchanged(before)
+
+  def test_a_list_of_devices_balances_parameters(self):
+    units = self.hoods[1:4]
+    distiller = nd.NeighbourhoodDistiller(
+        {h: nd.students.clone(h) for h in units}, devices=["/cpu:0", "/cpu:1"])
+    placement = distiller.placement
+    self.assertLen(set(placement.values()), 2)
+    largest = max(units, key=lambda h: h.teacher.count_params())
+    # The largest goes alone onto one device, the others share the other one.
+    alone = placement[largest.name]
+    self.assertEqual([n for n, d in placement.items() if d == alone], [largest.name])
+
+  @parameterized.named_parameters(
+      ("unknown_device", {_A: "/cpu:0", _B: "/gpu:7"}, "'/gpu:7'"),
+      ("missing_hood", {_A: "/cpu:0"}, _B),
+      ("empty", [], "devices"),
+      ("string", "/cpu:0", "devices"))
+  def test_bad_placements_are_named(self, devices, fragment):
+    with self.assertRaisesRegex(ValueError, fragment):
+      nd.NeighbourhoodDistiller({h: nd.students.clone(h) for h in (self.a, self.b)},
+                                devices=devices)
+
+  def test_placement_is_refused_under_a_strategy(self):
+    with testing.mirrored_strategy().scope():
+      with self.assertRaisesRegex(ValueError, "strategy"):
+        nd.NeighbourhoodDistiller({self.a: nd.students.clone(self.a)}, devices=["/cpu:0"])
+
+
 if __name__ == "__main__":
   tf.test.main()
