@@ -7,6 +7,15 @@ download, no GPU, a few minutes on a 2-core CPU):
   python examples/distill.py --multipliers=1,0.75,0.5,0.4 --ablation --time_neighbourhoods
   python examples/distill.py --dataset=cifar10 --data_dir=~/tensorflow_datasets --model=resnet20
 
+Split across jobs (any number at once, any scheduler, one shared --workdir):
+
+  python examples/distill.py --shard=0/2 &     # or --neighbourhoods=1,2,5
+  python examples/distill.py --shard=1/2 &
+  wait; python examples/distill.py --compose   # refuses, naming them, if students are missing
+
+A killed run started again with the same command resumes: finished work is
+reused, ND, KD and fine-tuning go on from their last epoch.
+
 It writes WORKDIR/results.json (the configuration, one row per method and
 multiplier, timings, time-to-accuracy speed-ups, accuracy curves) and prints
 tables shaped like the paper's Tables 1, 5 and 6.
@@ -34,6 +43,14 @@ flags.DEFINE_integer("ce_epochs", 6, "Cross-entropy student epochs.")
 flags.DEFINE_integer("kd_epochs", 6, "Most epochs of end-to-end KD (early stopping).")
 flags.DEFINE_integer("nd_epochs", 3, "Neighbourhood distillation epochs.")
 flags.DEFINE_integer("ft_epochs", 3, "Most fine-tuning epochs (early stopping).")
+flags.DEFINE_list("neighbourhoods", None, "Only distil these residual units (indices in split "
+                  "order, or names) into --workdir, then stop: one job of a split run.")
+flags.DEFINE_string("shard", None, "'i/n': only distil every n-th residual unit from the i-th, "
+                    "then stop.")
+flags.DEFINE_bool("compose", False, "Assemble ND students from the jobs' artefacts; train none "
+                  "(fails, naming them, if any is missing).")
+flags.DEFINE_list("devices", None, "Spread whole neighbourhoods over these devices for ND "
+                  "(e.g. /gpu:0,/gpu:1); default: one device.")
 
 
 def main(argv):
@@ -46,7 +63,12 @@ def main(argv):
       epochs=dict(teacher=FLAGS.teacher_epochs, ce=FLAGS.ce_epochs, kd=FLAGS.kd_epochs,
                   nd=FLAGS.nd_epochs, ft=FLAGS.ft_epochs),
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, student_init=FLAGS.student_init,
-      verbose=FLAGS.verbose)
+      verbose=FLAGS.verbose, neighbourhoods=FLAGS.neighbourhoods, shard=FLAGS.shard,
+      compose=FLAGS.compose, devices=FLAGS.devices)
+  if "distilled" in results:
+    print(f"Distilled {', '.join(results['distilled'])}: students written to "
+          f"{results['directory']}")
+    return
   print(distill.table(results))
   print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")
 

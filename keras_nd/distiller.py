@@ -230,6 +230,9 @@ class NeighbourhoodDistiller(keras.Model):
     if len(set(self.student_names)) != len(self.student_names):
       raise ValueError(f"Student names must be unique; got {self.student_names}.")
     self.hood_trackers = [keras.metrics.Mean(name=f"{name}_loss") for name in self.student_names]
+    # Every weight exists already (students are built models): saying so lets checkpoint
+    # callbacks such as BackupAndRestore restore into it before the first step.
+    self.built = True
 
   @property
   def placement(self):

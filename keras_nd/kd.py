@@ -65,6 +65,9 @@ class KnowledgeDistiller(keras.Model):
     self.loss_tracker = keras.metrics.Mean(name="loss")
     self.soft_tracker = keras.metrics.Mean(name="soft_loss")
     self.label_tracker = keras.metrics.Mean(name="label_loss")
+    # Every weight exists already (the student is a built model): saying so lets checkpoint
+    # callbacks such as BackupAndRestore restore into it before the first step.
+    self.built = True
 
   @property
   def teacher(self):

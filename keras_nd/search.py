@@ -14,13 +14,13 @@ then needs no training:
 
 A candidate is a dict with at least "label", "accuracy" and the cost key
 ("params" by default; "flops" works the same); the table is
-`{neighbourhood name: [candidates]}`. `distil` trains the candidates (all at
-once, from one activation source) and stores them, so that later searches
-train nothing; `score` builds the table.
+`{neighbourhood name: [candidates]}`. `keras_nd.artefacts.distil` trains the
+candidates (all at once, from one activation source) and stores them, so that
+later searches train nothing; `score` builds the table.
 
 ```python
 candidates = search.multipliers()                       # {"k0.1": builder, ..., "k1": builder}
-trained = search.distil(teacher, units, candidates, source, "workdir/search", epochs=3)
+trained = artefacts.distil(teacher, units, candidates, source, "workdir/search", epochs=3)
 table = search.score(teacher, units, trained, validation, "workdir/search")
 best = search.budgeted(table, teacher_accuracy, budget=150_000)
 student = search.compose_choice(teacher, units, trained, best["choice"])
@@ -28,15 +28,11 @@ student = search.compose_choice(teacher, units, trained, best["choice"])
 """
 
 import functools
-import json
-import os
 
 import numpy as np
 
-from keras_nd import graph, students
+from keras_nd import artefacts, graph, students
 from keras_nd._keras import keras
-from keras_nd.activations import teacher_fingerprint
-from keras_nd.distiller import NeighbourhoodDistiller, as_student_model
 
 COST_KEYS = ("params", "flops")
 MULTIPLIERS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -86,103 +82,15 @@ def _positions(layer):
   return count
 
 
-def _store(directory, teacher):
-  """The folder of `teacher`'s candidates (its weights' fingerprint, computed once per call)."""
-  return os.path.join(directory, f"teacher-{teacher_fingerprint(teacher)[:12]}")
-
-
-def _check_candidates(hoods, candidates):
-  """`{hood name: {label: builder}}` from one family for all or a family per neighbourhood."""
-  if not isinstance(candidates, dict) or not candidates:
-    raise ValueError(f"candidates must be a non-empty dict {{label: builder}} or {{neighbourhood "
-                     f"name: {{label: builder}}}}; got {candidates!r}.")
-  names = [hood.name for hood in hoods]
-  if all(isinstance(v, dict) for v in candidates.values()):
-    missing = [n for n in names if n not in candidates]
-    if missing:
-      raise ValueError(f"No candidates for the neighbourhoods {missing}.")
-    family = {n: candidates[n] for n in names}
-  else:
-    family = {n: candidates for n in names}
-  for name, builders in family.items():
-    if not builders:
-      raise ValueError(f"Neighbourhood '{name}' has an empty list of candidates.")
-  return family
-
-
-def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128,
-           learning_rate=2e-3, seed=0, verbose=1):
-  """Distils every candidate of every neighbourhood not stored yet, all at once; loads the rest.
-
-  Each trained candidate is saved as `<directory>/teacher-<fingerprint>/
-  <neighbourhood>/<label>.keras` (written under a temporary name, then
-  renamed) with a `.json` beside it holding its final distillation loss, so
-  a later call, with more candidates or the same ones, trains only what is
-  missing.
-
-  Args:
-    teacher: the teacher the neighbourhoods were split from.
-    hoods: the neighbourhoods to search (e.g. the residual units).
-    candidates: `{label: builder}` for every neighbourhood (e.g.
-      `multipliers()`), or `{neighbourhood name: {label: builder}}`; a builder
-      is `f(neighbourhood) -> model` or a model.
-    source: an `ActivationSource` over the neighbourhoods.
-    directory: where candidates are stored.
-    epochs, batch_size, learning_rate, seed: the distillation's settings
-      (Adam, cosine decay), the same for every candidate.
-    verbose: 0 silent, 1 a line, 2 Keras progress bars too.
-
-  Returns:
-    `{neighbourhood name: {label: trained model}}`.
-  """
-  family = _check_candidates(hoods, candidates)
-  store = _store(directory, teacher)
-  trained, pending = {}, {}
-  for hood in hoods:
-    trained[hood.name] = {}
-    for label, builder in family[hood.name].items():
-      path = os.path.join(store, hood.name, f"{label}.keras")
-      if os.path.exists(path) and os.path.exists(path[:-len(".keras")] + ".json"):
-        trained[hood.name][label] = keras.models.load_model(path, safe_mode=True)
-      else:
-        keras.utils.set_random_seed(seed)
-        pending.setdefault(hood, {})[label] = as_student_model(hood, builder)
-  if pending:
-    count = sum(len(v) for v in pending.values())
-    if verbose:
-      print(f"Distilling {count} candidates of {len(pending)} neighbourhoods at once...",
-            flush=True)
-    distiller = NeighbourhoodDistiller(pending)
-    steps = epochs * -(-source.num_examples // batch_size) if source.num_examples else None
-    rate = (keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps
-            else learning_rate)
-    distiller.compile(keras.optimizers.Adam(rate))
-    history = distiller.fit(source.dataset(batch_size, seed=seed), epochs=epochs,
-                            verbose=2 if verbose > 1 else 0).history
-    distiller.calibrate_batch_norm(source.dataset(batch_size, seed=seed + 1))
-    for name, hood, label, model in distiller.entries:
-      if graph.prunes(model):  # pruned candidates are stored as plain sparse layers
-        from keras_nd import sparsity  # pylint: disable=g-import-not-at-top
-        model = sparsity.strip(model)
-      os.makedirs(os.path.join(store, hood.name), exist_ok=True)
-      path = os.path.join(store, hood.name, f"{label}.keras")
-      model.save(path + ".tmp.keras")
-      with open(path[:-len(".keras")] + ".json", "w") as f:
-        json.dump({"loss": float(history[f"{name}_loss"][-1]), "epochs": epochs}, f)
-      os.replace(path + ".tmp.keras", path)
-      trained[hood.name][label] = model
-  return trained
-
-
 def score(teacher, hoods, trained, dataset, directory=None):
   """The quality table: each candidate alone in the teacher, with its cost and distillation loss.
 
   Args:
-    teacher, hoods: as for `distil`.
-    trained: `distil`'s result.
+    teacher, hoods: as for `artefacts.distil`.
+    trained: `artefacts.distil`'s result.
     dataset: held-out batches of (image, label) to measure accuracy on.
-    directory: `distil`'s directory, to read each candidate's final loss
-      ("mse"); None leaves it out.
+    directory: `artefacts.distil`'s directory, to read each candidate's
+      final loss ("mse"); None leaves it out.
 
   Returns:
     `{neighbourhood name: [{"label", "params", "flops", "accuracy", "mse"}]}`,
@@ -190,7 +98,7 @@ def score(teacher, hoods, trained, dataset, directory=None):
   """
   table = {}
   by_name = {hood.name: hood for hood in hoods}
-  store = _store(directory, teacher) if directory is not None else None
+  store = artefacts.store(directory, teacher) if directory is not None else None
   for name, models in trained.items():
     hood = by_name[name]
     rows = []
@@ -198,8 +106,7 @@ def score(teacher, hoods, trained, dataset, directory=None):
       row = {"label": label, "params": int(model.count_params()), "flops": flops(model),
              "accuracy": _accuracy(graph.substitute(teacher, {hood: model}), dataset)}
       if directory is not None:
-        with open(os.path.join(store, name, f"{label}.json")) as f:
-          row["mse"] = json.load(f)["loss"]
+        row["mse"] = artefacts.info(store, name, label)["loss"]
       rows.append(row)
     table[name] = rows
   return table

@@ -11,7 +11,7 @@ import testing
 from absl.testing import parameterized
 
 import keras_nd as nd
-from keras_nd import search
+from keras_nd import artefacts, search
 from keras_nd._keras import keras, tf
 
 
@@ -123,8 +123,8 @@ class DistilAndScoreTest(tf.test.TestCase):
     cls.units = nd.split(cls.teacher)[1:3]
     cls.source = nd.ActivationSource(cls.teacher, cls.units, testing.dataset(x), verbose=0)
     cls.directory = tempfile.mkdtemp(prefix="nd_search_")
-    cls.trained = search.distil(cls.teacher, cls.units, search.multipliers((0.25, 1.0)),
-                                cls.source, cls.directory, epochs=2, batch_size=16, verbose=0)
+    cls.trained = artefacts.distil(cls.teacher, cls.units, search.multipliers((0.25, 1.0)),
+                                   cls.source, cls.directory, epochs=2, batch_size=16, verbose=0)
 
   def test_every_candidate_is_trained_and_stored(self):
     self.assertEqual({n: sorted(m) for n, m in self.trained.items()},
@@ -138,8 +138,8 @@ class DistilAndScoreTest(tf.test.TestCase):
     shutil.copytree(self.directory, directory)
     with mock.patch.object(nd.NeighbourhoodDistiller, "fit",
                            side_effect=AssertionError("trained again")):
-      again = search.distil(self.teacher, self.units, search.multipliers((0.25, 1.0)),
-                            self.source, directory, epochs=2, batch_size=16, verbose=0)
+      again = artefacts.distil(self.teacher, self.units, search.multipliers((0.25, 1.0)),
+                               self.source, directory, epochs=2, batch_size=16, verbose=0)
     a = np.random.RandomState(0).normal(size=(2,) + self.units[0].input_shape[1:])
     name = self.units[0].name
     self.assertAllClose(again[name]["k0.25"](a, training=False),
@@ -152,8 +152,8 @@ class DistilAndScoreTest(tf.test.TestCase):
       return original(distiller, *args, **kwargs)
 
     with mock.patch.object(nd.NeighbourhoodDistiller, "fit", counting_fit):
-      more = search.distil(self.teacher, self.units, search.multipliers((0.25, 0.5, 1.0)),
-                           self.source, directory, epochs=1, batch_size=16, verbose=0)
+      more = artefacts.distil(self.teacher, self.units, search.multipliers((0.25, 0.5, 1.0)),
+                              self.source, directory, epochs=1, batch_size=16, verbose=0)
     self.assertEqual(fits, [["k0.5", "k0.5"]])
     self.assertEqual(sorted(more[name]), ["k0.25", "k0.5", "k1"])
 
@@ -182,14 +182,14 @@ class DistilAndScoreTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "empty"):
       search.multipliers(())
     with self.assertRaisesRegex(ValueError, "No candidates for the neighbourhoods"):
-      search.distil(self.teacher, self.units, {self.units[0].name: search.multipliers((0.5,))},
-                    self.source, self.directory, epochs=1)
+      artefacts.distil(self.teacher, self.units, {self.units[0].name: search.multipliers((0.5,))},
+                       self.source, self.directory, epochs=1)
 
   def test_a_candidate_of_the_wrong_shape_is_named(self):
     wrong = {"bad": keras.Sequential([keras.Input((4, 4, 5)), keras.layers.Conv2D(3, 1)])}
     with self.assertRaisesRegex(ValueError, self.units[0].name):
-      search.distil(self.teacher, self.units[:1], wrong, self.source, self.get_temp_dir(),
-                    epochs=1, verbose=0)
+      artefacts.distil(self.teacher, self.units[:1], wrong, self.source, self.get_temp_dir(),
+                       epochs=1, verbose=0)
 
 
 class SparseCandidatesTest(tf.test.TestCase):
@@ -201,8 +201,8 @@ class SparseCandidatesTest(tf.test.TestCase):
                                                                  "stage2_unit1_conv2")]
     source = nd.ActivationSource(teacher, hoods, testing.dataset(x), verbose=0)
     directory = self.get_temp_dir()
-    trained = search.distil(teacher, hoods, search.sparsities((0.25, 0.75), steps=8), source,
-                            directory, epochs=4, batch_size=16, verbose=0)
+    trained = artefacts.distil(teacher, hoods, search.sparsities((0.25, 0.75), steps=8), source,
+                               directory, epochs=4, batch_size=16, verbose=0)
     for name, models in trained.items():
       for label, level in (("s0.25", 0.25), ("s0.75", 0.75)):
         self.assertFalse(nd.graph.prunes(models[label]), msg=(name, label))
@@ -210,8 +210,8 @@ class SparseCandidatesTest(tf.test.TestCase):
         self.assertAllClose(np.mean(kernel == 0), level, atol=0.01, msg=(name, label))
     # Stored plain, so they load with safe_mode and without tfmot's scope.
     with mock.patch.object(nd.NeighbourhoodDistiller, "fit", side_effect=AssertionError):
-      again = search.distil(teacher, hoods, search.sparsities((0.25, 0.75), steps=8), source,
-                            directory, epochs=4, batch_size=16, verbose=0)
+      again = artefacts.distil(teacher, hoods, search.sparsities((0.25, 0.75), steps=8), source,
+                               directory, epochs=4, batch_size=16, verbose=0)
     self.assertEqual(sorted(again["stage1_unit1_conv1"]), ["s0.25", "s0.75"])
     table = search.score(teacher, hoods, trained, testing.dataset(x, y), directory)
     self.assertEqual([c["label"] for c in table["stage2_unit1_conv2"]], ["s0.25", "s0.75"])

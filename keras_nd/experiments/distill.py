@@ -16,15 +16,31 @@ minus 0.5 points; KD's time is its training time until its first epoch at
 the target, ND+FT's is cache + ND + fine-tuning until its first evaluation at
 the target (evaluated right after ND too). Evaluation time is not counted.
 Fine-tuning and KD stop early on a validation split held out from training.
+
+Scale-out and resumption (issue 8): ND students are artefacts
+(`keras_nd.artefacts`) in `workdir/students`, one per neighbourhood and
+recipe; a run trains only those not finished. `run(neighbourhoods=...)` or
+`run(shard="i/n")` distils only some neighbourhoods and stops there (any
+number of such jobs may share the work directory, at once: the teacher and
+the activation cache are built by whichever job comes first, under a lock);
+`run(compose=True)` then assembles the students and refuses to train any.
+Anything killed resumes: the teacher and the cache are used only when
+complete, ND resumes from its last epoch, and KD and fine-tuning resume from
+their last epoch with their early-stopping state (`workdir/backups`, removed
+once results.json is written). CE students are retrained.
 """
 
+import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 
+import numpy as np
+
 import keras_nd as nd
-from keras_nd import models
+from keras_nd import artefacts, files, models
 from keras_nd._keras import keras
 from keras_nd.experiments.common import accuracy, scorable, write_results
 
@@ -68,7 +84,7 @@ class EpochTracker(keras.callbacks.Callback):
   """
 
   def __init__(self, validation, test, patience=None, offset=0.0, evaluate_first=False,
-               student=None):
+               student=None, state_path=None):
     super().__init__()
     self.validation = validation
     self.test = test
@@ -80,15 +96,18 @@ class EpochTracker(keras.callbacks.Callback):
     self._waited = 0
     self._evaluate_first = evaluate_first
     self._student = student
+    self._state_path = state_path
+    self._epochs = []  # the epoch of each point of the curve (-1: before training)
 
   def _scored(self):
     """The model that predicts: the student inside a distiller, else the model itself."""
     return self._student or self.model
 
-  def _evaluate(self):
+  def _evaluate(self, epoch):
     scored = self._scored()
     validation, test = accuracy(scored, self.validation), accuracy(scored, self.test)
     self.curve.append((self.seconds, test))
+    self._epochs.append(epoch)
     if validation > self.best_validation:
       self.best_validation = validation
       self._best_weights = scored.get_weights()
@@ -97,18 +116,55 @@ class EpochTracker(keras.callbacks.Callback):
       self._waited += 1
     return validation
 
+  def resume(self):
+    """Loads the state a killed job saved (if any); True if its training had already stopped."""
+    if not self._state_path or not os.path.exists(self._state_path):
+      return False
+    with open(self._state_path) as f:
+      state = json.load(f)
+    self.curve = [tuple(point) for point in state["curve"]]
+    self._epochs = state["epochs"]
+    self.seconds = state["seconds"]
+    self.best_validation = state["best_validation"]
+    self._waited = state["waited"]
+    if os.path.exists(self._state_path + ".npz"):
+      with np.load(self._state_path + ".npz", allow_pickle=False) as saved:
+        self._best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    self._evaluate_first = False
+    return state["stopped"]
+
   def on_train_begin(self, logs=None):
     if self._evaluate_first:
-      self._evaluate()
+      self._evaluate(-1)
 
   def on_epoch_begin(self, epoch, logs=None):
     self._start = time.perf_counter()
+    # A job killed after saving this state but before its backup repeats the epoch.
+    while self._epochs and self._epochs[-1] >= epoch:
+      self._epochs.pop()
+      self.curve.pop()
+    if self.curve:
+      self.seconds = self.curve[-1][0]
 
   def on_epoch_end(self, epoch, logs=None):
     self.seconds += time.perf_counter() - self._start
-    self._evaluate()
+    self._evaluate(epoch)
     if self.patience is not None and self._waited > self.patience:
       self.model.stop_training = True
+    if self._state_path:
+      self._save(epoch)
+
+  def _save(self, epoch):
+    """Keeps what early stopping knows on disk (before the epoch's backup: see on_epoch_begin)."""
+    os.makedirs(os.path.dirname(self._state_path), exist_ok=True)
+    if self._best_weights is not None:
+      with open(self._state_path + ".tmp.npz", "wb") as f:
+        np.savez(f, *self._best_weights)
+      os.replace(self._state_path + ".tmp.npz", self._state_path + ".npz")
+    files.write_json(self._state_path, {
+        "curve": self.curve, "epochs": self._epochs, "seconds": self.seconds,
+        "best_validation": self.best_validation, "waited": self._waited, "epoch": epoch,
+        "stopped": bool(self.model.stop_training)})
 
   def on_train_end(self, logs=None):
     if self._best_weights is not None:
@@ -144,6 +200,8 @@ class Experiment:
       unit of the teacher while it trains (App. B.1); 0, the default, for the
       plain teacher. It enters the teacher key only when non-zero, so plain
       teachers keep their keys (and caches).
+    devices: `NeighbourhoodDistiller`'s placement of neighbourhoods on devices
+      for ND (None: the default device).
 
   Attributes:
     students: `{Neighbourhood: student}` of the latest `nd` call, as
@@ -152,7 +210,7 @@ class Experiment:
 
   def __init__(self, data, model, workdir, epochs, batch_size=128, learning_rate=2e-3,
                nd_learning_rate=2e-3, temperature=2.5, label_weight=1.0, patience=2, seed=0,
-               max_lookahead=0, student_init="teacher", verbose=1, unit_noise=0.0):
+               max_lookahead=0, student_init="teacher", verbose=1, unit_noise=0.0, devices=None):
     self.data = data
     self.model = model
     self.workdir = workdir
@@ -169,6 +227,7 @@ class Experiment:
     self.student_init = student_init
     self.verbose = verbose
     self.unit_noise = unit_noise
+    self.devices = devices
     self.students = None
     self.timings = {}
     self.train = data.pipeline("train", batch_size, training=True, seed=seed)
@@ -182,6 +241,7 @@ class Experiment:
     self.key = self._teacher_key()
     # One cache per teacher and look-ahead: a retrained teacher never meets another's cache.
     self.cache_dir = os.path.join(workdir, f"cache-{self.key}-lookahead{max_lookahead}")
+    self.students_dir = os.path.join(workdir, "students")
 
   def _teacher_key(self):
     """A digest of everything the teacher depends on, the data's first batch included."""
@@ -208,8 +268,16 @@ class Experiment:
                        unit_noise)
 
   def teacher(self):
-    """The teacher: loaded from the work directory when trained before with the same settings."""
+    """The teacher: loaded from the work directory when trained before with the same settings.
+
+    Jobs sharing the work directory take turns: the first trains it, the
+    others wait for it and load it.
+    """
     path = os.path.join(self.workdir, f"teacher-{self.key}.keras")
+    with files.locked(path[:-len(".keras")] + ".lock"):
+      return self._trained_teacher(path)
+
+  def _trained_teacher(self, path):
     if os.path.exists(path):
       teacher = scorable(keras.models.load_model(path, safe_mode=True))
       with open(path[:-len(".keras")] + ".json") as f:
@@ -223,10 +291,7 @@ class Experiment:
     teacher.fit(self.train, epochs=self.epochs["teacher"], verbose=self._fit_verbose())
     self.timings["teacher"] = time.perf_counter() - start
     # Written under a temporary name and renamed, so an interrupted save is never reused.
-    teacher.save(path + ".tmp.keras")
-    with open(path[:-len(".keras")] + ".json", "w") as f:
-      json.dump(dict(self.teacher_spec, seconds=self.timings["teacher"]), f)
-    os.replace(path + ".tmp.keras", path)
+    files.save_model(path, teacher, dict(self.teacher_spec, seconds=self.timings["teacher"]))
     return teacher
 
   def ce(self, multiplier):
@@ -238,11 +303,14 @@ class Experiment:
                 callbacks=[tracker])
     return self._row("ce", multiplier, student, tracker.seconds), tracker.curve
 
-  def fine_tune(self, teacher, student, epochs, learning_rate, offset=0.0, evaluate_first=False):
+  def fine_tune(self, teacher, student, epochs, learning_rate, offset=0.0, evaluate_first=False,
+                name=None):
     """Trains `student` by KD from `teacher`, evaluated every epoch; returns the `EpochTracker`.
 
     Stops early on validation accuracy and ends with the best epoch's weights;
-    `offset` seconds start the tracker's clock (ND's time, for ND+FT).
+    `offset` seconds start the tracker's clock (ND's time, for ND+FT). With a
+    `name`, training is backed up every epoch in `workdir/backups/<name>` and
+    a killed job resumes from there.
     """
     distiller = nd.KnowledgeDistiller(teacher=teacher, student=student,
                                       temperature=self.temperature,
@@ -250,9 +318,21 @@ class Experiment:
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate,
                                                       epochs * self.steps_per_epoch)
     distiller.compile(keras.optimizers.Adam(schedule), metrics=["accuracy"])
+    backup = os.path.join(self.workdir, "backups", name) if name else None
     tracker = EpochTracker(self.validation, self.test, patience=self.patience, offset=offset,
-                           evaluate_first=evaluate_first, student=scorable(student))
-    distiller.fit(self.train, epochs=epochs, verbose=self._fit_verbose(), callbacks=[tracker])
+                           evaluate_first=evaluate_first, student=scorable(student),
+                           state_path=backup and os.path.join(backup, "tracker.json"))
+    if tracker.resume():  # it had stopped early: only the best weights are wanted
+      tracker.set_model(distiller)
+      tracker.on_train_end()
+      self.say(f"  {name}: finished before the restart ({len(tracker.curve)} evaluations).")
+      return tracker
+    callbacks = [tracker]  # the tracker saves its state before the epoch's backup
+    if backup:
+      callbacks.append(keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False))
+      if tracker.curve:
+        self.say(f"  {name}: resuming after {len(tracker.curve)} evaluations ({backup}).")
+    distiller.fit(self.train, epochs=epochs, verbose=self._fit_verbose(), callbacks=callbacks)
     return tracker
 
   def _students(self, units, multiplier):
@@ -271,7 +351,8 @@ class Experiment:
     else:
       student = nd.compose(teacher, self._students(nd.split(teacher)[1:-1], multiplier))
       learning_rate = self.learning_rate / 4
-    tracker = self.fine_tune(teacher, student, self.epochs["kd"], learning_rate)
+    tracker = self.fine_tune(teacher, student, self.epochs["kd"], learning_rate,
+                             name=f"kd-k{multiplier:g}")
     return self._row("kd", multiplier, student, tracker.seconds), tracker.curve
 
   def source(self, teacher, lookahead):
@@ -295,34 +376,54 @@ class Experiment:
           verify=False, verbose=0))
     return self._sources[lookahead]
 
-  def nd(self, teacher, multiplier, lookahead=0):
-    """ND of every residual unit: (student, cache + ND seconds, ND seconds, per-hood losses)."""
+  def nd_label(self, multiplier, lookahead):
+    """The name of an ND student's recipe: its multiplier, look-ahead and a digest of the rest."""
+    recipe = {"epochs": self.epochs["nd"], "batch_size": self.batch_size,
+              "learning_rate": self.nd_learning_rate, "seed": self.seed,
+              "student_init": self.student_init, "calibrate_steps": self.steps_per_epoch}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return f"k{multiplier:g}-lookahead{lookahead}-{digest}"
+
+  def distil(self, teacher, multiplier, lookahead=0, hoods=None):
+    """Distils the students of `hoods` (default: every residual unit) that are not finished."""
     units, source = self.source(teacher, lookahead)
-    distiller = nd.NeighbourhoodDistiller(self._students(units, multiplier), lookahead=lookahead)
-    steps = self.epochs["nd"] * -(-source.num_examples // self.batch_size)
-    distiller.compile(keras.optimizers.Adam(
-        keras.optimizers.schedules.CosineDecay(self.nd_learning_rate, steps)))
-    start = time.perf_counter()
-    history = distiller.fit(source.dataset(self.batch_size, seed=self.seed),
-                            epochs=self.epochs["nd"], verbose=self._fit_verbose())
-    # The moving statistics lag behind the last weights (see calibrate_batch_norm).
-    distiller.calibrate_batch_norm(source.dataset(self.batch_size, seed=self.seed + 1),
-                                   steps=self.steps_per_epoch)
-    seconds = time.perf_counter() - start
-    losses = {h.name: history.history[f"{h.name}_loss"][-1] for h in units}
-    self.students = distiller.students
+    builder = functools.partial(nd.students.bottleneck, k=multiplier, init=self.student_init)
+    artefacts.distil(teacher, units if hoods is None else hoods,
+                     {self.nd_label(multiplier, lookahead): builder}, source, self.students_dir,
+                     epochs=self.epochs["nd"], batch_size=self.batch_size,
+                     learning_rate=self.nd_learning_rate, seed=self.seed, lookahead=lookahead,
+                     devices=self.devices, calibrate_steps=self.steps_per_epoch,
+                     verbose=self.verbose)
+
+  def nd(self, teacher, multiplier, lookahead=0, train=True):
+    """ND of every residual unit: (student, cache + ND seconds, ND seconds, per-hood losses).
+
+    Students come from their artefacts; those not finished are distilled
+    first, all at once, unless `train` is False (then they are refused,
+    named). ND seconds are the training time of every job that made them.
+    """
+    units, _ = self.source(teacher, lookahead)
+    if train:
+      self.distil(teacher, multiplier, lookahead)
+    label = self.nd_label(multiplier, lookahead)
+    self.students = artefacts.load(teacher, units, label, self.students_dir)
+    store = artefacts.store(self.students_dir, teacher)
+    info = {h.name: artefacts.info(store, h.name, label) for h in units}
+    seconds = sum({i["job"]: i["seconds"] for i in info.values()}.values())
+    losses = {name: i["loss"] for name, i in info.items()}
     student = scorable(nd.compose(teacher, self.students))
     return student, self.timings["cache"] + seconds, seconds, losses
 
-  def nd_and_ft(self, teacher, multiplier, lookahead=0, fine_tune=True):
+  def nd_and_ft(self, teacher, multiplier, lookahead=0, fine_tune=True, train=True):
     """ND, and ND+FT on top of it: ([rows], ND+FT curve, per-hood losses, ND seconds)."""
-    student, seconds, nd_seconds, losses = self.nd(teacher, multiplier, lookahead)
+    student, seconds, nd_seconds, losses = self.nd(teacher, multiplier, lookahead, train)
     accuracy_nd = accuracy(student, self.test)
     rows = [dict(self._row("nd", multiplier, student, seconds), lookahead=lookahead)]
     curve = [(seconds, accuracy_nd)]
     if fine_tune:
       tracker = self.fine_tune(teacher, student, self.epochs["ft"], self.learning_rate / 4,
-                         offset=seconds, evaluate_first=True)
+                               offset=seconds, evaluate_first=True,
+                               name=f"ft-{self.nd_label(multiplier, lookahead)}")
       curve = tracker.curve
       rows.append(dict(self._row("nd_ft", multiplier, student, tracker.seconds),
                        lookahead=lookahead, accuracy_before_ft=accuracy_nd))
@@ -351,8 +452,27 @@ class Experiment:
     return row
 
 
+def select(units, neighbourhoods=None, shard=None):
+  """The residual units a job distils: by index in `split` order or name, or shard "i/n"."""
+  if neighbourhoods is not None and shard is not None:
+    raise ValueError("Give the neighbourhoods of a job or its shard, not both.")
+  if shard is not None:
+    return artefacts.shard(units, shard)
+  if not neighbourhoods:
+    raise ValueError("The list of neighbourhoods to distil is empty.")
+  by_key = {str(h.index): h for h in units} | {h.name: h for h in units}
+  unknown = [str(n) for n in neighbourhoods if str(n) not in by_key]
+  if unknown:
+    raise ValueError(f"Unknown neighbourhoods {unknown}: this experiment distils the residual "
+                     f"units, by index {units[0].index}..{units[-1].index} or name "
+                     f"({', '.join(h.name for h in units)}).")
+  chosen = {by_key[str(n)].name: by_key[str(n)] for n in neighbourhoods}
+  return [h for h in units if h.name in chosen]
+
+
 def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lookahead=0,
-        ablation=False, time_neighbourhoods=False, epochs=None, verbose=1, **settings):
+        ablation=False, time_neighbourhoods=False, epochs=None, verbose=1, neighbourhoods=None,
+        shard=None, compose=False, **settings):
   """Runs the experiment and writes `workdir/results.json`.
 
   Args:
@@ -368,11 +488,19 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
       (Table 6's per-neighbourhood and sequential rows).
     epochs: dict overriding the default epoch budgets (teacher, ce, kd, nd, ft).
     verbose: 0 silent, 1 one line per phase, 2 Keras progress bars too.
-    **settings: passed to `Experiment` (batch_size, learning_rate, ...).
+    neighbourhoods: distil only these residual units (indices in `split`
+      order, or names) for every multiplier and look-ahead, and stop: no
+      other method, no results.json (a job of a split run).
+    shard: "i/n": distil only every n-th residual unit from the i-th, and
+      stop (as `neighbourhoods`).
+    compose: train no ND student: assemble them from the artefacts the jobs
+      wrote, and refuse (FileNotFoundError naming them) if any is missing.
+    **settings: passed to `Experiment` (batch_size, learning_rate, devices...).
 
   Returns:
     The results dict: {"config", "teacher", "rows", "timings", "speedup",
-    "curves"}.
+    "curves"}; for a job of a split run, {"distilled": [names],
+    "directory": where the students are}.
   """
   unknown = sorted(set(methods) - set(METHODS))
   if unknown or not methods:
@@ -396,6 +524,16 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
                 student_init=experiment.student_init,
                 num_train=data.num_train, num_validation=data.num_validation)
   teacher = experiment.teacher()
+  variants = sorted({lookahead, 2} if ablation else {lookahead})
+  if neighbourhoods is not None or shard is not None:
+    if compose:
+      raise ValueError("A job distils some neighbourhoods or composes them all, not both.")
+    mine = select(nd.split(teacher)[1:-1], neighbourhoods, shard)
+    experiment.say(f"Distilling {[h.name for h in mine]} into {experiment.students_dir}.")
+    for k in multipliers:
+      for la in variants:
+        experiment.distil(teacher, k, la, hoods=mine)
+    return {"distilled": [h.name for h in mine], "directory": experiment.students_dir}
   teacher_row = {"params": teacher.count_params(), "accuracy": accuracy(teacher, experiment.test)}
   experiment.say(f"  teacher params={teacher_row['params']} "
                   f"accuracy={teacher_row['accuracy']:.4f}")
@@ -408,10 +546,10 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
       row, curves[f"kd@{k:g}"] = experiment.kd(teacher, k)
       rows.append(row)
       timings[f"kd@{k:g}"] = row["seconds"]
-    for la in sorted({lookahead, 2} if ablation else {lookahead}):
+    for la in variants:
       if "nd" in methods or "nd_ft" in methods:
-        nd_rows, curve, losses, nd_seconds = experiment.nd_and_ft(teacher, k, la,
-                                                                  fine_tune="nd_ft" in methods)
+        nd_rows, curve, losses, nd_seconds = experiment.nd_and_ft(
+            teacher, k, la, fine_tune="nd_ft" in methods, train=not compose)
         rows.extend(r for r in nd_rows if r["method"] in methods)
         curves[f"nd_ft@{k:g}/lookahead{la}"] = curve
         timings[f"cache@{k:g}"] = experiment.timings["cache"]
@@ -428,6 +566,8 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
   results = {"config": config, "teacher": teacher_row, "rows": rows, "timings": timings,
              "speedup": speedup, "curves": curves}
   write_results(workdir, results)
+  # The run is complete: a later one starts KD and fine-tuning afresh (ND students are kept).
+  shutil.rmtree(os.path.join(workdir, "backups"), ignore_errors=True)
   return results
 
 

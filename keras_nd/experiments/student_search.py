@@ -13,7 +13,7 @@ candidates.
 import os
 import time
 
-from keras_nd import search
+from keras_nd import artefacts, search
 from keras_nd.experiments import distill, plot
 from keras_nd.experiments.common import accuracy, scorable, write_results
 
@@ -60,12 +60,12 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, u
   teacher_accuracy = accuracy(teacher, experiment.validation)
   units, source = experiment.source(teacher, 0)
   start = time.perf_counter()
-  trained = search.distil(teacher, units,
-                          search.multipliers(multipliers, init=experiment.student_init), source,
-                          os.path.join(workdir, "candidates"), epochs=budget["nd"],
-                          batch_size=experiment.batch_size,
-                          learning_rate=experiment.nd_learning_rate, seed=experiment.seed,
-                          verbose=verbose)
+  trained = artefacts.distil(teacher, units,
+                             search.multipliers(multipliers, init=experiment.student_init), source,
+                             os.path.join(workdir, "candidates"), epochs=budget["nd"],
+                             batch_size=experiment.batch_size,
+                             learning_rate=experiment.nd_learning_rate, seed=experiment.seed,
+                             verbose=verbose)
   timings = {"teacher": experiment.timings["teacher"], "cache": experiment.timings["cache"],
              "candidates": time.perf_counter() - start}
   start = time.perf_counter()

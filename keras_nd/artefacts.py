@@ -1,0 +1,211 @@
+"""Distilled students as files, so that any number of jobs can share the work.
+
+Every trained student is an artefact: `<directory>/teacher-<fingerprint>/
+<neighbourhood>/<label>.keras`, with `<label>.json` beside it (its final
+distillation loss, epochs, training seconds). Both are written under
+temporary names and renamed when complete, so an artefact that exists is
+finished. `distil` trains only the students that have no artefact and loads
+the others; jobs given different neighbourhoods (by hand, or `shard`) can
+therefore run at once, on any scheduler, into one shared directory, and
+`load` assembles their work, naming any neighbourhood that is not finished.
+A job that is killed loses at most its current epoch: training is backed up
+every epoch (Keras `BackupAndRestore`) and resumes from there when the same
+job is started again.
+
+```python
+hoods = nd.split(teacher)[1:-1]
+mine = artefacts.shard(hoods, "0/2")          # the other job takes "1/2"
+artefacts.distil(teacher, mine, {"k0.5": builder}, source, "workdir/students", epochs=3)
+...                                           # once every job has finished:
+students = artefacts.load(teacher, hoods, "k0.5", "workdir/students")
+student = nd.compose(teacher, students)
+```
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+
+from keras_nd import files, graph
+from keras_nd._keras import keras
+from keras_nd.activations import teacher_fingerprint
+from keras_nd.distiller import NeighbourhoodDistiller, as_student_model
+
+
+def store(directory, teacher):
+  """The folder of `teacher`'s artefacts in `directory` (named by its weights' fingerprint)."""
+  return os.path.join(directory, f"teacher-{teacher_fingerprint(teacher)[:12]}")
+
+
+def path(store_dir, hood_name, label):
+  """The artefact of one student: `<store>/<neighbourhood>/<label>.keras`."""
+  return os.path.join(store_dir, hood_name, f"{label}.keras")
+
+
+def info(store_dir, hood_name, label):
+  """The `.json` of an artefact: {"loss", "epochs", "seconds", ...}."""
+  with open(path(store_dir, hood_name, label)[:-len(".keras")] + ".json") as f:
+    return json.load(f)
+
+
+def finished(store_dir, hood_name, label):
+  """Whether the artefact exists (it is renamed into place only when complete)."""
+  return os.path.exists(path(store_dir, hood_name, label))
+
+
+def shard(hoods, spec):
+  """The neighbourhoods of shard "i/n" (0 <= i < n): every n-th one, starting at the i-th."""
+  try:
+    index, count = (int(part) for part in str(spec).split("/"))
+  except ValueError:
+    raise ValueError(f"A shard is 'i/n' with integers 0 <= i < n; got {spec!r}.") from None
+  if not 0 <= index < count:
+    raise ValueError(f"A shard is 'i/n' with integers 0 <= i < n; got {spec!r}.")
+  if count > len(hoods):
+    raise ValueError(f"Shard {spec!r}: {count} shards for only {len(hoods)} neighbourhoods.")
+  return list(hoods)[index::count]
+
+
+def _check_candidates(hoods, candidates):
+  """`{hood name: {label: builder}}` from one family for all or a family per neighbourhood."""
+  if not isinstance(candidates, dict) or not candidates:
+    raise ValueError(f"candidates must be a non-empty dict {{label: builder}} or {{neighbourhood "
+                     f"name: {{label: builder}}}}; got {candidates!r}.")
+  names = [hood.name for hood in hoods]
+  if all(isinstance(v, dict) for v in candidates.values()):
+    missing = [n for n in names if n not in candidates]
+    if missing:
+      raise ValueError(f"No candidates for the neighbourhoods {missing}.")
+    family = {n: candidates[n] for n in names}
+  else:
+    family = {n: candidates for n in names}
+  for name, builders in family.items():
+    if not builders:
+      raise ValueError(f"Neighbourhood '{name}' has an empty list of candidates.")
+  return family
+
+
+def _seeded(builder, seed):
+  """A builder that seeds Keras first: every student starts the same, whoever else is trained."""
+
+  def build(hood):
+    keras.utils.set_random_seed(seed)
+    return as_student_model(hood, builder)
+
+  return build
+
+
+class _EpochLog(keras.callbacks.Callback):
+  """Keeps each epoch's logs and seconds in a JSON file, so a resumed job still knows them."""
+
+  def __init__(self, log_path):
+    super().__init__()
+    self.path = log_path
+    self.epochs = []
+    if os.path.exists(log_path):
+      with open(log_path) as f:
+        self.epochs = json.load(f)
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._start = time.perf_counter()
+
+  def on_epoch_end(self, epoch, logs=None):
+    del self.epochs[epoch:]  # a resumed job repeats the epoch it was killed in
+    self.epochs.append(dict({k: float(v) for k, v in (logs or {}).items()},
+                            seconds=time.perf_counter() - self._start))
+    files.write_json(self.path, self.epochs)
+
+
+def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128,
+           learning_rate=2e-3, seed=0, lookahead=0, devices=None, calibrate_steps=50, verbose=1):
+  """Distils every student that has no artefact yet, all at once; loads the rest.
+
+  Args:
+    teacher: the teacher the neighbourhoods were split from.
+    hoods: the neighbourhoods this job is responsible for.
+    candidates: `{label: builder}` for every neighbourhood, or
+      `{neighbourhood name: {label: builder}}`; a builder is
+      `f(neighbourhood) -> model` or a model. A label names a student's
+      recipe: artefacts of one label are taken to come from the same
+      settings, so give different settings different labels.
+    source: an `ActivationSource` over (at least) the neighbourhoods, with at
+      least `lookahead` look-ahead.
+    directory: the shared directory of artefacts.
+    epochs, batch_size, learning_rate, seed: the distillation's settings
+      (Adam, cosine decay). Every student is built right after seeding Keras
+      with `seed`, and the source's batches depend only on `seed`, so a
+      student comes out the same whichever others are trained beside it
+      (up to floating-point summation order).
+    lookahead: look-ahead depth of the loss (Eq. 5).
+    devices: `NeighbourhoodDistiller`'s placement of neighbourhoods on devices.
+    calibrate_steps: batches over which the students' BatchNorm statistics
+      are re-estimated after training (`calibrate_batch_norm`).
+    verbose: 0 silent, 1 a line, 2 Keras progress bars too.
+
+  Returns:
+    `{neighbourhood name: {label: trained model}}` for `hoods`.
+  """
+  family = _check_candidates(hoods, candidates)
+  store_dir = store(directory, teacher)
+  trained, pending = {}, {}
+  for hood in hoods:
+    trained[hood.name] = {}
+    for label, builder in family[hood.name].items():
+      if finished(store_dir, hood.name, label):
+        trained[hood.name][label] = keras.models.load_model(path(store_dir, hood.name, label),
+                                                            safe_mode=True)
+      else:
+        pending.setdefault(hood, {})[label] = _seeded(builder, seed)
+  if not pending:
+    return trained
+  count = sum(len(v) for v in pending.values())
+  done = sum(len(v) for v in trained.values())
+  if verbose:
+    print(f"Distilling {count} students of {len(pending)} neighbourhoods at once"
+          + (f" ({done} already finished)" if done else "") + "...", flush=True)
+  # One backup per set of students trained together: a restarted job resumes its own.
+  job = sorted(f"{hood.name}/{label}" for hood, labels in pending.items() for label in labels)
+  backup = os.path.join(store_dir, ".backup",
+                        hashlib.sha256(json.dumps(job).encode()).hexdigest()[:16])
+  distiller = NeighbourhoodDistiller(pending, lookahead=lookahead, devices=devices)
+  steps = epochs * -(-source.num_examples // batch_size) if source.num_examples else None
+  rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps else learning_rate
+  distiller.compile(keras.optimizers.Adam(rate))
+  log = _EpochLog(os.path.join(backup, "epochs.json"))
+  if log.epochs and verbose:
+    print(f"Resuming after epoch {len(log.epochs)} of {epochs} ({backup}).", flush=True)
+  distiller.fit(source.dataset(batch_size, seed=seed), epochs=epochs,
+                verbose=2 if verbose > 1 else 0,
+                callbacks=[keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False), log])
+  distiller.calibrate_batch_norm(source.dataset(batch_size, seed=seed + 1), steps=calibrate_steps)
+  last = log.epochs[-1]
+  seconds = sum(epoch["seconds"] for epoch in log.epochs)
+  for name, hood, label, model in distiller.entries:
+    if graph.prunes(model):  # pruned students are stored as plain sparse layers
+      from keras_nd import sparsity  # pylint: disable=g-import-not-at-top
+      model = sparsity.strip(model)
+    files.save_model(path(store_dir, hood.name, label), model,
+                     {"loss": last[f"{name}_loss"], "epochs": epochs, "seconds": seconds,
+                      "trained_with": len(job), "job": os.path.basename(backup)})
+    trained[hood.name][label] = model
+  shutil.rmtree(backup, ignore_errors=True)
+  return trained
+
+
+def load(teacher, hoods, label, directory):
+  """`{Neighbourhood: student}` from the artefacts of `label`, as `compose` takes them.
+
+  Raises:
+    FileNotFoundError: naming every neighbourhood that has no finished
+      artefact (not distilled yet, or its job still running or killed).
+  """
+  store_dir = store(directory, teacher)
+  missing = [hood.name for hood in hoods if not finished(store_dir, hood.name, label)]
+  if missing:
+    raise FileNotFoundError(
+        f"No finished student '{label}' for the neighbourhoods {missing} in '{store_dir}' "
+        f"({len(hoods) - len(missing)} of {len(hoods)} finished): distil them first.")
+  return {hood: keras.models.load_model(path(store_dir, hood.name, label), safe_mode=True)
+          for hood in hoods}
