@@ -414,10 +414,11 @@ class ActivationSource:
     ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(record_bytes, tf.int64)))
     if shuffle:
       ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    # Unshuffled, shards are read one after another so examples come in dataset order.
+    # Unshuffled, shards are read one after another so examples come in dataset order. Reading
+    # is deterministic either way: the batches of a seed are the same in every job and run.
     ds = ds.interleave(read, cycle_length=min(4, len(files)) if shuffle else 1,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if not shuffle:
       return ds.rebatch(batch_size)
     # Examples are shuffled within windows: a window is permuted and served by one gather per

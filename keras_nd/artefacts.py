@@ -8,9 +8,10 @@ finished. `distil` trains only the students that have no artefact and loads
 the others; jobs given different neighbourhoods (by hand, or `shard`) can
 therefore run at once, on any scheduler, into one shared directory, and
 `load` assembles their work, naming any neighbourhood that is not finished.
-A job that is killed loses at most its current epoch: training is backed up
-every epoch (Keras `BackupAndRestore`) and resumes from there when the same
-job is started again.
+A job that is killed loses at most its current epoch: training is
+checkpointed after every epoch and resumes from there when the same job is
+started again, with the same result as if it had not stopped (epoch j's
+batches depend only on the seed and j).
 
 ```python
 hoods = nd.split(teacher)[1:-1]
@@ -29,7 +30,7 @@ import shutil
 import time
 
 from keras_nd import files, graph
-from keras_nd._keras import keras
+from keras_nd._keras import keras, tf
 from keras_nd.activations import teacher_fingerprint
 from keras_nd.distiller import NeighbourhoodDistiller, as_student_model
 
@@ -97,22 +98,27 @@ def _seeded(builder, seed):
   return build
 
 
+def epoch_seed(seed, epoch):
+  """The shuffling seed of one epoch: a resumed job serves the batches it would have served."""
+  return seed + 10007 * epoch
+
+
 class _EpochLog(keras.callbacks.Callback):
   """Keeps each epoch's logs and seconds in a JSON file, so a resumed job still knows them."""
 
-  def __init__(self, log_path):
+  def __init__(self, log_path, epochs_done):
     super().__init__()
     self.path = log_path
     self.epochs = []
     if os.path.exists(log_path):
       with open(log_path) as f:
-        self.epochs = json.load(f)
+        # Written before the epoch's checkpoint: a job killed between the two repeats the epoch.
+        self.epochs = json.load(f)[:epochs_done]
 
   def on_epoch_begin(self, epoch, logs=None):
     self._start = time.perf_counter()
 
   def on_epoch_end(self, epoch, logs=None):
-    del self.epochs[epoch:]  # a resumed job repeats the epoch it was killed in
     self.epochs.append(dict({k: float(v) for k, v in (logs or {}).items()},
                             seconds=time.perf_counter() - self._start))
     files.write_json(self.path, self.epochs)
@@ -173,12 +179,22 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
   steps = epochs * -(-source.num_examples // batch_size) if source.num_examples else None
   rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps else learning_rate
   distiller.compile(keras.optimizers.Adam(rate))
-  log = _EpochLog(os.path.join(backup, "epochs.json"))
-  if log.epochs and verbose:
-    print(f"Resuming after epoch {len(log.epochs)} of {epochs} ({backup}).", flush=True)
-  distiller.fit(source.dataset(batch_size, seed=seed), epochs=epochs,
-                verbose=2 if verbose > 1 else 0,
-                callbacks=[keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False), log])
+  # Checkpointed after every epoch; epoch j is one `fit` call on batches seeded by (seed, j).
+  distiller.optimizer.build(distiller.trainable_variables)
+  os.makedirs(backup, exist_ok=True)
+  checkpoint = tf.train.Checkpoint(distiller=distiller)
+  checkpoints = tf.train.CheckpointManager(checkpoint, backup, max_to_keep=1)
+  done = 0
+  if checkpoints.latest_checkpoint:
+    checkpoint.restore(checkpoints.latest_checkpoint)
+    done = int(checkpoints.latest_checkpoint.rsplit("-", 1)[1])
+    if verbose:
+      print(f"Resuming after epoch {done} of {epochs} ({backup}).", flush=True)
+  log = _EpochLog(os.path.join(backup, "epochs.json"), done)
+  for epoch in range(done, epochs):
+    distiller.fit(source.dataset(batch_size, seed=epoch_seed(seed, epoch)), initial_epoch=epoch,
+                  epochs=epoch + 1, verbose=2 if verbose > 1 else 0, callbacks=[log])
+    checkpoints.save(checkpoint_number=epoch + 1)
   distiller.calibrate_batch_norm(source.dataset(batch_size, seed=seed + 1), steps=calibrate_steps)
   last = log.epochs[-1]
   seconds = sum(epoch["seconds"] for epoch in log.epochs)
