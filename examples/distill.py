@@ -13,6 +13,12 @@ Split across jobs (any number at once, any scheduler, one shared --workdir):
   python examples/distill.py --shard=1/2 &
   wait; python examples/distill.py --compose   # refuses, naming them, if students are missing
 
+Several machines distilling together (tf.distribute.MultiWorkerMirroredStrategy
+from TF_CONFIG; each worker runs the same command, then one runs --compose):
+
+  TF_CONFIG='{"cluster": {"worker": ["host1:port", "host2:port"]},
+              "task": {"type": "worker", "index": 0}}' python examples/distill.py --multi_worker
+
 A killed run started again with the same command resumes: finished work is
 reused, ND, KD and fine-tuning go on from their last epoch.
 
@@ -25,6 +31,7 @@ import os
 
 from absl import app, flags
 
+from keras_nd._keras import tf
 from keras_nd.experiments import common, distill
 
 FLAGS = flags.FLAGS
@@ -49,12 +56,20 @@ flags.DEFINE_string("shard", None, "'i/n': only distil every n-th residual unit 
                     "then stop.")
 flags.DEFINE_bool("compose", False, "Assemble ND students from the jobs' artefacts; train none "
                   "(fails, naming them, if any is missing).")
+flags.DEFINE_bool("multi_worker", False, "Distil with tf.distribute.MultiWorkerMirroredStrategy "
+                  "(cluster from TF_CONFIG), then stop; compose with --compose afterwards.")
 flags.DEFINE_list("devices", None, "Spread whole neighbourhoods over these devices for ND "
                   "(e.g. /gpu:0,/gpu:1); default: one device.")
 
 
 def main(argv):
   del argv
+  strategy = None
+  if FLAGS.multi_worker:  # first: the strategy must exist before TensorFlow runs anything
+    if "TF_CONFIG" not in os.environ:
+      raise app.UsageError("--multi_worker needs the cluster in the TF_CONFIG environment "
+                           "variable.")
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
   results = distill.run(
       common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
       multipliers=[float(k) for k in FLAGS.multipliers], methods=FLAGS.methods,
@@ -64,7 +79,7 @@ def main(argv):
                   nd=FLAGS.nd_epochs, ft=FLAGS.ft_epochs),
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, student_init=FLAGS.student_init,
       verbose=FLAGS.verbose, neighbourhoods=FLAGS.neighbourhoods, shard=FLAGS.shard,
-      compose=FLAGS.compose, devices=FLAGS.devices)
+      compose=FLAGS.compose, devices=FLAGS.devices, strategy=strategy)
   if "distilled" in results:
     print(f"Distilled {', '.join(results['distilled'])}: students written to "
           f"{results['directory']}")

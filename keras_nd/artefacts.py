@@ -23,6 +23,7 @@ student = nd.compose(teacher, students)
 ```
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -125,7 +126,8 @@ class _EpochLog(keras.callbacks.Callback):
 
 
 def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128,
-           learning_rate=2e-3, seed=0, lookahead=0, devices=None, calibrate_steps=50, verbose=1):
+           learning_rate=2e-3, seed=0, lookahead=0, devices=None, calibrate_steps=50,
+           strategy=None, verbose=1):
   """Distils every student that has no artefact yet, all at once; loads the rest.
 
   Args:
@@ -148,6 +150,11 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
     devices: `NeighbourhoodDistiller`'s placement of neighbourhoods on devices.
     calibrate_steps: batches over which the students' BatchNorm statistics
       are re-estimated after training (`calibrate_batch_norm`).
+    strategy: a `tf.distribute` strategy to train under (e.g.
+      `MultiWorkerMirroredStrategy`: every worker calls `distil` with the
+      same arguments; each batch is split between them; only the chief
+      writes artefacts, the other workers checkpoint into directories of
+      their own).
     verbose: 0 silent, 1 a line, 2 Keras progress bars too.
 
   Returns:
@@ -175,12 +182,17 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
   job = sorted(f"{hood.name}/{label}" for hood, labels in pending.items() for label in labels)
   backup = os.path.join(store_dir, ".backup",
                         hashlib.sha256(json.dumps(job).encode()).hexdigest()[:16])
-  distiller = NeighbourhoodDistiller(pending, lookahead=lookahead, devices=devices)
+  chief = strategy is None or strategy.extended.should_checkpoint
+  if not chief:  # every worker saves (the saves are collective), the others elsewhere
+    backup += f".worker{strategy.cluster_resolver.task_id}"
   steps = epochs * -(-source.num_examples // batch_size) if source.num_examples else None
-  rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps else learning_rate
-  distiller.compile(keras.optimizers.Adam(rate))
-  # Checkpointed after every epoch; epoch j is one `fit` call on batches seeded by (seed, j).
-  distiller.optimizer.build(distiller.trainable_variables)
+  with strategy.scope() if strategy else contextlib.nullcontext():
+    distiller = NeighbourhoodDistiller(pending, lookahead=lookahead, devices=devices)
+    rate = (keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps
+            else learning_rate)
+    distiller.compile(keras.optimizers.Adam(rate))
+    # Checkpointed after every epoch; epoch j is one `fit` call on batches seeded by (seed, j).
+    distiller.optimizer.build(distiller.trainable_variables)
   os.makedirs(backup, exist_ok=True)
   checkpoint = tf.train.Checkpoint(distiller=distiller)
   checkpoints = tf.train.CheckpointManager(checkpoint, backup, max_to_keep=1)
@@ -192,9 +204,17 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
       print(f"Resuming after epoch {done} of {epochs} ({backup}).", flush=True)
   log = _EpochLog(os.path.join(backup, "epochs.json"), done)
   for epoch in range(done, epochs):
-    distiller.fit(source.dataset(batch_size, seed=epoch_seed(seed, epoch)), initial_epoch=epoch,
-                  epochs=epoch + 1, verbose=2 if verbose > 1 else 0, callbacks=[log])
+    dataset = source.dataset(batch_size, seed=epoch_seed(seed, epoch))
+    if strategy is not None:  # workers split each batch (the cache is not split by files)
+      options = tf.data.Options()
+      options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+      dataset = dataset.with_options(options)
+    # Keras would number this epoch out of epoch + 1: progress is reported here instead.
+    distiller.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=[log])
     checkpoints.save(checkpoint_number=epoch + 1)
+    if verbose:
+      print(f"  epoch {epoch + 1}/{epochs}: loss {log.epochs[-1]['loss']:.4g} "
+            f"({log.epochs[-1]['seconds']:.1f}s)", flush=True)
   distiller.calibrate_batch_norm(source.dataset(batch_size, seed=seed + 1), steps=calibrate_steps)
   last = log.epochs[-1]
   seconds = sum(epoch["seconds"] for epoch in log.epochs)
@@ -202,7 +222,9 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
     if graph.prunes(model):  # pruned students are stored as plain sparse layers
       from keras_nd import sparsity  # pylint: disable=g-import-not-at-top
       model = sparsity.strip(model)
-    files.save_model(path(store_dir, hood.name, label), model,
+    # Saving is collective under a multi-worker strategy: the other workers save a copy into
+    # their own backup directory, deleted below.
+    files.save_model(path(store_dir if chief else backup, hood.name, label), model,
                      {"loss": last[f"{name}_loss"], "epochs": epochs, "seconds": seconds,
                       "trained_with": len(job), "job": os.path.basename(backup)})
     trained[hood.name][label] = model

@@ -202,6 +202,8 @@ class Experiment:
       teachers keep their keys (and caches).
     devices: `NeighbourhoodDistiller`'s placement of neighbourhoods on devices
       for ND (None: the default device).
+    strategy: a `tf.distribute` strategy for ND (e.g. multi-worker); None for
+      the default.
 
   Attributes:
     students: `{Neighbourhood: student}` of the latest `nd` call, as
@@ -210,7 +212,8 @@ class Experiment:
 
   def __init__(self, data, model, workdir, epochs, batch_size=128, learning_rate=2e-3,
                nd_learning_rate=2e-3, temperature=2.5, label_weight=1.0, patience=2, seed=0,
-               max_lookahead=0, student_init="teacher", verbose=1, unit_noise=0.0, devices=None):
+               max_lookahead=0, student_init="teacher", verbose=1, unit_noise=0.0, devices=None,
+               strategy=None):
     self.data = data
     self.model = model
     self.workdir = workdir
@@ -228,6 +231,7 @@ class Experiment:
     self.verbose = verbose
     self.unit_noise = unit_noise
     self.devices = devices
+    self.strategy = strategy
     self.students = None
     self.timings = {}
     self.train = data.pipeline("train", batch_size, training=True, seed=seed)
@@ -393,7 +397,7 @@ class Experiment:
                      epochs=self.epochs["nd"], batch_size=self.batch_size,
                      learning_rate=self.nd_learning_rate, seed=self.seed, lookahead=lookahead,
                      devices=self.devices, calibrate_steps=self.steps_per_epoch,
-                     verbose=self.verbose)
+                     strategy=self.strategy, verbose=self.verbose)
 
   def nd(self, teacher, multiplier, lookahead=0, train=True):
     """ND of every residual unit: (student, cache + ND seconds, ND seconds, per-hood losses).
@@ -495,7 +499,9 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
       stop (as `neighbourhoods`).
     compose: train no ND student: assemble them from the artefacts the jobs
       wrote, and refuse (FileNotFoundError naming them) if any is missing.
-    **settings: passed to `Experiment` (batch_size, learning_rate, devices...).
+    **settings: passed to `Experiment` (batch_size, learning_rate, devices,
+      strategy, ...). With a strategy the run is a distillation job (of the
+      given neighbourhoods, or all) and stops there.
 
   Returns:
     The results dict: {"config", "teacher", "rows", "timings", "speedup",
@@ -525,10 +531,12 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
                 num_train=data.num_train, num_validation=data.num_validation)
   teacher = experiment.teacher()
   variants = sorted({lookahead, 2} if ablation else {lookahead})
-  if neighbourhoods is not None or shard is not None:
+  if neighbourhoods is not None or shard is not None or experiment.strategy is not None:
     if compose:
       raise ValueError("A job distils some neighbourhoods or composes them all, not both.")
-    mine = select(nd.split(teacher)[1:-1], neighbourhoods, shard)
+    units = nd.split(teacher)[1:-1]
+    mine = units if neighbourhoods is None and shard is None else select(units, neighbourhoods,
+                                                                         shard)
     experiment.say(f"Distilling {[h.name for h in mine]} into {experiment.students_dir}.")
     for k in multipliers:
       for la in variants:

@@ -1,0 +1,146 @@
+"""Tests for keras_nd.artefacts: students as files, shared by jobs, resumed when killed."""
+
+import functools
+import os
+import shutil
+import tempfile
+from unittest import mock
+
+import testing
+
+import keras_nd as nd
+from keras_nd import artefacts
+from keras_nd._keras import tf
+
+_LABEL = "k0.5"
+_CANDIDATES = {_LABEL: functools.partial(nd.students.bottleneck, k=0.5)}
+
+
+class ArtefactsTest(tf.test.TestCase):
+  """One job distils three units; the tests compare other ways of doing the same work to it."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    x, y = testing.images(64)
+    cls.x = x
+    cls.teacher = testing.trained(testing.tiny_resnet(), x, y)
+    cls.units = nd.split(cls.teacher)[1:4]
+    cls.cache = tempfile.mkdtemp(prefix="nd_artefacts_cache_")
+    cls.whole = tempfile.mkdtemp(prefix="nd_artefacts_")
+    cls.trained = artefacts.distil(cls.teacher, cls.units, _CANDIDATES, cls._source(), cls.whole,
+                                   **cls._settings())
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.cache, ignore_errors=True)
+    shutil.rmtree(cls.whole, ignore_errors=True)
+    super().tearDownClass()
+
+  @classmethod
+  def _source(cls):
+    """A job's own source over every unit, on the shared cache (the first job builds it)."""
+    return nd.ActivationSource(cls.teacher, cls.units, testing.dataset(cls.x), cache_dir=cls.cache,
+                               verbose=0)
+
+  @staticmethod
+  def _settings():
+    return dict(epochs=3, batch_size=16, learning_rate=1e-2, seed=5, verbose=0)
+
+  def assertSameStudents(self, students):
+    for hood in self.units:
+      mine, reference = students[hood.name][_LABEL], self.trained[hood.name][_LABEL]
+      for one, other in zip(mine.get_weights(), reference.get_weights()):
+        self.assertAllClose(one, other, rtol=1e-5, atol=1e-6, msg=hood.name)
+
+  def test_each_student_is_an_artefact_with_its_loss(self):
+    store = artefacts.store(self.whole, self.teacher)
+    for hood in self.units:
+      self.assertTrue(artefacts.finished(store, hood.name, _LABEL))
+      info = artefacts.info(store, hood.name, _LABEL)
+      self.assertEqual(info["epochs"], 3)
+      self.assertGreater(info["loss"], 0.0)
+      self.assertEqual(info["trained_with"], 3)
+    self.assertEqual(os.listdir(os.path.join(store, ".backup")), [])  # removed when finished
+    loaded = artefacts.load(self.teacher, self.units, _LABEL, self.whole)
+    self.assertEqual(list(loaded), self.units)
+    self.assertEqual(nd.compose(self.teacher, loaded).output_shape, self.teacher.output_shape)
+
+  def test_sharded_jobs_make_the_students_of_one_job(self):
+    directory = self.get_temp_dir()
+    for spec in ("1/2", "0/2"):  # separate jobs: each its own source and distiller
+      mine = artefacts.shard(self.units, spec)
+      got = artefacts.distil(self.teacher, mine, _CANDIDATES, self._source(), directory,
+                             **self._settings())
+      self.assertEqual(sorted(got), sorted(h.name for h in mine))
+    students = artefacts.load(self.teacher, self.units, _LABEL, directory)
+    self.assertSameStudents({h.name: {_LABEL: m} for h, m in students.items()})
+
+  def test_load_names_the_neighbourhoods_without_a_finished_student(self):
+    directory = self.get_temp_dir()
+    artefacts.distil(self.teacher, artefacts.shard(self.units, "0/2"), _CANDIDATES,
+                     self._source(), directory, **dict(self._settings(), epochs=1))
+    # A job killed while saving leaves only a temporary file: not finished.
+    store = artefacts.store(directory, self.teacher)
+    os.makedirs(os.path.join(store, self.units[1].name))
+    with open(os.path.join(store, self.units[1].name, f"{_LABEL}.tmp123.keras"), "w") as f:
+      f.write("partial")
+    with self.assertRaisesRegex(FileNotFoundError,
+                                rf"'{self.units[1].name}'.*2 of 3 finished"):
+      artefacts.load(self.teacher, self.units, _LABEL, directory)
+
+  def test_an_interrupted_job_resumes_from_its_last_epoch_with_the_same_result(self):
+    directory = self.get_temp_dir()
+    fit = nd.NeighbourhoodDistiller.fit
+    calls = []
+
+    def killed_in_the_second_epoch(distiller, *args, **kwargs):
+      calls.append(kwargs["initial_epoch"])
+      if len(calls) == 2:
+        raise KeyboardInterrupt
+      return fit(distiller, *args, **kwargs)
+
+    with mock.patch.object(nd.NeighbourhoodDistiller, "fit", killed_in_the_second_epoch):
+      with self.assertRaises(KeyboardInterrupt):
+        artefacts.distil(self.teacher, self.units, _CANDIDATES, self._source(), directory,
+                         **self._settings())
+    self.assertEqual(calls, [0, 1])
+    calls.clear()
+
+    def recorded(distiller, *args, **kwargs):
+      calls.append(kwargs["initial_epoch"])
+      return fit(distiller, *args, **kwargs)
+
+    with mock.patch.object(nd.NeighbourhoodDistiller, "fit", recorded):
+      resumed = artefacts.distil(self.teacher, self.units, _CANDIDATES, self._source(), directory,
+                                 **self._settings())
+    self.assertEqual(calls, [1, 2])  # the first epoch is not trained again
+    self.assertSameStudents(resumed)
+    store = artefacts.store(directory, self.teacher)
+    for hood in self.units:
+      self.assertAllClose(artefacts.info(store, hood.name, _LABEL)["loss"],
+                          artefacts.info(artefacts.store(self.whole, self.teacher), hood.name,
+                                         _LABEL)["loss"], rtol=1e-5)
+
+  def test_shard_specs(self):
+    self.assertEqual(artefacts.shard(self.units, "0/2"), [self.units[0], self.units[2]])
+    self.assertEqual(artefacts.shard(self.units, "1/3"), [self.units[1]])
+    for bad in ("2/2", "-1/2", "1", "a/b", "0/0"):
+      with self.assertRaisesRegex(ValueError, "'i/n'"):
+        artefacts.shard(self.units, bad)
+    with self.assertRaisesRegex(ValueError, "4 shards for only 3"):
+      artefacts.shard(self.units, "0/4")
+
+  def test_placement_reaches_the_distiller(self):
+    directory = self.get_temp_dir()
+    got = artefacts.distil(self.teacher, self.units[:2], _CANDIDATES, self._source(), directory,
+                           devices={self.units[0].name: "/cpu:1", self.units[1].name: "/cpu:0"},
+                           **dict(self._settings(), epochs=1))
+    self.assertLen(got, 2)
+    with self.assertRaisesRegex(ValueError, "Unknown device"):
+      artefacts.distil(self.teacher, self.units[2:], _CANDIDATES, self._source(), directory,
+                       devices=["/cpu:9"], **self._settings())
+
+
+if __name__ == "__main__":
+  tf.test.main()

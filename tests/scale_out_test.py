@@ -1,0 +1,142 @@
+"""The distillation binary split across processes: sharded jobs, killed jobs, two workers.
+
+Each test runs examples/distill.py in subprocesses on a tiny ResNet-8 (the
+in-process equivalents are in artefacts_test.py).
+"""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from keras_nd._keras import tf
+
+_BINARY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                       "distill.py")
+_TINY = ["--num_train=192", "--num_validation=16", "--model=resnet8", "--teacher_epochs=1",
+         "--batch_size=16", "--nd_epochs=3", "--ft_epochs=3", "--methods=nd,nd_ft"]
+
+
+def _command(workdir, *flags):
+  return [sys.executable, _BINARY, *_TINY, f"--workdir={workdir}", *flags]
+
+
+def _free_ports(count):
+  with contextlib.ExitStack() as stack:
+    sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+    for s in sockets:
+      s.bind(("localhost", 0))
+    return [s.getsockname()[1] for s in sockets]
+
+
+class ScaleOutTest(tf.test.TestCase):
+
+  def _run(self, workdir, *flags, env=None):
+    done = subprocess.run(_command(workdir, "--verbose=1", *flags), capture_output=True, text=True,
+                          timeout=600, check=False, env=env)
+    return done.returncode, done.stdout, done.stderr
+
+  def _succeeds(self, workdir, *flags):
+    code, out, err = self._run(workdir, *flags)
+    self.assertEqual(code, 0, msg=err[-3000:])
+    return out
+
+  def _artefacts(self, workdir):
+    return sorted(name for _, _, names in os.walk(os.path.join(workdir, "students"))
+                  for name in names if name.endswith(".keras"))
+
+  def test_concurrent_shard_jobs_then_compose(self):
+    workdir = self.get_temp_dir()
+    # Two jobs at once into one work directory: one trains the teacher and builds the cache,
+    # the other waits for them (a lock), then each distils its own units.
+    jobs = [subprocess.Popen(_command(workdir, "--verbose=1", f"--shard={i}/3"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in (0, 1)]
+    outputs = [job.communicate(timeout=600) for job in jobs]
+    for job, (out, err) in zip(jobs, outputs):
+      self.assertEqual(job.returncode, 0, msg=err[-3000:])
+      self.assertIn("students written to", out)
+    self.assertEqual(sum("Training the teacher" in out for out, _ in outputs), 1)
+    self.assertEqual(sum("Reusing the teacher" in out for out, _ in outputs), 1)
+    self.assertIn("Distilled stage1_unit1_out:", outputs[0][0])
+    self.assertIn("Distilled stage2_unit1_out:", outputs[1][0])
+    self.assertLen(self._artefacts(workdir), 2)
+
+    code, _, err = self._run(workdir, "--compose")
+    self.assertNotEqual(code, 0)
+    self.assertRegex(err, r"FileNotFoundError: No finished student .* \['stage3_unit1_out'\]")
+
+    self._succeeds(workdir, "--neighbourhoods=3")  # the third unit, by its index in split
+    out = self._succeeds(workdir, "--compose")
+    self.assertNotIn("Distilling", out)
+    with open(os.path.join(workdir, "results.json")) as f:
+      rows = json.load(f)["rows"]
+    self.assertEqual([r["method"] for r in rows], ["nd", "nd_ft"])
+
+  def test_killed_runs_resume_and_train_nothing_twice(self):
+    workdir = self.get_temp_dir()
+
+    def killed(*markers):
+      """Runs the binary, SIGKILLs it once `markers` have appeared in order; returns the output."""
+      job = subprocess.Popen(_command(workdir, "--verbose=2"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+      seen, lines = 0, []
+      for line in job.stdout:
+        lines.append(line)
+        if markers[seen] in line:
+          seen += 1
+          if seen == len(markers):
+            job.send_signal(signal.SIGKILL)
+            break
+      job.wait(timeout=600)
+      self.assertEqual(job.returncode, -signal.SIGKILL, msg="".join(lines)[-3000:])
+      return "".join(lines)
+
+    killed("Building the activation cache")
+    second = killed("Distilling", "epoch 1/3:")  # in ND, after its first epoch's checkpoint
+    self.assertIn("Reusing the teacher", second)
+    third = killed("Resuming after epoch", "  nd ", "Epoch 2/3")  # in fine-tuning
+    self.assertRegex(third, r"Resuming after epoch [12] of 3")
+    self.assertIn("Reusing the activation cache", third)
+    self.assertNotIn("Training the teacher", third)
+    out = self._succeeds(workdir, "--verbose=2")
+    self.assertIn("Reusing the teacher", out)
+    self.assertIn("Reusing the activation cache", out)
+    self.assertNotIn("Distilling", out)  # every ND student was finished
+    # Killed after fine-tuning's first epoch (or, at the latest, its second).
+    self.assertRegex(out, r"ft-k0\.5-lookahead0-\w+: resuming after [23] evaluations")
+    with open(os.path.join(workdir, "results.json")) as f:
+      results = json.load(f)
+    self.assertEqual([r["method"] for r in results["rows"]], ["nd", "nd_ft"])
+    self.assertLen(results["curves"]["nd_ft@0.5/lookahead0"], 4)  # before FT and 3 epochs
+    self.assertFalse(os.path.exists(os.path.join(workdir, "backups")))
+
+  def test_two_workers_on_loopback(self):
+    workdir = self.get_temp_dir()
+    ports = _free_ports(2)
+    jobs = []
+    for index in range(2):
+      config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                "task": {"type": "worker", "index": index}}
+      env = dict(os.environ, TF_CONFIG=json.dumps(config))
+      jobs.append(subprocess.Popen(_command(workdir, "--verbose=1", "--multi_worker"), env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [job.communicate(timeout=600) for job in jobs]
+    for job, (out, err) in zip(jobs, outputs):
+      self.assertEqual(job.returncode, 0, msg=err[-3000:])
+      self.assertIn("Distilled stage1_unit1_out, stage2_unit1_out, stage3_unit1_out:", out)
+    self.assertIn("num_devices = 1, group_size = 2", outputs[0][1])  # gradients all-reduced
+    self.assertLen(self._artefacts(workdir), 3)  # written by the chief only
+
+  def test_multi_worker_needs_tf_config(self):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    code, _, err = self._run(self.get_temp_dir(), "--multi_worker", env=env)
+    self.assertNotEqual(code, 0)
+    self.assertIn("TF_CONFIG", err)
+
+
+if __name__ == "__main__":
+  tf.test.main()
