@@ -122,6 +122,15 @@ class ArtefactsTest(tf.test.TestCase):
                           artefacts.info(artefacts.store(self.whole, self.teacher), hood.name,
                                          _LABEL)["loss"], rtol=1e-5)
 
+  def test_distils_under_a_mirrored_strategy(self):
+    directory = self.get_temp_dir()
+    got = artefacts.distil(self.teacher, self.units[:1], _CANDIDATES, self._source(), directory,
+                           strategy=testing.mirrored_strategy(), **dict(self._settings(), epochs=1))
+    store = artefacts.store(directory, self.teacher)
+    self.assertTrue(artefacts.finished(store, self.units[0].name, _LABEL))
+    self.assertGreater(artefacts.info(store, self.units[0].name, _LABEL)["loss"], 0.0)
+    self.assertEqual(got[self.units[0].name][_LABEL].output_shape, self.units[0].output_shape)
+
   def test_shard_specs(self):
     self.assertEqual(artefacts.shard(self.units, "0/2"), [self.units[0], self.units[2]])
     self.assertEqual(artefacts.shard(self.units, "1/3"), [self.units[1]])
