@@ -182,6 +182,8 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
   job = sorted(f"{hood.name}/{label}" for hood, labels in pending.items() for label in labels)
   backup = os.path.join(store_dir, ".backup",
                         hashlib.sha256(json.dumps(job).encode()).hexdigest()[:16])
+  if strategy is not None:
+    _check_same_teacher(strategy, teacher)
   chief = strategy is None or strategy.extended.should_checkpoint
   if not chief:  # every worker saves (the saves are collective), the others elsewhere
     backup += f".worker{strategy.cluster_resolver.task_id}"
@@ -230,6 +232,21 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
     trained[hood.name][label] = model
   shutil.rmtree(backup, ignore_errors=True)
   return trained
+
+
+def _check_same_teacher(strategy, teacher):
+  """Raises ValueError unless every replica (every worker) distils from the same teacher.
+
+  Workers that do not share a work directory would each train their own
+  teacher, and their gradients would be averaged over different problems.
+  """
+  mine = tf.constant([int(teacher_fingerprint(teacher)[:12], 16)], tf.int64)
+  everyone = strategy.gather(strategy.run(lambda: tf.identity(mine)), axis=0).numpy()
+  prints = sorted({f"{v:012x}" for v in everyone.tolist()})
+  if len(prints) > 1:
+    raise ValueError(
+        f"The workers have different teachers (fingerprints {prints}): give every worker the "
+        "same teacher (a shared work directory, or the same .keras file copied to each).")
 
 
 def load(teacher, hoods, label, directory):

@@ -27,10 +27,7 @@ class BinariesTest(tf.test.TestCase, parameterized.TestCase):
     with open(path) as f:
       return json.load(f), done.stdout
 
-  def test_distill(self):
-    results, out = self._run("distill.py", "--methods=nd,nd_ft", "--nd_epochs=1", "--ft_epochs=1")
-    self.assertEqual([r["method"] for r in results["rows"]], ["nd", "nd_ft"])
-    self.assertIn("ND+FT", out)
+  # examples/distill.py runs in scale_out_test.py (sharded, composed, killed and resumed).
 
   def test_sparsify(self):
     results, out = self._run("sparsify.py", "--sparsities=0.5", "--methods=nd", "--nd_epochs=1")

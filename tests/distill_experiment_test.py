@@ -6,7 +6,8 @@ import os
 import testing
 from absl.testing import parameterized
 
-from keras_nd import data
+import keras_nd as nd
+from keras_nd import data, models
 from keras_nd._keras import tf
 from keras_nd.experiments import distill
 
@@ -70,6 +71,23 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
                          batch_size=32, time_neighbourhoods=False, verbose=0)
     self.assertEqual(os.path.getmtime(os.path.join(workdir, teachers[0])), mtime)
     self.assertEqual(first["teacher"], second["teacher"])
+    # The ND students are artefacts: the second run composed the first run's.
+    self.assertEqual(first["rows"], second["rows"])
+    with self.assertRaisesRegex(FileNotFoundError, r"'k0\.25-lookahead0-\w+' .*stage1_unit1_out"):
+      distill.run(dataset, workdir, model="resnet8", methods=("nd",), multipliers=(0.25,),
+                  epochs=_TINY, batch_size=32, verbose=0, compose=True)
+
+  def test_a_job_selects_its_units(self):
+    units = nd.split(models.resnet_v1(depth=8, input_shape=(8, 8, 3), num_classes=3))[1:-1]
+    self.assertEqual(distill.select(units, ["3", "stage1_unit1_out"]), [units[0], units[2]])
+    self.assertEqual(distill.select(units, shard="1/2"), [units[1]])
+    for kwargs, fragment in ((dict(neighbourhoods=["0"]), r"\['0'\].*by index 1\.\.3"),
+                             (dict(neighbourhoods=["7", "x"]), r"\['7', 'x'\]"),
+                             (dict(neighbourhoods=[]), "empty"),
+                             (dict(neighbourhoods=["1"], shard="0/2"), "not both"),
+                             (dict(shard="3/2"), "'i/n'")):
+      with self.assertRaisesRegex(ValueError, fragment, msg=kwargs):
+        distill.select(units, **kwargs)
 
   @parameterized.named_parameters(
       ("unknown_method", dict(methods=("ce", "dk")), "dk"),
