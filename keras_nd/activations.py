@@ -344,7 +344,7 @@ class ActivationSource:
       batch_size: examples per batch.
       shuffle: shuffle examples (cached mode: shard order, then the
         examples within windows of about `shuffle_bytes / 2`, a new order
-        every epoch; when the whole cache fits in `shuffle_bytes`
+        every epoch; when all served activations fit in `shuffle_bytes`
         they are read once, kept in memory and permuted as a whole every
         epoch; online mode serves the dataset's own order).
       seed: shuffling seed.
@@ -424,18 +424,18 @@ class ActivationSource:
     # Examples are shuffled within windows: a window is permuted and served by one gather per
     # batch, where a per-example shuffle buffer (unbatch, shuffle, batch) would copy every
     # example twice and handle each one alone.
-    # Window sizes are reckoned with whole examples (every key of the cache), not only the
-    # served ones, so that the order of examples depends on the cache and the seed alone:
-    # neighbourhoods served by separate sources (separate jobs) see the same batches.
+    # The order of examples depends on the cache, the seed and the served neighbourhoods (the
+    # window sizes): jobs that share the work build their sources over the same neighbourhoods
+    # (all of them) and so serve the same batches, whichever ones each job distils.
     examples = manifest["examples"]
-    if examples * per_example * storage.size <= shuffle_bytes:
-      # Everything fits the budget: one window, decoded once and kept, permuted anew every
-      # epoch (as in-memory arrays would be).
+    if examples * served * storage.size <= shuffle_bytes:
+      # Everything served fits the budget: one window, decoded once and kept, permuted anew
+      # every epoch (as in-memory arrays would be).
       windows = ds.rebatch(examples).cache()
     else:
-      # Two windows are held (one served, the next one read meanwhile): each is at most half
-      # the budget, in whole batches.
-      window = shuffle_bytes // 2 // (per_example * storage.size) // batch_size
+      # Two windows are held (one served, the next one read meanwhile): each is half the
+      # budget, in whole batches.
+      window = shuffle_bytes // 2 // (served * storage.size) // batch_size
       windows = ds.rebatch(max(1, window) * batch_size)
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     windows = tf.data.Dataset.zip((windows, seeds)).prefetch(1)

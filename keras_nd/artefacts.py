@@ -139,13 +139,16 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
       recipe: artefacts of one label are taken to come from the same
       settings, so give different settings different labels.
     source: an `ActivationSource` over (at least) the neighbourhoods, with at
-      least `lookahead` look-ahead.
+      least `lookahead` look-ahead; jobs that share the work give it the same
+      neighbourhoods.
     directory: the shared directory of artefacts.
     epochs, batch_size, learning_rate, seed: the distillation's settings
       (Adam, cosine decay). Every student is built right after seeding Keras
-      with `seed`, and the source's batches depend only on `seed`, so a
-      student comes out the same whichever others are trained beside it
-      (up to floating-point summation order).
+      with `seed`, and a source's batches depend only on `seed` and the
+      neighbourhoods it serves, so a student comes out the same whichever
+      others are trained beside it (up to floating-point summation order) as
+      long as every job builds its source over the same neighbourhoods (all
+      of them, on one cache).
     lookahead: look-ahead depth of the loss (Eq. 5).
     devices: `NeighbourhoodDistiller`'s placement of neighbourhoods on devices.
     calibrate_steps: batches over which the students' BatchNorm statistics
