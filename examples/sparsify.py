@@ -22,6 +22,8 @@ flags.DEFINE_list("sparsities", [str(s) for s in sparsify.SPARSITIES], "Target s
 flags.DEFINE_list("methods", list(sparsify.METHODS), "Any of nd, kd.")
 flags.DEFINE_integer("nd_epochs", 3, "Neighbourhood distillation epochs per sparsity.")
 flags.DEFINE_integer("kd_epochs", 3, "End-to-end KD epochs per sparsity.")
+flags.DEFINE_float("nd_learning_rate", 2e-3, "Peak learning rate of the ND students.")
+flags.DEFINE_float("kd_learning_rate", 2e-3, "Peak learning rate of the end-to-end KD student.")
 flags.DEFINE_bool("calibrate", True, "Re-estimate the ND student's BatchNorm statistics on the "
                   "training images after composing (no weight changes).")
 
@@ -33,6 +35,7 @@ def main(argv):
       sparsities=[float(s) for s in FLAGS.sparsities], methods=FLAGS.methods,
       epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs, kd=FLAGS.kd_epochs),
       calibrate=FLAGS.calibrate,
+      rates=dict(nd=FLAGS.nd_learning_rate, kd=FLAGS.kd_learning_rate),
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, verbose=FLAGS.verbose)
   print(sparsify.table(results))
   print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")

@@ -623,6 +623,10 @@ class _CacheBuilder:
     examples = 0
     with writer:
       for step, x in enumerate(source._inputs):  # pylint: disable=protected-access
+        if not bool(tf.reduce_all(tf.math.is_finite(tf.cast(x, tf.float32)))):
+          raise ValueError(f"The dataset for the activation cache in '{self.dir}' has NaN or "
+                           f"infinite values in batch {step} (examples {examples}.."
+                           f"{examples + int(tf.shape(x)[0]) - 1}); the cache was not completed.")
         # np.asarray views the tensor's memory (`.numpy()` would copy it); the view keeps the
         # buffer alive until the writer thread has written it.
         arrays = [np.asarray(t) for t in extract(x)]

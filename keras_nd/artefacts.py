@@ -170,8 +170,7 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
     trained[hood.name] = {}
     for label, builder in family[hood.name].items():
       if finished(store_dir, hood.name, label):
-        trained[hood.name][label] = keras.models.load_model(path(store_dir, hood.name, label),
-                                                            safe_mode=True)
+        trained[hood.name][label] = files.load_model(path(store_dir, hood.name, label))
       else:
         pending.setdefault(hood, {})[label] = _seeded(builder, seed)
   if not pending:
@@ -265,5 +264,4 @@ def load(teacher, hoods, label, directory):
     raise FileNotFoundError(
         f"No finished student '{label}' for the neighbourhoods {missing} in '{store_dir}' "
         f"({len(hoods) - len(missing)} of {len(hoods)} finished): distil them first.")
-  return {hood: keras.models.load_model(path(store_dir, hood.name, label), safe_mode=True)
-          for hood in hoods}
+  return {hood: files.load_model(path(store_dir, hood.name, label)) for hood in hoods}

@@ -2,6 +2,8 @@
 
 import contextlib
 
+import numpy as np
+
 from keras_nd import graph, losses
 from keras_nd._keras import keras, tf
 
@@ -34,6 +36,56 @@ def with_pruning_step(model, callbacks):
     return callbacks
   from keras_nd import sparsity  # pylint: disable=g-import-not-at-top  (tfmot only when pruning)
   return sparsity.pruning_callbacks(model, callbacks)
+
+
+class NonFiniteLoss(FloatingPointError):
+  """A loss became NaN or infinite during training (see `StopOnNonFinite`)."""
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+  """Stops training at the first NaN or infinite loss, naming who and when; keeps good weights.
+
+  Both distillers add it to `fit`. After every step it reads the step's total
+  loss; when that is not finite it names what failed (the neighbourhoods
+  whose own loss, `<name>_loss`, is not finite, or `what`) and the epoch,
+  batch and step, puts back the weights the model had at the start of that
+  epoch (the last ones known to be good) and raises `NonFiniteLoss`.
+
+  Args:
+    weights: the variables to keep good (the students').
+    names: the students' metric names, to say which failed; None names
+      `what` instead.
+    what: how the message names the model trained.
+  """
+
+  def __init__(self, weights, names=None, what="the student"):
+    super().__init__()
+    self._weights = weights
+    self._names = names
+    self._what = what
+    self._saved = None
+    self._epoch = 0
+    self._steps = 0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch
+    self._saved = [w.numpy() for w in self._weights]
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._steps += 1
+    loss = (logs or {}).get("loss")
+    if loss is None or np.isfinite(float(loss)):
+      return
+    bad = [name for name in self._names or ()
+           if not np.isfinite(float(logs.get(f"{name}_loss", np.nan)))]
+    for weight, value in zip(self._weights, self._saved):
+      weight.assign(value)
+    self.model.stop_training = True
+    raise NonFiniteLoss(
+        f"The loss of {', '.join(f'neighbourhood {n!r}' for n in bad) or self._what} became "
+        f"{float(loss)} at epoch {self._epoch + 1}, batch {batch + 1} (step {self._steps}): "
+        f"training stopped, and the weights are those of the start of epoch {self._epoch + 1}, "
+        "the last known to be good. Lower the learning rate or check the data for NaNs.")
 
 
 def _batch_norms(model):
@@ -268,7 +320,9 @@ class NeighbourhoodDistiller(keras.Model):
           "couples them through one norm over all students. Use clipnorm (per variable) instead.")
 
   def fit(self, *args, callbacks=None, **kwargs):
-    """Keras `fit`, with tfmot's `UpdatePruningStep` added when a student is being pruned."""
+    """Keras `fit`, plus tfmot's `UpdatePruningStep` when a student is being pruned, and a stop
+    at the first non-finite loss (`StopOnNonFinite`: naming the neighbourhood and the step)."""
+    callbacks = list(callbacks or []) + [StopOnNonFinite(self.weights, self.student_names)]
     return super().fit(*args, callbacks=with_pruning_step(self, callbacks), **kwargs)
 
   def call(self, inputs, training=False):

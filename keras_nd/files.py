@@ -1,4 +1,6 @@
-"""Files that several jobs share: an exclusive lock, and writes that are complete or absent."""
+"""Files: an exclusive lock for jobs that share a directory, writes that are complete or absent,
+and loading models safely.
+"""
 
 import contextlib
 import json
@@ -37,6 +39,37 @@ def write_json(path, value):
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def load_model(path, trusted=False):
+  """A tf_keras model from a `.keras` file, loaded with `safe_mode=True`.
+
+  TensorFlow models are programs. `.keras` files are loaded in safe mode,
+  which refuses the Python code a Lambda layer would run; other formats
+  (`.h5`, SavedModel directories) can run code on loading and are refused
+  unless `trusted` is True, which also turns safe mode off.
+
+  Raises:
+    FileNotFoundError: nothing at `path`.
+    ValueError: a format that is not trusted, or a file that is not a
+      readable model (corrupt, truncated, or from another program), naming
+      the path.
+  """
+  from keras_nd import models  # pylint: disable=g-import-not-at-top  (registers its layers)
+  from keras_nd._keras import keras  # pylint: disable=g-import-not-at-top
+
+  del models
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No model at '{path}'.")
+  if not trusted and not path.endswith(".keras"):
+    raise ValueError(f"'{path}' is not a .keras file; other formats (.h5, SavedModel) can run code "
+                     "when loaded. Convert it to .keras, or pass trusted=True if you trust it.")
+  try:
+    return keras.models.load_model(path, safe_mode=not trusted)
+  except (OSError, ValueError, TypeError, KeyError) as error:
+    raise ValueError(f"'{path}' is not a readable Keras model: {type(error).__name__}: "
+                     f"{str(error)[:500]}") from None
 
 
 def save_model(path, model, info=None):

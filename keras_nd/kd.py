@@ -2,7 +2,7 @@
 
 from keras_nd import losses
 from keras_nd._keras import keras, tf
-from keras_nd.distiller import _Untracked, with_pruning_step
+from keras_nd.distiller import StopOnNonFinite, _Untracked, with_pruning_step
 
 
 def outputs_logits(model):
@@ -75,6 +75,7 @@ class KnowledgeDistiller(keras.Model):
 
   def fit(self, *args, callbacks=None, **kwargs):
     """Keras `fit`, with tfmot's `UpdatePruningStep` added when the student is being pruned."""
+    callbacks = list(callbacks or []) + [StopOnNonFinite(self.student.weights)]
     return super().fit(*args, callbacks=with_pruning_step(self, callbacks), **kwargs)
 
   def call(self, inputs, training=False):

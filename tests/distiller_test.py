@@ -9,6 +9,7 @@ from absl.testing import parameterized
 
 import keras_nd as nd
 from keras_nd._keras import keras, tf
+from keras_nd.distiller import NonFiniteLoss
 
 _A, _B = "stage1_unit1_out", "stage2_unit1_out"  # two residual units of tiny_resnet
 
@@ -397,6 +398,54 @@ class DistillerStrategyTest(_TeacherCase, tf.test.TestCase, parameterized.TestCa
     self.assertAllClose(mirrored_loss, single_loss, rtol=1e-5)
     for one, other in zip(mirrored, single):
       self.assertAllClose(one, other, rtol=1e-5, atol=1e-6)
+
+
+class NonFiniteLossTest(_TeacherCase, tf.test.TestCase):
+
+  def test_a_nan_loss_stops_naming_the_neighbourhood_and_step_keeping_good_weights(self):
+    batches = list(self.online([self.a, self.b]).dataset(batch_size=16))  # 4 batches
+    a_in, a_out = batches[2][_B]
+    batches[2][_B] = (a_in, a_out * np.nan)  # the third batch's targets of one unit
+
+    def generator():
+      yield from batches
+
+    spec = {name: tuple(tf.TensorSpec.from_tensor(t) for t in item)
+            for name, item in batches[0].items()}
+    data = tf.data.Dataset.from_generator(generator, output_signature=spec)
+    keras.utils.set_random_seed(2)
+    students = {h: nd.students.bottleneck(h, 0.5) for h in (self.a, self.b)}
+    distiller = nd.NeighbourhoodDistiller(students)
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
+    distiller.fit(data.take(2), epochs=1, verbose=0)  # a good epoch first
+    good = {h: testing.weights_of(m) for h, m in students.items()}
+    with self.assertRaisesRegex(NonFiniteLoss, rf"neighbourhood '{_B}' became nan at epoch 1, "
+                                r"batch 3 \(step 3\).*start of epoch 1"):
+      distiller.fit(data, epochs=1, verbose=0)
+    for hood, model in students.items():
+      for weight, old in zip(testing.weights_of(model), good[hood]):
+        self.assertAllEqual(weight, old)
+        self.assertTrue(np.all(np.isfinite(weight)))
+
+  def test_the_knowledge_distiller_stops_too(self):
+    student = keras.models.clone_model(self.teacher)
+    student.set_weights(self.teacher.get_weights())
+    start = testing.weights_of(student)
+
+    class Poison(keras.callbacks.Callback):
+      """Makes the student's output NaN after the first batch (as a diverging step would)."""
+
+      def on_train_batch_end(self, batch, logs=None):
+        if batch == 0:
+          bias = student.layers[-1].bias
+          bias.assign(bias * np.nan)
+
+    distiller = nd.KnowledgeDistiller(teacher=self.teacher, student=student)
+    distiller.compile(optimizer="adam")
+    with self.assertRaisesRegex(NonFiniteLoss, r"the student became nan at epoch 1, batch 2"):
+      distiller.fit(testing.dataset(self.x, self.y), epochs=1, verbose=0, callbacks=[Poison()])
+    for weight, old in zip(testing.weights_of(student), start):
+      self.assertAllEqual(weight, old)
 
 
 class DistillerPlacementTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):

@@ -128,6 +128,9 @@ def load_npz(path, num_train=None, num_test=None, num_validation=0):
     if x.ndim != 4 or not np.issubdtype(x.dtype, np.number):
       raise ValueError(f"npz dataset {path!r}: x_{split} must be numeric images (N, H, W, C) or "
                        f"(N, H, W); got shape {x.shape}, dtype {x.dtype}.")
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+      raise ValueError(f"npz dataset {path!r}: x_{split} has NaN or infinite values (first at "
+                       f"image {int(np.argmin(np.isfinite(x).reshape(len(x), -1).all(1)))}).")
     y = y.reshape(-1)
     if not np.issubdtype(y.dtype, np.number) or np.any(y != np.round(y)):
       raise ValueError(f"npz dataset {path!r}: y_{split} must hold integer class labels; got dtype "

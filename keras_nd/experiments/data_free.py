@@ -39,6 +39,7 @@ import os
 import time
 
 import keras_nd as nd
+from keras_nd import files
 from keras_nd._keras import keras, tf
 from keras_nd.experiments import distill
 from keras_nd.experiments.common import accuracy, scorable, write_results
@@ -176,9 +177,7 @@ def load_teacher(teacher):
   if not isinstance(teacher, (str, os.PathLike)) or not str(teacher).endswith(".keras"):
     raise ValueError(f"teacher must be a tf_keras Model or a path to a .keras file; got "
                      f"{teacher!r}.")
-  if not os.path.exists(teacher):
-    raise FileNotFoundError(f"No teacher model at '{teacher}'.")
-  return scorable(keras.models.load_model(teacher, safe_mode=True))
+  return scorable(files.load_model(teacher))
 
 
 def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHODS, teacher=None,

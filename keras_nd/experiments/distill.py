@@ -283,7 +283,7 @@ class Experiment:
 
   def _trained_teacher(self, path):
     if os.path.exists(path):
-      teacher = scorable(keras.models.load_model(path, safe_mode=True))
+      teacher = scorable(files.load_model(path))
       with open(path[:-len(".keras")] + ".json") as f:
         self.timings["teacher"] = json.load(f)["seconds"]
       self.say(f"Reusing the teacher {path}.")

@@ -5,7 +5,7 @@ import os
 import time
 
 import keras_nd as nd
-from keras_nd import data, models
+from keras_nd import data, files, models
 from keras_nd._keras import keras, tf
 
 
@@ -49,7 +49,7 @@ def run(workdir, num_train=2000, num_test=500, depth=8, k=0.5, teacher_epochs=8,
   teacher_path = os.path.join(workdir, "teacher.keras")
   start = time.time()
   if os.path.exists(teacher_path):
-    teacher = keras.models.load_model(teacher_path, safe_mode=True)
+    teacher = files.load_model(teacher_path)
   else:
     teacher = models.resnet_v1(depth=depth, input_shape=x_train.shape[1:], num_classes=10)
     teacher.compile(keras.optimizers.Adam(2e-3),
