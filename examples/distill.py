@@ -31,8 +31,12 @@ import os
 
 from absl import app, flags
 
-from keras_nd._keras import tf
-from keras_nd.experiments import common, distill
+# TensorFlow's C++ start-up messages (CUDA probing, oneDNN notes) hidden unless asked for:
+# TF_CPP_MIN_LOG_LEVEL=0 shows them. Set before keras_nd imports TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from keras_nd._keras import tf  # noqa: E402
+from keras_nd.experiments import common, distill  # noqa: E402
 
 FLAGS = flags.FLAGS
 common.define_flags(workdir="workdir/distill")

@@ -3,9 +3,15 @@
   python examples/quickstart.py --workdir=/tmp/keras_nd_quickstart
 """
 
+import os
+
 from absl import app, flags
 
-from keras_nd.experiments import quickstart
+# TensorFlow's C++ start-up messages (CUDA probing, oneDNN notes) hidden unless asked for:
+# TF_CPP_MIN_LOG_LEVEL=0 shows them. Set before keras_nd imports TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from keras_nd.experiments import quickstart  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdir/quickstart", "Where to write the teacher, cache, student "

@@ -15,7 +15,11 @@ import os
 
 from absl import app, flags
 
-from keras_nd.experiments import common, thresholding
+# TensorFlow's C++ start-up messages (CUDA probing, oneDNN notes) hidden unless asked for:
+# TF_CPP_MIN_LOG_LEVEL=0 shows them. Set before keras_nd imports TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from keras_nd.experiments import common, thresholding  # noqa: E402
 
 FLAGS = flags.FLAGS
 common.define_flags(workdir="workdir/thresholding")
