@@ -233,6 +233,10 @@ CASES = {
         lambda tmp: lambda: nd.NeighbourhoodDistiller({_unit(): nd.students.clone(_unit())},
                                                       devices=["/gpu:9"]),
         ValueError, "'/gpu:9'"),
+    "distiller_not_compiled": (
+        lambda tmp: lambda: nd.NeighbourhoodDistiller({_unit(): nd.students.clone(_unit())}).fit(
+            _source(_images()).dataset(4), epochs=1, verbose=0),
+        RuntimeError, "compile"),
     "temperature_zero": (
         lambda tmp: lambda: nd.KnowledgeDistiller(teacher=_teacher()[0], student=_teacher()[0],
                                                   temperature=0.0),
