@@ -15,8 +15,8 @@ import os
 
 from absl import app, flags
 
-# TensorFlow's C++ start-up messages (CUDA probing, oneDNN notes) hidden unless asked for:
-# TF_CPP_MIN_LOG_LEVEL=0 shows them. Set before keras_nd imports TensorFlow.
+# TensorFlow's C++ log (CUDA probing errors, floods of notes from its kernels) hidden unless
+# asked for: TF_CPP_MIN_LOG_LEVEL=0 shows it. Set before keras_nd imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from keras_nd.experiments import common, data_free  # noqa: E402
@@ -44,6 +44,7 @@ flags.DEFINE_integer("gnkd_epochs", 10, "GN-KD epochs on noise images.")
 
 def main(argv):
   del argv
+  common.quiet_logs()
   results = data_free.run(
       common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
       multipliers=[float(k) for k in FLAGS.multipliers], methods=FLAGS.methods,

@@ -31,8 +31,8 @@ import os
 
 from absl import app, flags
 
-# TensorFlow's C++ start-up messages (CUDA probing, oneDNN notes) hidden unless asked for:
-# TF_CPP_MIN_LOG_LEVEL=0 shows them. Set before keras_nd imports TensorFlow.
+# TensorFlow's C++ log (CUDA probing errors, floods of notes from its kernels) hidden unless
+# asked for: TF_CPP_MIN_LOG_LEVEL=0 shows it. Set before keras_nd imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from keras_nd._keras import tf  # noqa: E402
@@ -68,6 +68,7 @@ flags.DEFINE_list("devices", None, "Spread whole neighbourhoods over these devic
 
 def main(argv):
   del argv
+  common.quiet_logs()
   strategy = None
   if FLAGS.multi_worker:  # first: the strategy must exist before TensorFlow runs anything
     if "TF_CONFIG" not in os.environ:

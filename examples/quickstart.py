@@ -7,11 +7,11 @@ import os
 
 from absl import app, flags
 
-# TensorFlow's C++ start-up messages (CUDA probing, oneDNN notes) hidden unless asked for:
-# TF_CPP_MIN_LOG_LEVEL=0 shows them. Set before keras_nd imports TensorFlow.
+# TensorFlow's C++ log (CUDA probing errors, floods of notes from its kernels) hidden unless
+# asked for: TF_CPP_MIN_LOG_LEVEL=0 shows it. Set before keras_nd imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from keras_nd.experiments import quickstart  # noqa: E402
+from keras_nd.experiments import common, quickstart  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdir/quickstart", "Where to write the teacher, cache, student "
@@ -26,6 +26,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the data and the models.")
 
 def main(argv):
   del argv
+  common.quiet_logs()
   quickstart.run(FLAGS.workdir, depth=FLAGS.depth, k=FLAGS.k, teacher_epochs=FLAGS.teacher_epochs,
                  nd_epochs=FLAGS.nd_epochs, ft_epochs=FLAGS.ft_epochs, seed=FLAGS.seed)
 

@@ -14,8 +14,8 @@ import os
 
 from absl import app, flags
 
-# TensorFlow's C++ start-up messages (CUDA probing, oneDNN notes) hidden unless asked for:
-# TF_CPP_MIN_LOG_LEVEL=0 shows them. Set before keras_nd imports TensorFlow.
+# TensorFlow's C++ log (CUDA probing errors, floods of notes from its kernels) hidden unless
+# asked for: TF_CPP_MIN_LOG_LEVEL=0 shows it. Set before keras_nd imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from keras_nd.experiments import common, sparsify  # noqa: E402
@@ -34,6 +34,7 @@ flags.DEFINE_bool("calibrate", True, "Re-estimate the ND student's BatchNorm sta
 
 def main(argv):
   del argv
+  common.quiet_logs()
   results = sparsify.run(
       common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
       sparsities=[float(s) for s in FLAGS.sparsities], methods=FLAGS.methods,

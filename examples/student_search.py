@@ -13,8 +13,8 @@ import os
 
 from absl import app, flags
 
-# TensorFlow's C++ start-up messages (CUDA probing, oneDNN notes) hidden unless asked for:
-# TF_CPP_MIN_LOG_LEVEL=0 shows them. Set before keras_nd imports TensorFlow.
+# TensorFlow's C++ log (CUDA probing errors, floods of notes from its kernels) hidden unless
+# asked for: TF_CPP_MIN_LOG_LEVEL=0 shows it. Set before keras_nd imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from keras_nd.experiments import common, student_search  # noqa: E402
@@ -33,6 +33,7 @@ flags.DEFINE_integer("ft_epochs", 3, "Most fine-tuning epochs of each chosen stu
 
 def main(argv):
   del argv
+  common.quiet_logs()
   results = student_search.run(
       common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
       multipliers=[float(k) for k in FLAGS.multipliers], drops=[float(d) for d in FLAGS.drops],

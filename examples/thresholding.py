@@ -15,8 +15,8 @@ import os
 
 from absl import app, flags
 
-# TensorFlow's C++ start-up messages (CUDA probing, oneDNN notes) hidden unless asked for:
-# TF_CPP_MIN_LOG_LEVEL=0 shows them. Set before keras_nd imports TensorFlow.
+# TensorFlow's C++ log (CUDA probing errors, floods of notes from its kernels) hidden unless
+# asked for: TF_CPP_MIN_LOG_LEVEL=0 shows it. Set before keras_nd imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from keras_nd.experiments import common, thresholding  # noqa: E402
@@ -37,6 +37,7 @@ flags.DEFINE_string("figures_dir", None, "Where the PNG figures go (default: --w
 
 def main(argv):
   del argv
+  common.quiet_logs()
   results = thresholding.run(
       common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
       epsilons=[float(e) for e in FLAGS.epsilons], seeds=[int(s) for s in FLAGS.seeds],

@@ -7,6 +7,7 @@ in-process equivalents are in artefacts_test.py).
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -119,13 +120,19 @@ class ScaleOutTest(tf.test.TestCase):
       config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
                 "task": {"type": "worker", "index": index}}
       env = dict(os.environ, TF_CONFIG=json.dumps(config))
-      jobs.append(subprocess.Popen(_command(workdir, "--verbose=1", "--multi_worker"), env=env,
+      jobs.append(subprocess.Popen(_command(workdir, "--verbose=1", "--multi_worker",
+                                            "--verbosity=0"), env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [job.communicate(timeout=600) for job in jobs]
     for job, (out, err) in zip(jobs, outputs):
       self.assertEqual(job.returncode, 0, msg=err[-3000:])
       self.assertIn("Distilled stage1_unit1_out, stage2_unit1_out, stage3_unit1_out:", out)
-    self.assertIn("num_devices = 1, group_size = 2", outputs[0][1])  # gradients all-reduced
+    self.assertIn("num_devices = 1, group_size = 2", outputs[0][1])  # TensorFlow's INFO log
+    # Gradients and metrics are all-reduced: both workers report the same losses, though each
+    # trains on its own half of every batch.
+    losses = [re.findall(r"epoch \d/3: loss (\S+)", out) for out, _ in outputs]
+    self.assertLen(losses[0], 3)
+    self.assertEqual(losses[0], losses[1])
     self.assertLen(self._artefacts(workdir), 3)  # written by the chief only
 
   def test_multi_worker_needs_tf_config(self):

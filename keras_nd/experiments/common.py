@@ -3,7 +3,7 @@
 import json
 import os
 
-from absl import flags
+from absl import flags, logging
 
 from keras_nd import data
 from keras_nd._keras import keras
@@ -28,6 +28,17 @@ def define_flags(workdir, teacher_epochs=15):
   flags.DEFINE_integer("seed", 0, "Seed of the data split and the models.")
   flags.DEFINE_string("workdir", workdir, "Output directory.")
   flags.DEFINE_integer("verbose", 1, "0 quiet, 1 a line per phase, 2 Keras progress bars.")
+
+
+def quiet_logs():
+  """Logs warnings and errors only, unless the command line sets --verbosity.
+
+  absl turns a binary's log up to INFO when --verbosity is not given, which
+  shows TensorFlow's notes on every checkpoint and collective. Each binary
+  calls this first in `main`; `--verbosity=0` brings the notes back.
+  """
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def dataset_from_flags(values):
