@@ -52,14 +52,6 @@ def _subclassed():
   return model
 
 
-def _two_inputs():
-  a, b = keras.Input((3,)), keras.Input((3,))
-  return keras.Model([a, b], L.Add()([L.Dense(2)(a), L.Dense(2)(b)]), name="two_in")
-
-
-def _two_outputs():
-  a = keras.Input((3,))
-  return keras.Model(a, [L.Dense(2)(a), L.Dense(3)(a)], name="two_out")
 
 
 def _source(dataset, **kwargs):
@@ -171,8 +163,9 @@ CASES = {
                            "my_subclassed_net.*subclassed"),
     "sequential_without_input": (lambda tmp: lambda: nd.split(keras.Sequential([L.Dense(2)])),
                                  ValueError, "Sequential.*Input"),
-    "two_inputs": (lambda tmp: lambda: nd.split(_two_inputs()), ValueError, "two_in.*2 inputs"),
-    "two_outputs": (lambda tmp: lambda: nd.split(_two_outputs()), ValueError,
+    "two_inputs": (lambda tmp: lambda: nd.split(testing.two_inputs()), ValueError,
+                   "two_in.*2 inputs"),
+    "two_outputs": (lambda tmp: lambda: nd.split(testing.two_outputs()), ValueError,
                     "two_out.*2 outputs"),
     "unknown_boundary": (lambda tmp: lambda: nd.split(_teacher()[0], boundaries=["nope"]),
                          ValueError, "'nope'"),

@@ -294,14 +294,6 @@ class _Subclassed(keras.Model):
     return self.dense(inputs)
 
 
-def _two_inputs():
-  a, b = keras.Input((3,)), keras.Input((3,))
-  return keras.Model([a, b], L.Add()([L.Dense(2)(a), L.Dense(2)(b)]), name="two_in")
-
-
-def _two_outputs():
-  a = keras.Input((3,))
-  return keras.Model(a, [L.Dense(2)(a), L.Dense(3)(a)], name="two_out")
 
 
 class SplitRejectsBadModelsTest(tf.test.TestCase, parameterized.TestCase):
@@ -319,8 +311,8 @@ class SplitRejectsBadModelsTest(tf.test.TestCase, parameterized.TestCase):
       fn(keras.Sequential([L.Dense(2)]))
 
   @parameterized.named_parameters(
-      ("two_inputs", _two_inputs, "2 inputs and 1 outputs"),
-      ("two_outputs", _two_outputs, "1 inputs and 2 outputs"),
+      ("two_inputs", testing.two_inputs, "2 inputs and 1 outputs"),
+      ("two_outputs", testing.two_outputs, "1 inputs and 2 outputs"),
   )
   def test_split_rejects_several_inputs_or_outputs_naming_the_counts(self, build, counts):
     with self.assertRaisesRegex(ValueError, counts):

@@ -38,6 +38,18 @@ def tiny_chain(input_shape=(8, 8, 3), num_classes=3, seed=0):
   return keras.Model(inputs, outputs, name="tiny_chain")
 
 
+def two_inputs():
+  """A functional model with two inputs (which keras_nd refuses)."""
+  a, b = keras.Input((3,)), keras.Input((3,))
+  return keras.Model([a, b], L.Add()([L.Dense(2)(a), L.Dense(2)(b)]), name="two_in")
+
+
+def two_outputs():
+  """A functional model with two outputs (which keras_nd refuses)."""
+  a = keras.Input((3,))
+  return keras.Model(a, [L.Dense(2)(a), L.Dense(3)(a)], name="two_out")
+
+
 def images(n=64, shape=(8, 8, 3), num_classes=3, seed=0):
   """Random images and labels that a model can partly learn (the label is in the mean)."""
   rng = np.random.RandomState(seed)
