@@ -747,12 +747,7 @@ def read_manifest(directory):
 
 def write_manifest(directory, manifest):
   """Writes the manifest atomically: the cache counts as complete only once this returns."""
-  tmp = os.path.join(directory, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(directory, MANIFEST))
+  files.write_json(os.path.join(directory, MANIFEST), manifest)
 
 
 def check_shards(directory, manifest, checksums=True):

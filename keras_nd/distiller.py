@@ -175,13 +175,13 @@ def _placement(hoods, devices):
                        f"{missing}, unknown {unknown}.")
     return [devices[hood.name] for hood in hoods]
   # Largest first onto the least loaded device (parameters as the measure of work).
+  sizes = [hood.teacher.count_params() for hood in hoods]
   load = {device: 0 for device in devices}
-  placed = {}
-  for i in sorted(range(len(hoods)), key=lambda i: -hoods[i].teacher.count_params()):
-    device = min(devices, key=lambda d: load[d])
-    placed[i] = device
-    load[device] += hoods[i].teacher.count_params()
-  return [placed[i] for i in range(len(hoods))]
+  placed = [None] * len(hoods)
+  for i in sorted(range(len(hoods)), key=lambda i: -sizes[i]):
+    placed[i] = min(devices, key=lambda d: load[d])
+    load[placed[i]] += sizes[i]
+  return placed
 
 
 def _canonical(name):
@@ -358,12 +358,9 @@ class NeighbourhoodDistiller(keras.Model):
         if self.lookahead:
           loss += losses.lookahead_loss(prediction, item[2], self._following.value[hood.name],
                                         self.lookahead_weights)
-        if model.losses:
-          loss_to_minimise = loss + tf.add_n(model.losses)
-        else:
-          loss_to_minimise = loss
+        regularisation = tf.add_n(model.losses) if model.losses else 0.0
       per_hood.append(loss)
-      total += loss_to_minimise
+      total += loss + regularisation
     return total, per_hood
 
   def _track(self, total, per_hood):

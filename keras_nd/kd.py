@@ -74,7 +74,8 @@ class KnowledgeDistiller(keras.Model):
     return self._teacher.value
 
   def fit(self, *args, callbacks=None, **kwargs):
-    """Keras `fit`, with tfmot's `UpdatePruningStep` added when the student is being pruned."""
+    """Keras `fit`, plus tfmot's `UpdatePruningStep` when the student is being pruned, and a stop
+    at the first non-finite loss (`StopOnNonFinite`)."""
     callbacks = list(callbacks or []) + [StopOnNonFinite(self.student.weights)]
     return super().fit(*args, callbacks=with_pruning_step(self, callbacks), **kwargs)
 

@@ -1,11 +1,10 @@
 """What the experiment binaries share: data and training flags, scoring, writing results."""
 
-import json
 import os
 
 from absl import flags, logging
 
-from keras_nd import data
+from keras_nd import data, files
 from keras_nd._keras import keras
 
 # The embedded dataset's training size in the binaries: keeps examples/distill.py, the main
@@ -65,7 +64,5 @@ def accuracy(model, dataset):
 def write_results(workdir, results):
   """Writes `workdir/results.json` atomically (a temporary file renamed); returns its path."""
   path = os.path.join(workdir, "results.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=1)
-  os.replace(path + ".tmp", path)
+  files.write_json(path, results)
   return path

@@ -1,6 +1,5 @@
 """The quick-start job: teacher, split, cache, distil, compose, fine-tune, on generated data."""
 
-import json
 import os
 import time
 
@@ -57,8 +56,7 @@ def run(workdir, num_train=2000, num_test=500, depth=8, k=0.5, teacher_epochs=8,
                     metrics=["accuracy"])
     teacher.fit(x_train, y_train, batch_size=batch_size, epochs=teacher_epochs,
                 verbose=fit_verbose)
-    teacher.save(teacher_path + ".tmp.keras")
-    os.replace(teacher_path + ".tmp.keras", teacher_path)
+    files.save_model(teacher_path, teacher)
   seconds["teacher"] = time.time() - start
 
   hoods = nd.split(teacher)
@@ -94,8 +92,7 @@ def run(workdir, num_train=2000, num_test=500, depth=8, k=0.5, teacher_epochs=8,
                              for h in units},
       "seconds": seconds,
   }
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  files.write_json(os.path.join(workdir, "results.json"), results)
   if verbose:
     print(summary(results))
     print(f"Results written to {os.path.join(workdir, 'results.json')}")
