@@ -46,6 +46,9 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# TensorFlow's C++ log hidden, as in the binaries (a run printed 'Tensor RefCount' notes by the
+# thousand); TF_CPP_MIN_LOG_LEVEL=0 shows it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
