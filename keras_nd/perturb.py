@@ -183,7 +183,8 @@ def accuracy(model, dataset):
   return _Scorer(model, dataset)()
 
 
-def output_sweep(model, hoods, dataset, epsilons, mode="each", seeds=(0, 1, 2), relative=False):
+def output_sweep(model, hoods, dataset, epsilons, mode="each", seeds=(0, 1, 2), relative=False,
+                 verbose=0):
   """Accuracy of `model` with noise of each amplitude on the outputs of neighbourhoods (Fig. 1).
 
   One noisy model (noise after every neighbourhood of `hoods`, its amplitude
@@ -203,6 +204,7 @@ def output_sweep(model, hoods, dataset, epsilons, mode="each", seeds=(0, 1, 2), 
     relative: False for absolute noise; True for noise relative to each
       neighbourhood's clean output RMS on `dataset` (`output_rms`), the scale
       `diagnose` and `thresholds_from_sweep` need; or `{hood name: scale}`.
+    verbose: 1 shows a progress bar over the evaluations.
 
   Returns:
     A list of rows, one per perturbed set of neighbourhoods and amplitude:
@@ -228,13 +230,13 @@ def output_sweep(model, hoods, dataset, epsilons, mode="each", seeds=(0, 1, 2), 
     scales = relative
   scales = _checked_scales(hoods, scales)
   noisy, layers = _noisy(model, hoods, None)
-  score = _Scorer(noisy, dataset)
   if mode == "each":
     groups = [[hood] for hood in hoods]
   elif mode == "all":
     groups = [hoods]
   else:
     groups = [hoods[:n] for n in range(1, len(hoods) + 1)]
+  score = _Scorer(noisy, dataset, len(groups) * len(epsilons) * len(seeds), verbose)
   rows = []
   for group in groups:
     for epsilon in epsilons:
@@ -248,7 +250,7 @@ def output_sweep(model, hoods, dataset, epsilons, mode="each", seeds=(0, 1, 2), 
   return rows
 
 
-def weight_sweep(model, dataset, epsilon, layers=None, seeds=(0, 1, 2)):
+def weight_sweep(model, dataset, epsilon, layers=None, seeds=(0, 1, 2), verbose=0):
   """Accuracy drops from noise on the kernels, layer by layer and cumulatively (App. B.1, Fig. 4).
 
   A kernel `W` gets noise `N(0, (epsilon * std(W))^2)`, relative to the
@@ -271,6 +273,7 @@ def weight_sweep(model, dataset, epsilon, layers=None, seeds=(0, 1, 2)):
       with a kernel; default every Conv2D, DepthwiseConv2D and Dense layer
       (nested models included), in the model's order.
     seeds: the seeds to average over.
+    verbose: 1 shows a progress bar over the evaluations.
 
   Returns:
     `{"accuracy": clean accuracy, "epsilon",
@@ -288,7 +291,7 @@ def weight_sweep(model, dataset, epsilon, layers=None, seeds=(0, 1, 2)):
   seeds = _checked_seeds(seeds)
   kernels = _kernels(model, layers)
   originals = [kernel.numpy() for _, kernel in kernels]
-  score = _Scorer(model, dataset)
+  score = _Scorer(model, dataset, 1 + 2 * len(kernels) * len(seeds), verbose)
 
   def perturb(index, seed):
     original = originals[index]
@@ -474,9 +477,11 @@ def format_diagnosis(rows):
 class _Scorer:
   """Top-1 accuracy of one model on one dataset, through a single traced step."""
 
-  def __init__(self, model, dataset):
+  def __init__(self, model, dataset, evaluations=None, verbose=0):
     self.model = model
     self.dataset = dataset
+    # One step per evaluation: a sweep of hundreds of them takes minutes.
+    self._progbar = keras.utils.Progbar(evaluations, unit_name="evaluation", verbose=verbose)
     x_spec, y_spec = _labelled_specs(dataset)
 
     def counts(x, y):
@@ -498,6 +503,7 @@ class _Scorer:
       total += int(n)
     if not total:
       raise ValueError("The dataset to score accuracy on is empty.")
+    self._progbar.add(1)
     return correct / total
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -43,17 +44,25 @@ class BinariesTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_data_free(self):
     results, out = self._run("data_free.py", "--multipliers=0.5", "--methods=gnd,gnkd",
-                             "--gnd_epochs=1", "--gnkd_epochs=1", "--steps_per_epoch=2")
+                             "--gnd_epochs=1", "--gnkd_epochs=1", "--steps_per_epoch=2",
+                             "--verbose=1")
     self.assertEqual([r["method"] for r in results["rows"]], ["gnd", "gnkd"])
     self.assertIn("Table 3b", out)
+    # A line per epoch of G-ND and of GN-KD: their phases take minutes with the defaults.
+    self.assertLen(re.findall(r"(?m)^  epoch 1/1: loss \S+ \(\d+\.\ds\)$", out), 2)
 
   def test_thresholding(self):
     figures = os.path.join(self.get_temp_dir(), "figures")
     results, out = self._run("thresholding.py", "--epsilons=0,0.5", "--seeds=0",
-                             "--weight_epsilons=0.3", "--nd_epochs=1", f"--figures_dir={figures}")
+                             "--weight_epsilons=0.3", "--nd_epochs=1", f"--figures_dir={figures}",
+                             "--verbose=1")
     self.assertEqual([r["teacher"] for r in results["table4"]], ["plain", "regularised"])
     self.assertTrue(os.path.exists(os.path.join(figures, "figure5.png")))
     self.assertIn("Table 4", out)
+    # Progress bars over the sweeps' evaluations: 3 units x 2 amplitudes alone, then the clean
+    # ResNet-8 and its 8 kernels alone and cumulatively.
+    self.assertRegex(out, r"(?m)^6/6 ")
+    self.assertRegex(out, r"(?m)^17/17 ")
 
   @parameterized.named_parameters(("distill", "distill.py", "--methods=ce,dk", "dk"),
                                   ("sparsify", "sparsify.py", "--sparsities=1.5", "1.5"),

@@ -1,6 +1,8 @@
 """Tests for keras_nd.perturb: output and weight noise, thresholds and the diagnosis of students."""
 
+import contextlib
 import functools
+import io
 from unittest import mock
 
 import numpy as np
@@ -162,6 +164,17 @@ class OutputSweepTest(_TeacherTestCase):
 
     self.assertEqual(sweep(), sweep())
 
+  def test_verbose_shows_progress_over_every_evaluation_and_is_silent_by_default(self):
+    for verbose in (1, 0):
+      out = io.StringIO()
+      with contextlib.redirect_stdout(out):
+        perturb.output_sweep(self.teacher, self.hoods[:2], self.data, [0.0, 1.0], seeds=(0,),
+                             verbose=verbose)  # 2 neighbourhoods x 2 amplitudes x 1 seed
+      if verbose:
+        self.assertStartsWith(out.getvalue().strip().splitlines()[-1], "4/4 ")
+      else:
+        self.assertEqual(out.getvalue(), "")
+
   def test_rejects_empty_epsilons(self):
     with self.assertRaisesRegex(ValueError, "epsilons is empty"):
       perturb.output_sweep(self.teacher, self.hoods, self.data, [])
@@ -222,6 +235,14 @@ class WeightSweepTest(_TeacherTestCase):
     # The first cumulative step perturbs the first layer alone, with the same draws.
     self.assertEqual(result["cumulative"][0]["measured_drop_mean"], drops[0])
     self.assertEqual(result["accuracy"], perturb.accuracy(self.teacher, self.data))
+
+  def test_verbose_counts_the_clean_and_every_perturbed_evaluation(self):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      perturb.weight_sweep(self.teacher, self.data, 0.1, layers=["stem_conv", "head_logits"],
+                           seeds=(0,), verbose=1)
+    # The clean accuracy, then 2 layers alone and cumulatively.
+    self.assertStartsWith(out.getvalue().strip().splitlines()[-1], "5/5 ")
 
   def test_zero_epsilon_drops_nothing(self):
     result = perturb.weight_sweep(self.teacher, self.data, 0.0, layers=["stem_conv", "head_logits"],

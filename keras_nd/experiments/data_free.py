@@ -42,7 +42,7 @@ import keras_nd as nd
 from keras_nd import files
 from keras_nd._keras import keras, tf
 from keras_nd.experiments import distill
-from keras_nd.experiments.common import accuracy, scorable, write_results
+from keras_nd.experiments.common import accuracy, fit_progress, scorable, write_results
 
 METHODS = ("ce", "gnd", "gnd_ft", "gnkd")
 MULTIPLIERS = (1.0, 0.9, 0.75, 0.5)
@@ -123,7 +123,7 @@ class DataFree:
         keras.optimizers.schedules.CosineDecay(self.nd_learning_rate, steps)))
     start = time.perf_counter()
     history = distiller.fit(self._source(self.seed).dataset(self.batch_size),
-                            epochs=self.epochs["gnd"], verbose=2 if self.verbose > 1 else 0)
+                            epochs=self.epochs["gnd"], **fit_progress(self.verbose))
     # Fresh noise (another seed) for the statistics, as for data (see calibrate_batch_norm).
     distiller.calibrate_batch_norm(self._source(self.seed + 1).dataset(self.batch_size),
                                    steps=self.steps_per_epoch)
@@ -145,7 +145,7 @@ class DataFree:
                           self.seed + 2)
     start = time.perf_counter()
     try:
-      distiller.fit(images, epochs=epochs, verbose=2 if self.verbose > 1 else 0)
+      distiller.fit(images, epochs=epochs, **fit_progress(self.verbose))
     finally:
       for layer in bns:
         layer.trainable = True

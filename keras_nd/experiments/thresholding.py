@@ -109,7 +109,8 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
   for epsilon in weight_epsilons:
     plain.say(f"Kernel noise sweep, epsilon={epsilon:g}...")
     start = time.perf_counter()
-    weight_sweeps.append(perturb.weight_sweep(teacher, plain.validation, epsilon, seeds=seeds))
+    weight_sweeps.append(perturb.weight_sweep(teacher, plain.validation, epsilon, seeds=seeds,
+                                              verbose=int(bool(plain.verbose))))
     timings[f"weight_sweep@{epsilon:g}"] = time.perf_counter() - start
   table4 = [_nd_row("plain", 0.0, plain, teacher, summary, multiplier, timings)]
   students = plain.students
@@ -175,7 +176,8 @@ def _measure(experiment, teacher, epsilons, seeds, modes, timings, prefix):
                    f"amplitudes, {len(seeds)} seeds)...")
     start = time.perf_counter()
     sweeps[mode] = perturb.output_sweep(teacher, units, validation, epsilons, mode=mode,
-                                        seeds=seeds, relative=scales)
+                                        seeds=seeds, relative=scales,
+                                        verbose=int(bool(experiment.verbose)))
     timings[f"{prefix}sweep_{mode}"] = time.perf_counter() - start
   return summary, sweeps
 
