@@ -62,6 +62,10 @@ class ScaleOutTest(tf.test.TestCase):
       self.assertEqual(job.returncode, 0, msg=err[-3000:])
     self.assertEqual(sum("Training the teacher" in out for out, _ in outputs), 1)
     self.assertEqual(sum("Reusing the teacher" in out for out, _ in outputs), 1)
+    trainer = next(out for out, _ in outputs if "Training the teacher" in out)
+    # Every training phase reports each epoch at --verbose=1.
+    self.assertRegex(trainer, r"Training the teacher \(resnet8, 1 epochs\)\.\.\.\n"
+                              r"  epoch 1/1: loss \S+ \(\d+\.\ds\)\n")
     self.assertIn("Distilled stage1_unit1_out, stage3_unit1_out: students written to",
                   outputs[0][0])
     self.assertIn("Distilled stage2_unit1_out: students written to", outputs[1][0])

@@ -42,7 +42,7 @@ import numpy as np
 import keras_nd as nd
 from keras_nd import artefacts, files, models
 from keras_nd._keras import keras
-from keras_nd.experiments.common import accuracy, scorable, write_results
+from keras_nd.experiments.common import accuracy, fit_progress, scorable, write_results
 
 METHODS = ("ce", "kd", "nd", "nd_ft")
 
@@ -263,8 +263,10 @@ class Experiment:
     if self.verbose:
       print(text, flush=True)
 
-  def _fit_verbose(self):
-    return 2 if self.verbose > 1 else 0
+  def _fit_args(self, *callbacks):
+    """`fit`'s verbose and callbacks: a line per epoch at verbose=1 (timing training alone)."""
+    args = fit_progress(self.verbose)
+    return dict(args, callbacks=args.get("callbacks", []) + list(callbacks))
 
   def _new(self, multiplier, unit_noise=0.0):
     keras.utils.set_random_seed(self.seed)
@@ -292,7 +294,7 @@ class Experiment:
                         self.epochs["teacher"] * self.steps_per_epoch)
     self.say(f"Training the teacher ({self.model}, {self.epochs['teacher']} epochs)...")
     start = time.perf_counter()
-    teacher.fit(self.train, epochs=self.epochs["teacher"], verbose=self._fit_verbose())
+    teacher.fit(self.train, epochs=self.epochs["teacher"], **self._fit_args())
     self.timings["teacher"] = time.perf_counter() - start
     # Written under a temporary name and renamed, so an interrupted save is never reused.
     files.save_model(path, teacher, dict(self.teacher_spec, seconds=self.timings["teacher"]))
@@ -303,8 +305,7 @@ class Experiment:
     student = _compiled(self._new(multiplier), self.learning_rate,
                         self.epochs["ce"] * self.steps_per_epoch)
     tracker = EpochTracker(self.validation, self.test, patience=None)
-    student.fit(self.train, epochs=self.epochs["ce"], verbose=self._fit_verbose(),
-                callbacks=[tracker])
+    student.fit(self.train, epochs=self.epochs["ce"], **self._fit_args(tracker))
     return self._row("ce", multiplier, student, tracker.seconds), tracker.curve
 
   def fine_tune(self, teacher, student, epochs, learning_rate, offset=0.0, evaluate_first=False,
@@ -336,7 +337,7 @@ class Experiment:
       callbacks.append(keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False))
       if tracker.curve:
         self.say(f"  {name}: resuming after {len(tracker.curve)} evaluations ({backup}).")
-    distiller.fit(self.train, epochs=epochs, verbose=self._fit_verbose(), callbacks=callbacks)
+    distiller.fit(self.train, epochs=epochs, **self._fit_args(*callbacks))
     return tracker
 
   def _students(self, units, multiplier):
