@@ -50,6 +50,7 @@ class BinariesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertIn("Table 3b", out)
     # A line per epoch of the teacher, G-ND and GN-KD: the last two take minutes by default.
     self.assertLen(re.findall(r"(?m)^  epoch 1/1: loss \S+ \(\d+\.\ds\)$", out), 3)
+    self.assertIn("G-ND, k=0.5: 1 epochs of 2 noise batches...\n  epoch 1/1: loss", out)
 
   def test_thresholding(self):
     figures = os.path.join(self.get_temp_dir(), "figures")

@@ -243,8 +243,10 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
   rows = []
   for k in multipliers:
     if "ce" in methods:
+      runner.say(f"CE with data, k={k:g}: {budget['ce']} epochs...")
       rows.append(experiment.ce(k)[0])
     if "gnd" in methods or "gnd_ft" in methods:
+      runner.say(f"G-ND, k={k:g}: {budget['gnd']} epochs of {steps_per_epoch} noise batches...")
       student, seconds, losses = runner.gnd(k)
       timings[f"gnd@{k:g}"] = seconds
       timings[f"gnd_losses@{k:g}"] = losses
@@ -252,11 +254,13 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
       if "gnd" in methods:
         rows.append(row)
       if "gnd_ft" in methods:
+        runner.say(f"G-ND+FT, k={k:g}: KD on noise images, {budget['ft']} epochs...")
         ft_seconds = runner.kd_on_noise(student, budget["ft"], runner.learning_rate / 4)
         timings[f"ft@{k:g}"] = ft_seconds
         rows.append(runner.row("gnd_ft", k, student, seconds + ft_seconds,
                                accuracy_before_ft=row["accuracy"]))
     if "gnkd" in methods:
+      runner.say(f"GN-KD, k={k:g}: KD on noise images, {budget['gnkd']} epochs...")
       student, seconds = runner.gnkd(k)
       timings[f"gnkd@{k:g}"] = seconds
       rows.append(runner.row("gnkd", k, student, seconds))
