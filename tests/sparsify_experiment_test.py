@@ -51,6 +51,11 @@ class SparsifyExperimentTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, fragment):
       sparsify.run(dataset, self.get_temp_dir(), model="resnet8", verbose=0, **kwargs)
 
+  def test_a_dataset_without_validation_split_is_refused_before_training(self):
+    dataset = data.get("embedded", num_train=32, num_test=16)
+    with self.assertRaisesRegex(ValueError, "no validation split.*num_validation"):
+      sparsify.run(dataset, self.get_temp_dir(), model="resnet8", verbose=0)
+
 
 if __name__ == "__main__":
   tf.test.main()

@@ -14,7 +14,9 @@ neighbourhood (`keras_nd.split_layers`). For each target sparsity:
   kd:  the whole student, started from the teacher, pruned with the same
        schedule while trained end to end by knowledge distillation.
 
-As in the paper the first convolution and the classifier stay dense. Both
+As in the paper the first convolution and the classifier stay dense. The
+teacher is trained to convergence (60 epochs by default: a teacher trained
+for less ends under the KD students, which learn from the labels too). Both
 methods train for the same number of epochs; accuracy is on the test split,
 the measured sparsity is that of the composed, stripped student's pruned
 kernels, and the seconds are training time (ND's include the cache build).
@@ -69,8 +71,8 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
       raise ValueError(f"Sparsities must be in [0, 1); got {s!r}.")
   if not data.num_validation:
     raise ValueError(f"Dataset {data.name!r} has no validation split; get it with "
-                     "keras_nd.data.get(..., num_validation=N) (the teacher is shared with "
-                     "examples/distill.py, which needs one).")
+                     "keras_nd.data.get(..., num_validation=N) (the teacher is trained by "
+                     "distill.Experiment, which needs one).")
   rates = dict(dict(nd=1e-2, kd=5e-3), **(rates or {}))
   for method, rate in rates.items():
     number = isinstance(rate, (int, float)) and not isinstance(rate, bool)
