@@ -33,7 +33,7 @@ import time
 from keras_nd import files, graph
 from keras_nd._keras import keras, tf
 from keras_nd.activations import teacher_fingerprint
-from keras_nd.distiller import NeighbourhoodDistiller, as_student_model
+from keras_nd.distiller import NeighbourhoodDistiller, as_student_model, epoch_line
 
 
 def store(directory, teacher):
@@ -216,9 +216,9 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
     # Keras would number this epoch out of epoch + 1: progress is reported here instead.
     distiller.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=[log])
     checkpoints.save(checkpoint_number=epoch + 1)
-    if verbose:
-      print(f"  epoch {epoch + 1}/{epochs}: loss {log.epochs[-1]['loss']:.4g} "
-            f"({log.epochs[-1]['seconds']:.1f}s)", flush=True)
+    if verbose:  # after the checkpoint: a job killed once it printed the line loses nothing
+      print(epoch_line(epoch, epochs, log.epochs[-1]["loss"], log.epochs[-1]["seconds"]),
+            flush=True)
   distiller.calibrate_batch_norm(source.dataset(batch_size, seed=seed + 1), steps=calibrate_steps)
   last = log.epochs[-1]
   seconds = sum(epoch["seconds"] for epoch in log.epochs)

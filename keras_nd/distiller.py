@@ -1,6 +1,7 @@
 """NeighbourhoodDistiller: trains every student neighbourhood at once, independently."""
 
 import contextlib
+import time
 
 import numpy as np
 
@@ -86,6 +87,27 @@ class StopOnNonFinite(keras.callbacks.Callback):
         f"{float(loss)} at epoch {self._epoch + 1}, batch {batch + 1} (step {self._steps}): "
         f"training stopped, and the weights are those of the start of epoch {self._epoch + 1}, "
         "the last known to be good. Lower the learning rate or check the data for NaNs.")
+
+
+def epoch_line(epoch, epochs, loss, seconds):
+  """The progress line of a finished epoch (0-based `epoch`): "  epoch 3/10: loss 0.123 (41.2s)"."""
+  shown = "" if loss is None else f": loss {float(loss):.4g}"
+  return f"  epoch {epoch + 1}/{epochs}{shown} ({seconds:.1f}s)"
+
+
+class EpochLines(keras.callbacks.Callback):
+  """Prints `epoch_line` after every epoch: progress for long phases.
+
+  Keras's own (verbose=2) lists every metric, one per neighbourhood for a
+  distiller.
+  """
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._start = time.perf_counter()
+
+  def on_epoch_end(self, epoch, logs=None):
+    print(epoch_line(epoch, self.params.get("epochs"), (logs or {}).get("loss"),
+                     time.perf_counter() - self._start), flush=True)
 
 
 def _batch_norms(model):

@@ -52,8 +52,6 @@ def _subclassed():
   return model
 
 
-
-
 def _source(dataset, **kwargs):
   return nd.ActivationSource(_teacher()[0], [_unit()], dataset, verbose=0, **kwargs)
 

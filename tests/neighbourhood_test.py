@@ -294,8 +294,6 @@ class _Subclassed(keras.Model):
     return self.dense(inputs)
 
 
-
-
 class SplitRejectsBadModelsTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(("split", nd.split), ("split_layers", nd.split_layers))

@@ -1,12 +1,12 @@
 """What the experiment binaries share: data and training flags, scoring, writing results."""
 
 import os
-import time
 
 from absl import flags, logging
 
 from keras_nd import data, files
 from keras_nd._keras import keras
+from keras_nd.distiller import EpochLines
 
 # The embedded dataset's training size in the binaries: keeps examples/distill.py, the main
 # job, within 5 minutes on 2 cores.
@@ -69,27 +69,8 @@ def write_results(workdir, results):
   return path
 
 
-class EpochLines(keras.callbacks.Callback):
-  """Prints one line per epoch, "  epoch 3/10: loss 0.123 (41.2s)": progress for long phases.
-
-  Keras's own (verbose=2) lists every metric, one per neighbourhood for a distiller.
-  """
-
-  def on_train_begin(self, logs=None):
-    self._epochs = self.params.get("epochs")
-
-  def on_epoch_begin(self, epoch, logs=None):
-    self._start = time.perf_counter()
-
-  def on_epoch_end(self, epoch, logs=None):
-    loss = (logs or {}).get("loss")
-    shown = "" if loss is None else f": loss {float(loss):.4g}"
-    print(f"  epoch {epoch + 1}/{self._epochs}{shown} ({time.perf_counter() - self._start:.1f}s)",
-          flush=True)
-
-
 def fit_progress(verbose):
   """`fit` keyword arguments for a verbosity: 0 silent, 1 a line per epoch, 2 Keras's own."""
   if verbose > 1:
-    return {"verbose": 2}
+    return {"verbose": 2, "callbacks": []}
   return {"verbose": 0, "callbacks": [EpochLines()] if verbose else []}

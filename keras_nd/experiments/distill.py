@@ -266,7 +266,7 @@ class Experiment:
   def _fit_args(self, *callbacks):
     """`fit`'s verbose and callbacks: a line per epoch at verbose=1 (timing training alone)."""
     args = fit_progress(self.verbose)
-    return dict(args, callbacks=args.get("callbacks", []) + list(callbacks))
+    return dict(args, callbacks=args["callbacks"] + list(callbacks))
 
   def _new(self, multiplier, unit_noise=0.0):
     keras.utils.set_random_seed(self.seed)
