@@ -21,14 +21,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from keras_nd.experiments import common, sparsify  # noqa: E402
 
 FLAGS = flags.FLAGS
-# A teacher trained to convergence (60 epochs): one trained for 15 ends under the KD students.
-common.define_flags(workdir="workdir/sparsify", teacher_epochs=60)
+common.define_flags(workdir="workdir/sparsify", teacher_epochs=sparsify.EPOCHS["teacher"])
 flags.DEFINE_list("sparsities", [str(s) for s in sparsify.SPARSITIES], "Target sparsities.")
 flags.DEFINE_list("methods", list(sparsify.METHODS), "Any of nd, kd.")
-flags.DEFINE_integer("nd_epochs", 3, "Neighbourhood distillation epochs per sparsity.")
-flags.DEFINE_integer("kd_epochs", 3, "End-to-end KD epochs per sparsity.")
-flags.DEFINE_float("nd_learning_rate", 1e-2, "Peak learning rate of the ND students.")
-flags.DEFINE_float("kd_learning_rate", 5e-3, "Peak learning rate of the end-to-end KD student.")
+flags.DEFINE_integer("nd_epochs", sparsify.EPOCHS["nd"],
+                     "Neighbourhood distillation epochs per sparsity.")
+flags.DEFINE_integer("kd_epochs", sparsify.EPOCHS["kd"], "End-to-end KD epochs per sparsity.")
+flags.DEFINE_float("nd_learning_rate", sparsify.RATES["nd"],
+                   "Peak learning rate of the ND students.")
+flags.DEFINE_float("kd_learning_rate", sparsify.RATES["kd"],
+                   "Peak learning rate of the end-to-end KD student.")
 flags.DEFINE_bool("calibrate", True, "Re-estimate the ND student's BatchNorm statistics on the "
                   "training images after composing (no weight changes).")
 

@@ -33,6 +33,11 @@ from keras_nd.experiments.common import accuracy, scorable, write_results
 
 METHODS = ("nd", "kd")
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Epoch budgets: a teacher trained to convergence (one trained for 15 epochs ends under the KD
+# students, which learn from the labels too).
+EPOCHS = {"teacher": 60, "nd": 3, "kd": 3}
+# Peak learning rates: of 2e-3, 5e-3, 1e-2 and 2e-2, the best for each method (see the README).
+RATES = {"nd": 1e-2, "kd": 5e-3}
 
 
 def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS, epochs=None,
@@ -46,14 +51,15 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
     model: `resnet20`, ..., `resnet50`.
     sparsities: target sparsities, each in [0, 1).
     methods: a subset of ("nd", "kd").
-    epochs: dict overriding the epoch budgets: teacher (60), nd (3), kd (3).
+    epochs: dict overriding the epoch budgets of `EPOCHS`: teacher (60),
+      nd (3), kd (3).
     skip: layers kept dense (names or classes).
     calibrate: re-estimate the ND student's BatchNorm statistics after
       composing (its rows keep the accuracy before, `accuracy_uncalibrated`).
     rates: dict overriding the peak learning rates (Adam, cosine decay) of
-      the sparse students: nd 1e-2 and kd 5e-3 by default (of 2e-3, 5e-3,
-      1e-2 and 2e-2, the best for each method on the embedded dataset; see
-      the README).
+      the sparse students, `RATES`: nd 1e-2 and kd 5e-3 (of 2e-3, 5e-3, 1e-2
+      and 2e-2, the best for each method on the embedded dataset; see the
+      README).
     verbose: 0 silent, 1 one line per run, 2 Keras progress bars too.
     **settings: passed to `distill.Experiment` (batch_size, temperature,
       label_weight, seed, ...; its learning_rate is the teacher's).
@@ -73,13 +79,13 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
     raise ValueError(f"Dataset {data.name!r} has no validation split; get it with "
                      "keras_nd.data.get(..., num_validation=N) (the teacher is trained by "
                      "distill.Experiment, which needs one).")
-  rates = dict(dict(nd=1e-2, kd=5e-3), **(rates or {}))
+  rates = dict(RATES, **(rates or {}))
   for method, rate in rates.items():
     number = isinstance(rate, (int, float)) and not isinstance(rate, bool)
     if method not in METHODS or not number or not rate > 0:
       raise ValueError(f"rates must map 'nd' and 'kd' to positive learning rates; got "
                        f"{method!r}: {rate!r}.")
-  budget = dict(teacher=60, nd=3, kd=3)
+  budget = dict(EPOCHS)
   budget.update(epochs or {})
   experiment = distill.Experiment(data, model, workdir, budget, verbose=verbose, **settings)
   say = experiment.say
