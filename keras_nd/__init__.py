@@ -11,10 +11,12 @@ from keras_nd.distiller import NeighbourhoodDistiller, calibrate_batch_norm
 from keras_nd.graph import compose, substitute
 from keras_nd.kd import KnowledgeDistiller
 from keras_nd.neighbourhood import Neighbourhood, split, split_layers
+from keras_nd.reconstruct import reconstruct
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationSource", "KnowledgeDistiller", "Neighbourhood", "NeighbourhoodDistiller",
-    "calibrate_batch_norm", "compose", "losses", "split", "split_layers", "students", "substitute",
+    "calibrate_batch_norm", "compose", "losses", "reconstruct", "split", "split_layers",
+    "students", "substitute",
 ]

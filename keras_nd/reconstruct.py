@@ -1,0 +1,517 @@
+"""Exact solves of student neighbourhoods: `reconstruct`.
+
+With everything before it fixed, a convolution or Dense layer's output is
+linear in its weights, so the weights that bring its output closest to its
+teacher counterpart's output are the solution of a ridge least-squares
+problem: with X the layer's inputs (a convolution's patches) and Y the teacher
+layer's outputs, `W = (X^T X + lambda I)^-1 X^T Y`. `X^T X` and `X^T Y` are
+accumulated in one streaming pass over an `ActivationSource`; memory is
+bounded by the size of those statistics, never by the number of examples.
+
+The solve is sequential through each neighbourhood, as in He et al. (2017) and
+ThiNet: a layer sees the student's *own* input, produced by the layers before
+it already solved, so later layers correct the errors of earlier ones. Layers
+at the same depth (counting only solved layers) are solved from the same pass,
+in every neighbourhood at once; a ResNet basic unit whose first convolution
+was narrowed needs one pass in all.
+
+Which layers are solved: every Conv1D/2D/3D, DepthwiseConv1D/2D and Dense
+layer of a student whose teacher counterpart (the teacher layer of the same
+name, or of its name less the student suffix `_s`) has an output of the same
+shape. A layer whose output was narrowed (a bottleneck's inner layer) has no
+teacher target of its shape and keeps its weights; the layers it feeds are
+solved. A layer without a bias whose output feeds a BatchNormalization gets
+its intercept through that BatchNormalization's moving mean.
+"""
+
+import dataclasses
+import warnings
+
+import numpy as np
+
+from keras_nd import graph
+from keras_nd._keras import keras, tf
+from keras_nd.students import SUFFIX
+
+# The most inputs (patch size, plus the intercept) of one layer's system: its statistics take
+# (d + 1)^2 float64 numbers, 512 MiB here. ResNet-50's widest convolution has 3 * 3 * 512 = 4608.
+MAX_FEATURES = 8192
+# The most bytes of statistics held at once (all layers solved from one pass).
+MAX_STATISTICS_BYTES = 4 * 2**30
+
+_TRANSPOSED = tuple(getattr(keras.layers, name) for name in (
+    "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "SeparableConv1D",
+    "SeparableConv2D") if hasattr(keras.layers, name))
+_DEPTHWISE = tuple(getattr(keras.layers, name) for name in ("DepthwiseConv1D", "DepthwiseConv2D")
+                   if hasattr(keras.layers, name))
+_CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+
+
+@dataclasses.dataclass
+class _Layer:
+  """One solved layer: where its input and target come from, and its statistics."""
+
+  hood: object
+  layer: object            # the student's layer, solved in place
+  teacher_layer: object
+  input_tensor: object     # in the student's graph
+  target_tensor: object    # the teacher's output to match, in the neighbourhood's teacher graph
+  order: int
+  batch_norm: object = None  # the BatchNormalization after the layer, whose output is matched
+  stats: dict = None
+
+
+def _kind(layer):
+  if isinstance(layer, _TRANSPOSED):
+    return None
+  if isinstance(layer, _DEPTHWISE):
+    return "depthwise"
+  if isinstance(layer, _CONV):
+    return "conv"
+  if isinstance(layer, keras.layers.Dense):
+    return "dense"
+  return None
+
+
+def _unsupported(layer):
+  """Why the solve cannot handle a layer of a supported kind, or None."""
+  config = layer.get_config()
+  if config.get("data_format", "channels_last") != "channels_last":
+    return "it is channels_first"
+  if config.get("groups", 1) != 1:
+    return f"it is a grouped convolution (groups={config['groups']})"
+  if isinstance(layer, keras.layers.Conv3D) and max(config["dilation_rate"]) > 1:
+    return "it is a dilated Conv3D"
+  return None
+
+
+def _consumers(model):
+  consumers = {}
+  for node in graph.model_nodes(model):
+    for tensor in node.keras_inputs:
+      consumers.setdefault(id(tensor), []).append(node)
+  return consumers
+
+
+def _plan(hood, student):
+  """The solved layers of one student, in graph order, with their solve order."""
+  teacher_nodes = {node.layer.name: node for node in graph.model_nodes(hood.teacher)
+                   if not node.is_input}
+  consumers = _consumers(student)
+  depth = {id(student.inputs[0]): 0}  # the order of the last solved layer upstream of a tensor
+  planned = []
+  for node in graph.model_nodes(student):
+    if node.is_input:
+      continue
+    layer = node.layer
+    upstream = max((depth.get(id(t), 0) for t in node.keras_inputs), default=0)
+    if isinstance(layer, keras.Model) and any(_kind(sub) for sub in graph.leaf_layers(layer)):
+      raise ValueError(
+          f"Student '{student.name}' for neighbourhood '{hood.name}' holds the nested model "
+          f"'{layer.name}' with weighted layers; flatten it first (nd.substitute(student, {{}}) "
+          "gives a flat model).")
+    order = upstream
+    if _kind(layer):
+      counterpart = _counterpart(layer, teacher_nodes)
+      if counterpart is None:
+        raise ValueError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) of the student for neighbourhood "
+            f"'{hood.name}' has no teacher counterpart: the neighbourhood has no layer named "
+            f"'{layer.name}' or '{_base_name(layer.name)}'. reconstruct solves students whose "
+            "weighted layers are named after the teacher's (students.bottleneck, clone, "
+            "sparsity.sparse_student).")
+      if type(counterpart.layer) is not type(layer):
+        raise ValueError(
+            f"Layer '{layer.name}' of the student for '{hood.name}' is a {type(layer).__name__} "
+            f"but its teacher counterpart '{counterpart.layer.name}' is a "
+            f"{type(counterpart.layer).__name__}.")
+      if len(node.keras_inputs) != 1 or len(graph.output_tensors(node)) != 1:
+        raise ValueError(f"Layer '{layer.name}' of the student for '{hood.name}' is called on "
+                         "several tensors; reconstruct solves layers with one input and output.")
+      why = _unsupported(layer)
+      target = graph.output_tensors(counterpart)[0]
+      output = graph.output_tensors(node)[0]
+      if why is None and tuple(output.shape[1:]) == tuple(target.shape[1:]):
+        order = upstream + 1
+        batch_norm, target = _normalised_target(consumers.get(id(output), []), target,
+                                                teacher_nodes)
+        planned.append(_Layer(hood, layer, counterpart.layer, node.keras_inputs[0], target,
+                              order, batch_norm))
+      elif why is not None:
+        warnings.warn(f"reconstruct leaves layer '{layer.name}' of '{hood.name}' as it is: {why}.",
+                      stacklevel=3)
+      elif tuple(output.shape[1:-1]) != tuple(target.shape[1:-1]):
+        raise ValueError(
+            f"Layer '{layer.name}' of the student for '{hood.name}' has output shape "
+            f"{tuple(output.shape)} but its teacher counterpart has {tuple(target.shape)}: only "
+            "the channel count may differ (a narrowed layer, kept as it is).")
+    for tensor in graph.output_tensors(node):
+      depth[id(tensor)] = order
+  return planned
+
+
+def _normalised_target(followers, target, teacher_nodes):
+  """(BatchNorm, target): the BatchNorm alone after the layer, and its teacher's output.
+
+  Fitting the BatchNorm's output to the teacher BatchNorm's output, rather than
+  the layer's output to the teacher layer's, holds for students whose
+  BatchNorm differs from the teacher's (a random one, or after gradient
+  steps): the target is mapped back through the student's BatchNorm.
+  """
+  if len(followers) != 1 or not _is_last_axis_norm(followers[0].layer):
+    return None, target
+  counterpart = _counterpart(followers[0].layer, teacher_nodes)
+  if counterpart is None or counterpart.keras_inputs[0] is not target:
+    return None, target
+  return followers[0].layer, graph.output_tensors(counterpart)[0]
+
+
+def _before_norm(norm, z):
+  """The input that `norm` maps to `z` in inference: (z - beta) sqrt(var + eps) / gamma + mean."""
+  gamma = norm.gamma if norm.gamma is not None else 1.0
+  beta = norm.beta if norm.beta is not None else 0.0
+  # A channel whose scale is zero ignores its input: any value is right, its mean is one.
+  gamma = tf.where(tf.abs(gamma) < 1e-12, tf.ones_like(gamma) * 1e-12, gamma)
+  return (z - beta) * tf.sqrt(norm.moving_variance + norm.epsilon) / gamma + norm.moving_mean
+
+
+def _is_last_axis_norm(layer):
+  return isinstance(layer, keras.layers.BatchNormalization) and list(layer.axis) in (
+      [-1], [len(layer.input_shape) - 1])
+
+
+def _base_name(name):
+  return name[:-len(SUFFIX)] if name.endswith(SUFFIX) else name
+
+
+def _counterpart(layer, teacher_nodes):
+  return teacher_nodes.get(layer.name) or teacher_nodes.get(_base_name(layer.name))
+
+
+def _features(layer):
+  """The number of inputs of one output of `layer`'s system (without the intercept)."""
+  kernel = graph.kernel(layer)
+  if _kind(layer) == "depthwise":
+    return int(np.prod(kernel.shape[:-2]))
+  return int(np.prod(kernel.shape[:-1]))
+
+
+def _patches(layer, x):
+  """A convolution's input patches, [..., prod(kernel size) * channels] in its kernel's order."""
+  config = layer.get_config()
+  size, strides, rates = config["kernel_size"], config["strides"], config["dilation_rate"]
+  padding = config["padding"].upper()
+  if padding == "CAUSAL":
+    x = tf.pad(x, [[0, 0], [rates[0] * (size[0] - 1), 0], [0, 0]])
+    padding = "VALID"
+  if len(size) == 1:
+    p = tf.image.extract_patches(x[:, None], [1, 1, size[0], 1], [1, 1, strides[0], 1],
+                                 [1, 1, rates[0], 1], padding)
+    return p[:, 0]
+  if len(size) == 2:
+    return tf.image.extract_patches(x, [1, *size, 1], [1, *strides, 1], [1, *rates, 1], padding)
+  return tf.extract_volume_patches(x, [1, *size, 1], [1, *strides, 1], padding)
+
+
+def _cross(layer, x, y):
+  """`patches(x)^T y` without the patches: the gradient of the convolution's kernel for `y`."""
+  config = layer.get_config()
+  kernel = graph.kernel(layer)
+  strides, rates = config["strides"], config["dilation_rate"]
+  padding = config["padding"].upper()
+  if padding == "CAUSAL":
+    x = tf.pad(x, [[0, 0], [rates[0] * (config["kernel_size"][0] - 1), 0], [0, 0]])
+    padding = "VALID"
+  if _kind(layer) == "depthwise":
+    if len(strides) == 1:
+      x, y = x[:, None], y[:, None]
+      strides, rates = (1, *strides), (1, *rates)
+    shape = [1] * (4 - len(kernel.shape)) + list(kernel.shape)
+    return tf.reshape(tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter(
+        x, shape, y, [1, *strides, 1], padding, dilations=[1, *rates, 1]), kernel.shape)
+  if len(strides) == 3:
+    return tf.compat.v1.nn.conv3d_backprop_filter_v2(x, kernel.shape, y, [1, *strides, 1], padding)
+  if len(strides) == 1:
+    x, y = x[:, None], y[:, None]
+    strides, rates = (1, *strides), (1, *rates)
+  shape = [1] * (4 - len(kernel.shape)) + list(kernel.shape)
+  return tf.reshape(tf.compat.v1.nn.conv2d_backprop_filter(
+      x, shape, y, [1, *strides, 1], padding, dilations=[1, *rates, 1]), kernel.shape)
+
+
+def _moments(layer, x, y):
+  """This batch's statistics of `layer`'s system, float32: {G, s, C, t, yy, n}."""
+  kind = _kind(layer)
+  if kind == "dense":
+    x = tf.reshape(x, [-1, x.shape[-1]])
+    y = tf.reshape(y, [-1, y.shape[-1]])
+    return {"G": tf.matmul(x, x, transpose_a=True), "s": tf.reduce_sum(x, 0),
+            "C": tf.matmul(x, y, transpose_a=True), "t": tf.reduce_sum(y, 0),
+            "yy": tf.reduce_sum(y * y, 0), "n": tf.cast(tf.shape(x)[0], tf.float32)}
+  cross = _cross(layer, x, y)
+  p = _patches(layer, x)
+  p = tf.reshape(p, [-1, p.shape[-1]])
+  rows = tf.cast(tf.shape(p)[0], tf.float32)
+  if kind == "depthwise":
+    channels = graph.kernel(layer).shape[-2]
+    p = tf.reshape(p, [-1, p.shape[-1] // channels, channels])   # [rows, taps, c]
+    multiplier = y.shape[-1] // channels
+    y = tf.reshape(y, [-1, channels, multiplier])
+    cross = tf.transpose(tf.reshape(cross, [-1, channels, multiplier]), [1, 0, 2])
+    return {"G": tf.einsum("npc,nqc->cpq", p, p), "s": tf.transpose(tf.reduce_sum(p, 0)),
+            "C": cross, "t": tf.reduce_sum(y, 0), "yy": tf.reduce_sum(y * y, 0), "n": rows}
+  y = tf.reshape(y, [-1, y.shape[-1]])
+  return {"G": tf.matmul(p, p, transpose_a=True), "s": tf.reduce_sum(p, 0),
+          "C": tf.reshape(cross, [-1, cross.shape[-1]]), "t": tf.reduce_sum(y, 0),
+          "yy": tf.reduce_sum(y * y, 0), "n": rows}
+
+
+def _intercept(item):
+  """Whether the solve has an intercept: the layer's bias, or its BatchNorm's moving mean."""
+  return bool(item.layer.get_config().get("use_bias")) or item.batch_norm is not None
+
+
+def _system(stats, intercept):
+  """The augmented normal equations [G s; s^T n], [C; t] as float64 (leading channel axis kept)."""
+  g, s, c, t, n = (stats[k] for k in ("G", "s", "C", "t", "n"))
+  if not intercept:
+    return g, c
+  n = np.broadcast_to(n, s.shape[:-1] + (1, 1))
+  a = np.concatenate([np.concatenate([g, s[..., :, None]], -1),
+                      np.concatenate([s[..., None, :], n], -1)], -2)
+  return a, np.concatenate([c, t[..., None, :]], -2)
+
+
+def _solve(item, a, b, ridge):
+  """Solves one layer's system `a W = b`; returns (W with the intercept last, info)."""
+  d = a.shape[-1] - int(_intercept(item))
+  diag = np.einsum("...ii->...i", a)[..., :d]
+  scale = np.maximum(diag.mean(-1, keepdims=True), 1e-12)
+  n = item.stats["n"]
+  # Inputs with no variance over the data (e.g. a channel a ReLU always zeroes) make the system
+  # rank-deficient: the ridge gives them zero weight.
+  mean = item.stats["s"] / n
+  variance = diag / n - mean * mean
+  constant = int(np.sum(variance <= 1e-10 * scale / n))
+  regularised = a.copy()
+  idx = np.arange(d)
+  regularised[..., idx, idx] += ridge * scale
+  try:
+    w = np.linalg.solve(regularised, b)
+  except np.linalg.LinAlgError:
+    warnings.warn(
+        f"reconstruct: the system of layer '{item.layer.name}' ({item.hood.name}) is singular "
+        f"with ridge={ridge:g} ({constant} of its {d} inputs are constant over the data); solved "
+        "by least squares of minimum norm instead. Pass ridge > 0 to regularise it.",
+        stacklevel=3)
+    w = np.linalg.lstsq(regularised, b, rcond=None)[0] if regularised.ndim == 2 else np.stack(
+        [np.linalg.lstsq(r, v, rcond=None)[0] for r, v in zip(regularised, b)])
+  return w, {"constant_inputs": constant, "features": d}
+
+
+def _residual(stats, a, b, w):
+  """sum ||Y - X W||^2 from the statistics: yy - 2 tr(W^T B) + tr(W^T A W)."""
+  return max(0.0, float(np.sum(stats["yy"]) - 2 * np.sum(w * b) + np.sum(w * (a @ w))))
+
+
+def _current(item):
+  """The layer's weights now, in the solve's layout (intercept last, if any)."""
+  layer = item.layer
+  kernel = graph.kernel(layer).numpy().astype(np.float64)
+  if _kind(layer) == "depthwise":
+    channels = kernel.shape[-2]
+    w = np.transpose(kernel.reshape(-1, channels, kernel.shape[-1]), (1, 0, 2))
+  else:
+    w = kernel.reshape(-1, kernel.shape[-1])
+  if not _intercept(item):
+    return w
+  if layer.get_config().get("use_bias"):
+    bias = layer.bias.numpy().astype(np.float64).reshape(w.shape[:-2] + (1, w.shape[-1]))
+  else:  # folded into the BatchNorm's moving mean: y + b - mean == y - (mean - b)
+    bias = np.zeros(w.shape[:-2] + (1, w.shape[-1]))
+  return np.concatenate([w, bias], -2)
+
+
+def _assign(item, w):
+  layer = item.layer
+  kernel = graph.kernel(layer)
+  intercept = _intercept(item)
+  weights, bias = (w[..., :-1, :], w[..., -1, :]) if intercept else (w, None)
+  if _kind(layer) == "depthwise":
+    weights = np.transpose(weights, (1, 0, 2))
+  kernel.assign(weights.reshape(kernel.shape).astype(np.float32))
+  if bias is None:
+    return
+  bias = bias.reshape(-1)
+  if layer.get_config().get("use_bias"):
+    layer.bias.assign(bias.astype(np.float32))
+  else:
+    item.batch_norm.moving_mean.assign((item.batch_norm.moving_mean.numpy() - bias)
+                                       .astype(np.float32))
+
+
+def _check(students, source, ridge):
+  if not isinstance(students, dict) or not students:
+    raise TypeError("students must be a non-empty dict {Neighbourhood: student model}; got "
+                    f"{type(students).__name__}.")
+  served = {hood.name: hood for hood in getattr(source, "hoods", ())}
+  if not served or not hasattr(source, "dataset"):
+    raise TypeError(f"source must be a keras_nd.ActivationSource; got {type(source).__name__}.")
+  for hood, student in students.items():
+    if not hasattr(hood, "nodes"):
+      raise TypeError(f"students' keys must be keras_nd.Neighbourhood objects; got {hood!r}.")
+    if served.get(hood.name) is not hood:
+      raise ValueError(
+          f"The source does not serve neighbourhood '{hood.name}' (it serves "
+          f"{sorted(served)}); build it over the neighbourhoods of the students.")
+    if not isinstance(student, keras.Model) or not getattr(student, "_is_graph_network", False):
+      raise TypeError(
+          f"The student for neighbourhood '{hood.name}' must be a functional tf_keras Model "
+          f"(reconstruct changes its weights in place); got {type(student).__name__}.")
+    graph.check_replacement(hood, student)
+  if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
+    raise ValueError(f"ridge must be a non-negative number; got {ridge!r}.")
+
+
+def _check_size(items):
+  total = 0
+  for item in items:
+    d = _features(item.layer) + 1
+    if d > MAX_FEATURES:
+      raise ValueError(
+          f"Layer '{item.layer.name}' of '{item.hood.name}' has {d - 1} inputs per output "
+          f"(kernel {tuple(graph.kernel(item.layer).shape)}); reconstruct solves at most "
+          f"{MAX_FEATURES - 1}. Leave it to gradient distillation.")
+    groups = graph.kernel(item.layer).shape[-2] if _kind(item.layer) == "depthwise" else 1
+    total += groups * d * (d + graph.kernel(item.layer).shape[-1]) * 8
+  if total > MAX_STATISTICS_BYTES:
+    raise ValueError(
+        f"The layers solved together need {total / 2**30:.1f} GiB of statistics, more than "
+        f"{MAX_STATISTICS_BYTES / 2**30:.0f} GiB; reconstruct fewer neighbourhoods at a time.")
+
+
+def _pass(source, batch_size, extractors):
+  """One streaming pass: sums of every extractor's statistics (float64) and of the errors."""
+  fn = tf.function(lambda batch: extractors(batch))
+  totals = None
+  for batch in source.dataset(batch_size, shuffle=False):
+    moments = tf.nest.map_structure(lambda t: t.numpy().astype(np.float64), fn(batch))
+    totals = moments if totals is None else tf.nest.map_structure(np.add, totals, moments)
+  if totals is None:
+    raise ValueError("The source served no batch: its dataset is empty.")
+  return totals
+
+
+def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, verbose=0):
+  """Solves the weighted layers of each student in closed form, in place.
+
+  Each solved layer gets the ridge least-squares weights (and bias) that make
+  its output, given the student's own input to it, closest to its teacher
+  counterpart's output on the teacher's input; see the module docstring for
+  which layers are solved and in what order. Statistics are accumulated in
+  one pass over `source` per solve order (plus one pass each to measure the
+  errors before and after, if `errors`), so any number of examples fits in
+  the same memory: `(d + 1) * (d + outputs)` float64 numbers per solved layer,
+  d its inputs per output (3 * 3 * 512 = 4608 for ResNet-50's widest layer;
+  at most `MAX_FEATURES - 1`, above which a ValueError names the layer).
+
+  Args:
+    students: `{Neighbourhood: student model}`, students built by keras_nd
+      (`students.bottleneck`, `students.clone`) or any functional model whose
+      weighted layers are named after the teacher layers they stand for.
+    source: an `ActivationSource` serving (at least) these neighbourhoods:
+      cached, online or noise.
+    ridge: the regularisation, relative to the mean diagonal of each
+      layer's `X^T X`. It keeps rank-deficient systems (constant inputs, e.g.
+      dead ReLU channels) solvable; 0 solves exactly, falling back to minimum
+      norm least squares with a warning where the system is singular.
+    batch_size: examples per batch of the passes.
+    errors: also measure each neighbourhood's relative error before and after.
+    verbose: 1 prints a line per pass.
+
+  Returns:
+    `{neighbourhood name: {"layers": {layer name: {"order", "features",
+    "constant_inputs", "error_before", "error_after"}}, "error_before",
+    "error_after"}}`: the layers' relative residuals `||Y - XW||^2 / ||Y||^2`
+    (before: with the weights it had, on the same inputs) and, with `errors`,
+    the neighbourhood's `||S(a) - T(a)||^2 / ||T(a)||^2` over the source.
+
+  Raises:
+    ValueError, TypeError: a student layer with no teacher counterpart, a
+      source that does not serve a neighbourhood, a layer too large to solve.
+
+  Example:
+    >>> students = {h: nd.students.bottleneck(h, 0.5, init="teacher") for h in units}
+    >>> report = nd.reconstruct(students, source)
+  """
+  _check(students, source, ridge)
+  plans = {hood: _plan(hood, student) for hood, student in students.items()}
+  items = [item for plan in plans.values() for item in plan]
+  report = {hood.name: {"layers": {}} for hood in students}
+  orders = sorted({item.order for item in items})
+  for order in orders:
+    group = [item for item in items if item.order == order]
+    _check_size(group)
+    measure = errors and order == orders[0]
+    extract = _extractors(students, group, with_errors=measure)
+    totals = _pass(source, batch_size, extract)
+    if verbose:
+      print(f"reconstruct: pass {order} of {len(orders)}, {len(group)} layers", flush=True)
+    if measure:
+      _record_errors(report, totals["errors"], "error_before")
+    for item, stats in zip(group, totals["layers"]):
+      item.stats = stats
+      a, b = _system(stats, _intercept(item))
+      w, info = _solve(item, a, b, ridge)
+      total = max(float(np.sum(stats["yy"])), 1e-30)
+      info.update(order=order, error_before=_residual(stats, a, b, _current(item)) / total,
+                  error_after=_residual(stats, a, b, w) / total)
+      _assign(item, w)
+      item.stats = None
+      report[item.hood.name]["layers"][item.layer.name] = info
+  if errors:
+    if not orders:
+      totals = _pass(source, batch_size, _extractors(students, [], with_errors=True))
+      _record_errors(report, totals["errors"], "error_before")
+    totals = _pass(source, batch_size, _extractors(students, [], with_errors=True))
+    _record_errors(report, totals["errors"], "error_after")
+  return report
+
+
+def _record_errors(report, sums, key):
+  for name, (err, norm) in sums.items():
+    report[name][key] = float(err / max(norm, 1e-30))
+
+
+def _extractors(students, group, with_errors):
+  """A function of a source batch: {"layers": [stats of each item], "errors": {name: (e, |t|)}}."""
+  by_hood = {}
+  for item in group:
+    by_hood.setdefault(item.hood, []).append(item)
+  models = {}
+  for hood, hood_items in by_hood.items():
+    student = students[hood]
+    models[hood] = (
+        keras.Model(student.inputs, [item.input_tensor for item in hood_items]),
+        keras.Model(hood.teacher.inputs, [item.target_tensor for item in hood_items]))
+
+  def run(batch):
+    out = {"layers": [None] * len(group), "errors": {}}
+    index = {id(item): i for i, item in enumerate(group)}
+    for hood, hood_items in by_hood.items():
+      a = batch[hood.name][0]
+      student_model, teacher_model = models[hood]
+      xs = tf.nest.flatten(student_model(a, training=False))
+      ys = tf.nest.flatten(teacher_model(a, training=False))
+      for item, x, y in zip(hood_items, xs, ys):
+        if item.batch_norm is not None:
+          y = _before_norm(item.batch_norm, y)
+        out["layers"][index[id(item)]] = _moments(item.layer, x, y)
+    if with_errors:
+      for hood, student in students.items():
+        a, t = batch[hood.name][:2]
+        diff = student(a, training=False) - t
+        out["errors"][hood.name] = (tf.reduce_sum(diff * diff), tf.reduce_sum(t * t))
+    return out
+
+  return run
