@@ -248,10 +248,20 @@ def _moments(layer, x, y):
     return {"G": tf.matmul(x, x, transpose_a=True), "s": tf.reduce_sum(x, 0),
             "C": tf.matmul(x, y, transpose_a=True), "t": tf.reduce_sum(y, 0),
             "yy": tf.reduce_sum(y * y, 0), "n": tf.cast(tf.shape(x)[0], tf.float32)}
-  cross = _cross(layer, x, y)
   p = _patches(layer, x)
   p = tf.reshape(p, [-1, p.shape[-1]])
   rows = tf.cast(tf.shape(p)[0], tf.float32)
+  # TensorFlow's CPU kernel gradient takes no dilation: dilated layers multiply their patches.
+  dilated = max(layer.get_config()["dilation_rate"]) > 1
+  if kind == "depthwise" and dilated:
+    channels = graph.kernel(layer).shape[-2]
+    cross = tf.einsum("npc,ncm->cpm", tf.reshape(p, [-1, p.shape[-1] // channels, channels]),
+                      tf.reshape(y, [-1, channels, y.shape[-1] // channels]))
+    cross = tf.reshape(tf.transpose(cross, [1, 0, 2]), [-1, cross.shape[-1]])
+  elif dilated:
+    cross = tf.matmul(p, tf.reshape(y, [-1, y.shape[-1]]), transpose_a=True)
+  else:
+    cross = _cross(layer, x, y)
   if kind == "depthwise":
     channels = graph.kernel(layer).shape[-2]
     p = tf.reshape(p, [-1, p.shape[-1] // channels, channels])   # [rows, taps, c]

@@ -1,0 +1,196 @@
+"""Tests for keras_nd.reconstruct (closed-form solves of student layers)."""
+
+import sys
+import warnings
+from unittest import mock
+
+import numpy as np
+import testing
+from absl.testing import parameterized
+
+import keras_nd as nd
+from keras_nd._keras import keras, tf
+
+L = keras.layers
+_module = sys.modules["keras_nd.reconstruct"]
+
+
+def _source(teacher, hoods, x):
+  return nd.ActivationSource(teacher, hoods, tf.data.Dataset.from_tensor_slices(x).batch(64),
+                             verbose=0)
+
+
+def _linear_teacher(seed=0):
+  """Strided conv, depthwise, bias-free conv into a BatchNorm, Dense: every layer solvable."""
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input((9, 9, 3))
+  x = L.Conv2D(5, 3, strides=2, padding="same", name="c1")(inputs)
+  x = L.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(x)
+  x = L.Conv2D(4, 2, use_bias=False, name="c2")(x)
+  x = L.BatchNormalization(name="bn")(x)
+  x = L.Flatten(name="flat")(x)
+  teacher = keras.Model(inputs, L.Dense(3, name="d")(x))
+  rng = np.random.RandomState(seed)
+  teacher.get_layer("bn").set_weights([rng.rand(4) + 0.5, rng.rand(4), rng.rand(4),
+                                       rng.rand(4) + 0.5])
+  return teacher
+
+
+def _two_layer(seed=0):
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input((6,))
+  hidden = L.Dense(8, activation="relu", name="inner")(inputs)
+  return keras.Model(inputs, L.Dense(5, name="outer")(hidden))
+
+
+class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_recovers_the_kernels_of_a_linear_toy(self):
+    # Every layer sees the teacher's own input once the layers before it are solved, so the
+    # solve of a randomly initialised clone finds the teacher's kernels (the BatchNorm of the
+    # clone is fresh: the Dense layer after it makes up for it).
+    teacher = _linear_teacher()
+    hoods = nd.split(teacher, boundaries=[])
+    student = nd.students.clone(hoods[0], init="random")
+    x = np.random.RandomState(1).normal(size=(300, 9, 9, 3)).astype("float32")
+    report = nd.reconstruct({hoods[0]: student}, _source(teacher, hoods, x), ridge=1e-9)
+    for name in ("c1", "dw"):
+      for want, got in zip(teacher.get_layer(name).get_weights(),
+                           student.get_layer(name + "_s").get_weights()):
+        self.assertAllClose(want, got, atol=1e-4)
+    entry = report[hoods[0].name]
+    self.assertEqual([v["order"] for v in entry["layers"].values()], [1, 2, 3, 4])
+    self.assertGreater(entry["error_before"], 0.1)
+    self.assertLess(entry["error_after"], 1e-8)
+    self.assertAllClose(student.predict(x[:20], verbose=0), teacher.predict(x[:20], verbose=0),
+                        atol=1e-4)
+
+  @parameterized.named_parameters(
+      ("conv1d_causal_dilated", lambda: L.Conv1D(3, 3, padding="causal", dilation_rate=2),
+       (12, 2)),
+      ("conv1d_strided", lambda: L.Conv1D(3, 2, strides=2), (12, 2)),
+      ("conv2d_dilated", lambda: L.Conv2D(3, 3, padding="same", dilation_rate=2), (7, 7, 2)),
+      ("conv3d", lambda: L.Conv3D(3, 2, strides=(1, 2, 1), padding="same"), (4, 5, 4, 2)),
+      ("depthwise1d", lambda: L.DepthwiseConv1D(3, padding="same"), (10, 3)),
+      ("dense_on_sequences", lambda: L.Dense(3), (5, 4)))
+  def test_recovers_each_kind_of_layer(self, make, shape):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape)
+    teacher = keras.Model(inputs, make()(inputs))
+    hood = nd.split_layers(teacher, layer_types=(type(teacher.layers[-1]),))[0]
+    student = nd.students.clone(hood, init="random")
+    x = np.random.RandomState(0).normal(size=(80,) + shape).astype("float32")
+    nd.reconstruct({hood: student}, _source(teacher, [hood], x), ridge=1e-9, errors=False)
+    for want, got in zip(teacher.layers[-1].get_weights(), student.layers[-1].get_weights()):
+      self.assertAllClose(want, got, atol=1e-4)
+
+  def test_streaming_equals_the_in_memory_solve(self):
+    # A bottleneck's outer layer, solved on the student's own hidden units: the streamed
+    # statistics of any batch size give the ridge solution computed on all the data at once.
+    teacher = _two_layer()
+    hood = nd.split(teacher, boundaries=[])[0]
+    x = np.random.RandomState(2).normal(size=(257, 6)).astype("float32")
+    ridge = 1e-2
+    solved = []
+    for batch_size in (256, 7):
+      student = nd.students.bottleneck(hood, 0.5, init="teacher")
+      nd.reconstruct({hood: student}, _source(teacher, [hood], x), ridge=ridge,
+                     batch_size=batch_size, errors=False)
+      solved.append(student.get_layer("outer_s").get_weights())
+    hidden = keras.Model(student.inputs, student.get_layer("outer_s").input).predict(x, verbose=0)
+    target = teacher.predict(x, verbose=0)
+    a = np.concatenate([hidden, np.ones((len(x), 1))], 1).astype(np.float64)
+    gram = a.T @ a
+    lam = ridge * np.mean(np.diag(gram)[:-1])
+    gram[np.arange(4), np.arange(4)] += lam
+    w = np.linalg.solve(gram, a.T @ target)
+    for weights in solved:
+      self.assertAllClose(weights[0], w[:-1], atol=1e-4)
+      self.assertAllClose(weights[1], w[-1], atol=1e-4)
+
+  def test_sequential_solve_beats_the_sliced_teacher(self):
+    # The outer layer of a narrowed student, solved on its own input, is closer to the teacher
+    # than the teacher's outer weights sliced to the kept units.
+    teacher = _two_layer()
+    hood = nd.split(teacher, boundaries=[])[0]
+    student = nd.students.bottleneck(hood, 0.5, init="teacher")
+    x = np.random.RandomState(3).normal(size=(200, 6)).astype("float32")
+    report = nd.reconstruct({hood: student}, _source(teacher, [hood], x))
+    entry = report[hood.name]
+    self.assertEqual(list(entry["layers"]), ["outer_s"])  # the narrowed layer is kept
+    self.assertLess(entry["error_after"], 0.8 * entry["error_before"])
+    self.assertAllClose(entry["layers"]["outer_s"]["error_after"], entry["error_after"],
+                        rtol=1e-3)
+
+  def test_solve_is_idempotent_through_batch_norm(self):
+    # A bias-free layer's intercept goes into its BatchNorm's moving mean; solving again moves
+    # nothing.
+    teacher = testing.tiny_resnet()
+    units = nd.split(teacher)[1:-1]
+    students = {h: nd.students.bottleneck(h, 0.5, init="teacher") for h in units}
+    x, _ = testing.images(64)
+    source = _source(teacher, units, x)
+    first = nd.reconstruct(students, source)
+    weights = [s.get_weights() for s in students.values()]
+    second = nd.reconstruct(students, source)
+    for before, student in zip(weights, students.values()):
+      for a, b in zip(before, student.get_weights()):
+        self.assertAllClose(a, b, atol=1e-3)  # float32 statistics
+    for name, entry in first.items():
+      self.assertLess(entry["error_after"], entry["error_before"])
+      self.assertAllClose(second[name]["error_after"], entry["error_after"], rtol=1e-3)
+
+  def test_rejects_a_student_layer_without_teacher_counterpart(self):
+    teacher = _two_layer()
+    hood = nd.split(teacher, boundaries=[])[0]
+    inputs = keras.Input((6,))
+    student = keras.Model(inputs, L.Dense(5, name="mystery")(inputs))
+    with self.assertRaisesRegex(ValueError, "'mystery'.*no teacher counterpart"):
+      nd.reconstruct({hood: student}, _source(teacher, [hood], np.zeros((4, 6), "float32")))
+
+  def test_rejects_a_source_of_other_neighbourhoods(self):
+    teacher = testing.tiny_resnet()
+    units = nd.split(teacher)[1:-1]
+    x, _ = testing.images(16)
+    source = _source(teacher, units[:1], x)
+    students = {units[1]: nd.students.clone(units[1])}
+    with self.assertRaisesRegex(ValueError, f"does not serve neighbourhood '{units[1].name}'"):
+      nd.reconstruct(students, source)
+
+  def test_rejects_a_builder_instead_of_a_model(self):
+    teacher = _two_layer()
+    hood = nd.split(teacher, boundaries=[])[0]
+    with self.assertRaisesRegex(TypeError, "must be a functional tf_keras Model"):
+      nd.reconstruct({hood: nd.students.clone}, _source(teacher, [hood], np.zeros((4, 6),
+                                                                                  "float32")))
+
+  def test_rank_deficient_problem_is_regularised_and_said(self):
+    # Two inputs are always zero: their gram rows vanish. With a ridge the solve gives them no
+    # weight and reports them; without one it warns and falls back to minimum-norm least squares.
+    teacher = _two_layer()
+    hood = nd.split_layers(teacher)[0]
+    x = np.random.RandomState(4).normal(size=(100, 6)).astype("float32")
+    x[:, :2] = 0.0
+    student = nd.students.clone(hood, init="random")
+    report = nd.reconstruct({hood: student}, _source(teacher, [hood], x), errors=False)
+    self.assertEqual(report[hood.name]["layers"]["inner_s"]["constant_inputs"], 2)
+    self.assertAllClose(student.get_layer("inner_s").get_weights()[0][:2], np.zeros((2, 8)))
+    student = nd.students.clone(hood, init="random")
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      nd.reconstruct({hood: student}, _source(teacher, [hood], x), ridge=0, errors=False)
+    self.assertTrue(any("singular" in str(w.message) and "inner_s" in str(w.message)
+                        for w in caught))
+    self.assertTrue(np.all(np.isfinite(student.get_layer("inner_s").get_weights()[0])))
+
+  def test_refuses_a_layer_too_large_to_solve(self):
+    teacher = _two_layer()
+    hood = nd.split_layers(teacher)[0]
+    student = nd.students.clone(hood)
+    with mock.patch.object(_module, "MAX_FEATURES", 4):
+      with self.assertRaisesRegex(ValueError, "'inner_s'.*6 inputs per output.*at most 3"):
+        nd.reconstruct({hood: student}, _source(teacher, [hood], np.ones((4, 6), "float32")))
+
+
+if __name__ == "__main__":
+  tf.test.main()
