@@ -45,6 +45,15 @@ def output_tensors(node):
   return tf.nest.flatten(node.outputs)
 
 
+def consumers(nodes):
+  """{id(tensor): [the nodes among `nodes` that take it as input]}."""
+  found = {}
+  for node in nodes:
+    for tensor in node.keras_inputs:
+      found.setdefault(id(tensor), []).append(node)
+  return found
+
+
 def _call_node(node, layer, values):
   """Calls `layer` the way `node` called its layer, with tensors looked up in `values`."""
 

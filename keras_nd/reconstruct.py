@@ -49,16 +49,14 @@ _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 @dataclasses.dataclass
 class _Layer:
-  """One solved layer: where its input and target come from, and its statistics."""
+  """One solved layer: where its input and its target come from."""
 
   hood: object
   layer: object            # the student's layer, solved in place
-  teacher_layer: object
   input_tensor: object     # in the student's graph
   target_tensor: object    # the teacher's output to match, in the neighbourhood's teacher graph
   order: int
   batch_norm: object = None  # the BatchNormalization after the layer, whose output is matched
-  stats: dict = None
 
 
 def _kind(layer):
@@ -85,19 +83,11 @@ def _unsupported(layer):
   return None
 
 
-def _consumers(model):
-  consumers = {}
-  for node in graph.model_nodes(model):
-    for tensor in node.keras_inputs:
-      consumers.setdefault(id(tensor), []).append(node)
-  return consumers
-
-
 def _plan(hood, student):
   """The solved layers of one student, in graph order, with their solve order."""
   teacher_nodes = {node.layer.name: node for node in graph.model_nodes(hood.teacher)
                    if not node.is_input}
-  consumers = _consumers(student)
+  consumers = graph.consumers(graph.model_nodes(student))
   depth = {id(student.inputs[0]): 0}  # the order of the last solved layer upstream of a tensor
   planned = []
   for node in graph.model_nodes(student):
@@ -135,8 +125,7 @@ def _plan(hood, student):
         order = upstream + 1
         batch_norm, target = _normalised_target(consumers.get(id(output), []), target,
                                                 teacher_nodes)
-        planned.append(_Layer(hood, layer, counterpart.layer, node.keras_inputs[0], target,
-                              order, batch_norm))
+        planned.append(_Layer(hood, layer, node.keras_inputs[0], target, order, batch_norm))
       elif why is not None:
         warnings.warn(f"reconstruct leaves layer '{layer.name}' of '{hood.name}' as it is: {why}.",
                       stacklevel=3)
@@ -200,10 +189,7 @@ def _patches(layer, x):
   """A convolution's input patches, [..., prod(kernel size) * channels] in its kernel's order."""
   config = layer.get_config()
   size, strides, rates = config["kernel_size"], config["strides"], config["dilation_rate"]
-  padding = config["padding"].upper()
-  if padding == "CAUSAL":
-    x = tf.pad(x, [[0, 0], [rates[0] * (size[0] - 1), 0], [0, 0]])
-    padding = "VALID"
+  x, padding = _padded(layer, x)
   if len(size) == 1:
     p = tf.image.extract_patches(x[:, None], [1, 1, size[0], 1], [1, 1, strides[0], 1],
                                  [1, 1, rates[0], 1], padding)
@@ -213,30 +199,30 @@ def _patches(layer, x):
   return tf.extract_volume_patches(x, [1, *size, 1], [1, *strides, 1], padding)
 
 
+def _padded(layer, x):
+  """(x, padding) for TensorFlow's patch and kernel-gradient ops: causal is left padding."""
+  config = layer.get_config()
+  if config["padding"] != "causal":
+    return x, config["padding"].upper()
+  shift = config["dilation_rate"][0] * (config["kernel_size"][0] - 1)
+  return tf.pad(x, [[0, 0], [shift, 0], [0, 0]]), "VALID"
+
+
 def _cross(layer, x, y):
   """`patches(x)^T y` without the patches: the gradient of the convolution's kernel for `y`."""
   config = layer.get_config()
   kernel = graph.kernel(layer)
   strides, rates = config["strides"], config["dilation_rate"]
-  padding = config["padding"].upper()
-  if padding == "CAUSAL":
-    x = tf.pad(x, [[0, 0], [rates[0] * (config["kernel_size"][0] - 1), 0], [0, 0]])
-    padding = "VALID"
-  if _kind(layer) == "depthwise":
-    if len(strides) == 1:
-      x, y = x[:, None], y[:, None]
-      strides, rates = (1, *strides), (1, *rates)
-    shape = [1] * (4 - len(kernel.shape)) + list(kernel.shape)
-    return tf.reshape(tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter(
-        x, shape, y, [1, *strides, 1], padding, dilations=[1, *rates, 1]), kernel.shape)
+  x, padding = _padded(layer, x)
   if len(strides) == 3:
     return tf.compat.v1.nn.conv3d_backprop_filter_v2(x, kernel.shape, y, [1, *strides, 1], padding)
-  if len(strides) == 1:
-    x, y = x[:, None], y[:, None]
-    strides, rates = (1, *strides), (1, *rates)
+  if len(strides) == 1:  # as a 2D problem of height 1
+    x, y, strides, rates = x[:, None], y[:, None], (1, *strides), (1, *rates)
+  gradient = (tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter
+              if _kind(layer) == "depthwise" else tf.compat.v1.nn.conv2d_backprop_filter)
   shape = [1] * (4 - len(kernel.shape)) + list(kernel.shape)
-  return tf.reshape(tf.compat.v1.nn.conv2d_backprop_filter(
-      x, shape, y, [1, *strides, 1], padding, dilations=[1, *rates, 1]), kernel.shape)
+  return tf.reshape(gradient(x, shape, y, [1, *strides, 1], padding, dilations=[1, *rates, 1]),
+                    kernel.shape)
 
 
 def _moments(layer, x, y):
@@ -253,11 +239,10 @@ def _moments(layer, x, y):
   rows = tf.cast(tf.shape(p)[0], tf.float32)
   # TensorFlow's CPU kernel gradient takes no dilation: dilated layers multiply their patches.
   dilated = max(layer.get_config()["dilation_rate"]) > 1
-  if kind == "depthwise" and dilated:
+  if kind == "depthwise" and dilated:  # in the kernel's layout [taps, c, multiplier]
     channels = graph.kernel(layer).shape[-2]
-    cross = tf.einsum("npc,ncm->cpm", tf.reshape(p, [-1, p.shape[-1] // channels, channels]),
+    cross = tf.einsum("npc,ncm->pcm", tf.reshape(p, [-1, p.shape[-1] // channels, channels]),
                       tf.reshape(y, [-1, channels, y.shape[-1] // channels]))
-    cross = tf.reshape(tf.transpose(cross, [1, 0, 2]), [-1, cross.shape[-1]])
   elif dilated:
     cross = tf.matmul(p, tf.reshape(y, [-1, y.shape[-1]]), transpose_a=True)
   else:
@@ -292,15 +277,15 @@ def _system(stats, intercept):
   return a, np.concatenate([c, t[..., None, :]], -2)
 
 
-def _solve(item, a, b, ridge):
+def _solve(item, stats, a, b, ridge):
   """Solves one layer's system `a W = b`; returns (W with the intercept last, info)."""
   d = a.shape[-1] - int(_intercept(item))
   diag = np.einsum("...ii->...i", a)[..., :d]
   scale = np.maximum(diag.mean(-1, keepdims=True), 1e-12)
-  n = item.stats["n"]
+  n = stats["n"]
   # Inputs with no variance over the data (e.g. a channel a ReLU always zeroes) make the system
   # rank-deficient: the ridge gives them zero weight.
-  mean = item.stats["s"] / n
+  mean = stats["s"] / n
   variance = diag / n - mean * mean
   constant = int(np.sum(variance <= 1e-10 * scale / n))
   regularised = a.copy()
@@ -401,8 +386,8 @@ def _check_size(items):
 
 
 def _pass(source, batch_size, extractors):
-  """One streaming pass: sums of every extractor's statistics (float64) and of the errors."""
-  fn = tf.function(lambda batch: extractors(batch))
+  """One streaming pass: the sums (float64) of what `extractors` computes on every batch."""
+  fn = tf.function(extractors)
   totals = None
   for batch in source.dataset(batch_size, shuffle=False):
     moments = tf.nest.map_structure(lambda t: t.numpy().astype(np.float64), fn(batch))
@@ -455,8 +440,7 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, verbo
     >>> report = nd.reconstruct(students, source)
   """
   _check(students, source, ridge)
-  plans = {hood: _plan(hood, student) for hood, student in students.items()}
-  items = [item for plan in plans.values() for item in plan]
+  items = [item for hood, student in students.items() for item in _plan(hood, student)]
   report = {hood.name: {"layers": {}} for hood in students}
   orders = sorted({item.order for item in items})
   for order in orders:
@@ -470,21 +454,18 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, verbo
     if measure:
       _record_errors(report, totals["errors"], "error_before")
     for item, stats in zip(group, totals["layers"]):
-      item.stats = stats
       a, b = _system(stats, _intercept(item))
-      w, info = _solve(item, a, b, ridge)
+      w, info = _solve(item, stats, a, b, ridge)
       total = max(float(np.sum(stats["yy"])), 1e-30)
       info.update(order=order, error_before=_residual(stats, a, b, _current(item)) / total,
                   error_after=_residual(stats, a, b, w) / total)
       _assign(item, w)
-      item.stats = None
       report[item.hood.name]["layers"][item.layer.name] = info
   if errors:
-    if not orders:
-      totals = _pass(source, batch_size, _extractors(students, [], with_errors=True))
-      _record_errors(report, totals["errors"], "error_before")
     totals = _pass(source, batch_size, _extractors(students, [], with_errors=True))
     _record_errors(report, totals["errors"], "error_after")
+    if not orders:  # nothing was solved
+      _record_errors(report, totals["errors"], "error_before")
   return report
 
 

@@ -65,7 +65,7 @@ def inner_layers(hood):
   unit the first conv, in a bottleneck unit the two inner convs, in an
   inverted residual the expansion conv.
   """
-  consumers = _consumers(hood)
+  consumers = graph.consumers(hood.nodes)
   output_id = id(hood.output_tensor)
 
   def absorbed(tensor):
@@ -81,15 +81,6 @@ def inner_layers(hood):
 
   return [node.layer for node in hood.nodes
           if _width_key(node.layer) and all(absorbed(t) for t in graph.output_tensors(node))]
-
-
-def _consumers(hood):
-  """{id(tensor): [nodes of `hood` that take it as input]}."""
-  consumers = {}
-  for node in hood.nodes:
-    for tensor in node.keras_inputs:
-      consumers.setdefault(id(tensor), []).append(node)
-  return consumers
 
 
 def _student(hood, name, configure):
@@ -173,7 +164,7 @@ def _init_from_teacher(hood, copies):
   norm; the channel-preserving layers they pass through keep the same
   channels, and the channel-mixing layers they reach keep the same inputs.
   """
-  consumers = _consumers(hood)
+  consumers = graph.consumers(hood.nodes)
   kept_out, kept_in = {}, {}  # id(teacher layer) -> channel indices kept
   for layer in inner_layers(hood):
     kernel = layer.get_weights()[0]

@@ -72,6 +72,8 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
       ("conv2d_dilated", lambda: L.Conv2D(3, 3, padding="same", dilation_rate=2), (7, 7, 2)),
       ("conv3d", lambda: L.Conv3D(3, 2, strides=(1, 2, 1), padding="same"), (4, 5, 4, 2)),
       ("depthwise1d", lambda: L.DepthwiseConv1D(3, padding="same"), (10, 3)),
+      ("depthwise2d_dilated", lambda: L.DepthwiseConv2D(3, dilation_rate=2, depth_multiplier=2),
+       (7, 7, 2)),
       ("dense_on_sequences", lambda: L.Dense(3), (5, 4)))
   def test_recovers_each_kind_of_layer(self, make, shape):
     keras.utils.set_random_seed(0)
