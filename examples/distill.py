@@ -50,9 +50,16 @@ flags.DEFINE_bool("time_neighbourhoods", False, "Also time each neighbourhood di
 flags.DEFINE_enum("student_init", "teacher", ["teacher", "random"], "How KD and ND students "
                   "start: from the teacher's strongest inner channels, or from scratch (the "
                   "paper). CE students always start from scratch.")
+flags.DEFINE_enum("solver", "lstsq", ["lstsq", "gradient", "lstsq+gradient"], "How ND finds "
+                  "the students' weights: solved exactly from the teacher's activations "
+                  "(least squares, no gradient step), by --nd_epochs of gradient steps, or both.")
+flags.DEFINE_enum("channels", "greedy", ["greedy", "l1"], "Which teacher channels ND students "
+                  "keep (--student_init=teacher): chosen by reconstruction error, or largest L1 "
+                  "norm.")
 flags.DEFINE_integer("ce_epochs", 6, "Cross-entropy student epochs.")
 flags.DEFINE_integer("kd_epochs", 6, "Most epochs of end-to-end KD (early stopping).")
-flags.DEFINE_integer("nd_epochs", 3, "Neighbourhood distillation epochs.")
+flags.DEFINE_integer("nd_epochs", 3, "Gradient epochs of neighbourhood distillation (--solver="
+                     "gradient or lstsq+gradient).")
 flags.DEFINE_integer("ft_epochs", 3, "Most fine-tuning epochs (early stopping).")
 flags.DEFINE_list("neighbourhoods", None, "Only distil these residual units (indices in split "
                   "order, or names) into --workdir, then stop: one job of a split run.")
@@ -74,6 +81,9 @@ def main(argv):
     if "TF_CONFIG" not in os.environ:
       raise app.UsageError("--multi_worker needs the cluster in the TF_CONFIG environment "
                            "variable.")
+    if FLAGS.solver != "gradient":
+      raise app.UsageError(f"--multi_worker all-reduces gradient steps: add --solver=gradient "
+                           f"(--solver={FLAGS.solver} solves in one process, in seconds).")
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
   results = distill.run(
       common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
@@ -83,6 +93,7 @@ def main(argv):
       epochs=dict(teacher=FLAGS.teacher_epochs, ce=FLAGS.ce_epochs, kd=FLAGS.kd_epochs,
                   nd=FLAGS.nd_epochs, ft=FLAGS.ft_epochs),
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, student_init=FLAGS.student_init,
+      solver=FLAGS.solver, channels=FLAGS.channels,
       verbose=FLAGS.verbose, neighbourhoods=FLAGS.neighbourhoods, shard=FLAGS.shard,
       compose=FLAGS.compose, devices=FLAGS.devices, strategy=strategy)
   if "distilled" in results:

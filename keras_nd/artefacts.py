@@ -34,6 +34,11 @@ from keras_nd import files, graph
 from keras_nd._keras import keras, tf
 from keras_nd.activations import teacher_fingerprint
 from keras_nd.distiller import NeighbourhoodDistiller, as_student_model, epoch_line
+from keras_nd.reconstruct import reconstruct
+
+# How a student's weights are found: gradient steps on its neighbourhood loss; the exact
+# least-squares solve of its linear layers (`keras_nd.reconstruct`); or the solve, then steps.
+SOLVERS = ("gradient", "lstsq", "lstsq+gradient")
 
 
 def store(directory, teacher):
@@ -127,7 +132,7 @@ class _EpochLog(keras.callbacks.Callback):
 
 def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128,
            learning_rate=2e-3, seed=0, lookahead=0, devices=None, calibrate_steps=50,
-           strategy=None, verbose=1):
+           strategy=None, solver="gradient", ridge=1e-3, channels=None, subsample=1, verbose=1):
   """Distils every student that has no artefact yet, all at once; loads the rest.
 
   Args:
@@ -142,7 +147,8 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
       least `lookahead` look-ahead; jobs that share the work give it the same
       neighbourhoods.
     directory: the shared directory of artefacts.
-    epochs, batch_size, learning_rate, seed: the distillation's settings
+    epochs, batch_size, learning_rate, seed: the gradient distillation's
+      settings (`epochs` is not used by solver="lstsq")
       (Adam, cosine decay). Every student is built right after seeding Keras
       with `seed`, and a source's batches depend only on `seed` and the
       neighbourhoods it serves, so a student comes out the same whichever
@@ -152,18 +158,33 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
     lookahead: look-ahead depth of the loss (Eq. 5).
     devices: `NeighbourhoodDistiller`'s placement of neighbourhoods on devices.
     calibrate_steps: batches over which the students' BatchNorm statistics
-      are re-estimated after training (`calibrate_batch_norm`).
+      are re-estimated after training (`calibrate_batch_norm`); 0 keeps
+      them (an exact solve sets the statistics its BatchNorms need).
     strategy: a `tf.distribute` strategy to train under (e.g.
       `MultiWorkerMirroredStrategy`: every worker calls `distil` with the
       same arguments; each batch is split between them; only the chief
       writes artefacts, the other workers checkpoint into directories of
       their own).
+    solver: "gradient" (Adam on each neighbourhood's loss), "lstsq" (each
+      student's linear layers solved exactly by `keras_nd.reconstruct`, in a
+      pass over `source`; no gradient step), or "lstsq+gradient" (the solve,
+      then `epochs` of gradient steps from it, with the students'
+      BatchNorms frozen as the solve set them).
+    ridge, channels, subsample: `reconstruct`'s settings of the solve
+      (channels="greedy" chooses the teacher channels that bottleneck
+      students keep).
     verbose: 0 silent, 1 a line, 2 Keras progress bars too.
 
   Returns:
     `{neighbourhood name: {label: trained model}}` for `hoods`.
   """
   family = _check_candidates(hoods, candidates)
+  if solver not in SOLVERS:
+    raise ValueError(f"solver must be one of {list(SOLVERS)}; got {solver!r}.")
+  if solver != "gradient" and strategy is not None:
+    raise ValueError(f"solver={solver!r} solves in one process: distil without a strategy "
+                     "(the solve is a pass or two over the data), or use solver='gradient'.")
+  gradient_epochs = 0 if solver == "lstsq" else epochs
   store_dir = store(directory, teacher)
   trained, pending = {}, {}
   for hood in hoods:
@@ -189,9 +210,16 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
   chief = strategy is None or strategy.extended.should_checkpoint
   if not chief:  # every worker saves (the saves are collective), the others elsewhere
     backup += f".worker{strategy.cluster_resolver.task_id}"
-  steps = epochs * -(-source.num_examples // batch_size) if source.num_examples else None
+  steps = (gradient_epochs * -(-source.num_examples // batch_size)
+           if source.num_examples and gradient_epochs else None)
   with strategy.scope() if strategy else contextlib.nullcontext():
     distiller = NeighbourhoodDistiller(pending, lookahead=lookahead, devices=devices)
+    # Gradient steps from a solve keep its BatchNorms as the solve fitted through them: frozen,
+    # in inference mode (training-mode batch statistics would undo the solve).
+    norms = [layer for model in distiller.student_models for layer in model.submodules
+             if isinstance(layer, keras.layers.BatchNormalization)] if solver != "gradient" else []
+    for layer in norms:
+      layer.trainable = False
     rate = (keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps
             else learning_rate)
     distiller.compile(keras.optimizers.Adam(rate))
@@ -207,7 +235,11 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
     if verbose:
       print(f"Resuming after epoch {done} of {epochs} ({backup}).", flush=True)
   log = _EpochLog(os.path.join(backup, "epochs.json"), done)
-  for epoch in range(done, epochs):
+  solved = os.path.join(backup, "solve.json")
+  if solver != "gradient" and not done:  # a resumed job has the solve in its checkpoint
+    files.write_json(solved, _solve(distiller, source, batch_size, verbose, ridge=ridge,
+                                    channels=channels, subsample=subsample))
+  for epoch in range(done, gradient_epochs):
     dataset = source.dataset(batch_size, seed=epoch_seed(seed, epoch))
     if strategy is not None:  # workers split each batch (the cache is not split by files)
       options = tf.data.Options()
@@ -217,23 +249,51 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
     distiller.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=[log])
     checkpoints.save(checkpoint_number=epoch + 1)
     if verbose:  # after the checkpoint: a job killed once it printed the line loses nothing
-      print(epoch_line(epoch, epochs, log.epochs[-1]["loss"], log.epochs[-1]["seconds"]),
-            flush=True)
-  distiller.calibrate_batch_norm(source.dataset(batch_size, seed=seed + 1), steps=calibrate_steps)
-  last = log.epochs[-1]
-  seconds = sum(epoch["seconds"] for epoch in log.epochs)
+      print(epoch_line(epoch, gradient_epochs, log.epochs[-1]["loss"],
+                       log.epochs[-1]["seconds"]), flush=True)
+  for layer in norms:
+    layer.trainable = True
+  start = time.perf_counter()
+  if calibrate_steps:
+    distiller.calibrate_batch_norm(source.dataset(batch_size, seed=seed + 1),
+                                   steps=calibrate_steps)
+  seconds = sum(epoch["seconds"] for epoch in log.epochs) + time.perf_counter() - start
+  if solver != "gradient":
+    with open(solved) as f:
+      seconds += json.load(f)["seconds"]
+  if log.epochs:
+    losses = log.epochs[-1]
+  else:  # solved only: each neighbourhood's loss, measured once (not counted as training time)
+    losses = distiller.evaluate(source.dataset(batch_size, shuffle=False), verbose=0,
+                                return_dict=True)
   for name, hood, label, model in distiller.entries:
+    loss = float(losses[f"{name}_loss"])
     if graph.prunes(model):  # pruned students are stored as plain sparse layers
       from keras_nd import sparsity  # pylint: disable=g-import-not-at-top
       model = sparsity.strip(model)
     # Saving is collective under a multi-worker strategy: the other workers save a copy into
     # their own backup directory, deleted below.
     files.save_model(path(store_dir if chief else backup, hood.name, label), model,
-                     {"loss": last[f"{name}_loss"], "epochs": epochs, "seconds": seconds,
-                      "trained_with": len(job), "job": os.path.basename(backup)})
+                     {"loss": loss, "epochs": gradient_epochs, "seconds": seconds,
+                      "solver": solver, "trained_with": len(job),
+                      "job": os.path.basename(backup)})
     trained[hood.name][label] = model
   shutil.rmtree(backup, ignore_errors=True)
   return trained
+
+
+def _solve(distiller, source, batch_size, verbose, **settings):
+  """Solves the distiller's students in place, one `reconstruct` per label: {"seconds"}."""
+  start = time.perf_counter()
+  by_label = {}
+  for _, hood, label, model in distiller.entries:
+    by_label.setdefault(label, {})[hood] = model
+  for students in by_label.values():
+    reconstruct(students, source, batch_size=max(batch_size, 256), errors=False, **settings)
+  seconds = time.perf_counter() - start
+  if verbose:
+    print(f"Solved {len(distiller.entries)} students exactly ({seconds:.1f}s).", flush=True)
+  return {"seconds": seconds}
 
 
 def _check_same_teacher(strategy, teacher):

@@ -30,8 +30,8 @@ import warnings
 import numpy as np
 
 from keras_nd import graph
+from keras_nd import students as builders
 from keras_nd._keras import keras, tf
-from keras_nd.students import SUFFIX
 
 # The most inputs (patch size, plus the intercept) of one layer's system: its statistics take
 # (d + 1)^2 float64 numbers, 512 MiB here. ResNet-50's widest convolution has 3 * 3 * 512 = 4608.
@@ -57,6 +57,17 @@ class _Layer:
   target_tensor: object    # the teacher's output to match, in the neighbourhood's teacher graph
   order: int
   batch_norm: object = None  # the BatchNormalization after the layer, whose output is matched
+  choice: object = None      # a _Choice: the narrowed layer before it, whose channels are chosen
+
+
+@dataclasses.dataclass
+class _Choice:
+  """A narrowed layer whose kept channels are chosen by the solved layer it feeds."""
+
+  narrowed: object       # the student's narrowed layer
+  teacher: object        # its teacher counterpart
+  between: list          # [(student layer, teacher layer)]: channel-wise layers in between
+  teacher_input: object  # the solved layer's teacher counterpart's input (all the channels)
 
 
 def _kind(layer):
@@ -83,14 +94,16 @@ def _unsupported(layer):
   return None
 
 
-def _plan(hood, student):
+def _plan(hood, student, channels=None):
   """The solved layers of one student, in graph order, with their solve order."""
   teacher_nodes = {node.layer.name: node for node in graph.model_nodes(hood.teacher)
                    if not node.is_input}
-  consumers = graph.consumers(graph.model_nodes(student))
+  nodes = graph.model_nodes(student)
+  consumers = graph.consumers(nodes)
+  producers = {id(t): node for node in nodes for t in graph.output_tensors(node)}
   depth = {id(student.inputs[0]): 0}  # the order of the last solved layer upstream of a tensor
   planned = []
-  for node in graph.model_nodes(student):
+  for node in nodes:
     if node.is_input:
       continue
     layer = node.layer
@@ -125,7 +138,10 @@ def _plan(hood, student):
         order = upstream + 1
         batch_norm, target = _normalised_target(consumers.get(id(output), []), target,
                                                 teacher_nodes)
-        planned.append(_Layer(hood, layer, node.keras_inputs[0], target, order, batch_norm))
+        choice = (_choice(node, producers, consumers, teacher_nodes, counterpart)
+                  if channels == "greedy" and upstream == 0 else None)
+        planned.append(_Layer(hood, layer, node.keras_inputs[0], target, order, batch_norm,
+                              choice))
       elif why is not None:
         warnings.warn(f"reconstruct leaves layer '{layer.name}' of '{hood.name}' as it is: {why}.",
                       stacklevel=3)
@@ -137,6 +153,41 @@ def _plan(hood, student):
     for tensor in graph.output_tensors(node):
       depth[id(tensor)] = order
   return planned
+
+
+def _choice(node, producers, consumers, teacher_nodes, counterpart):
+  """The `_Choice` of the narrowed layer that feeds `node`'s layer, or None if there is none.
+
+  There is one when, going back from the layer's input through channel-wise
+  layers only (each feeding nothing else), a Conv or Dense layer is reached
+  that has fewer output channels than its teacher counterpart, and that layer
+  sees the teacher's own input: it is reached from the student's input
+  through layers without weights.
+  """
+  between, tensor = [], node.keras_inputs[0]
+  while True:
+    producer = producers[id(tensor)]
+    if producer.is_input or len(consumers.get(id(tensor), [])) != 1 or \
+        len(producer.keras_inputs) != 1:
+      return None
+    layer = producer.layer
+    if _kind(layer) in ("conv", "dense"):
+      break
+    if not isinstance(layer, builders.CHANNEL_WISE) or _counterpart(layer, teacher_nodes) is None:
+      return None
+    between.append((layer, _counterpart(layer, teacher_nodes).layer))
+    tensor = producer.keras_inputs[0]
+  teacher = _counterpart(layer, teacher_nodes)
+  if teacher is None or type(teacher.layer) is not type(layer) or _unsupported(layer) or \
+      graph.kernel(layer).shape[-1] >= graph.kernel(teacher.layer).shape[-1]:
+    return None
+  upstream = producer.keras_inputs[0]
+  while not producers[id(upstream)].is_input:  # the teacher's input, unchanged?
+    before = producers[id(upstream)]
+    if before.layer.weights or len(before.keras_inputs) != 1:
+      return None
+    upstream = before.keras_inputs[0]
+  return _Choice(layer, teacher.layer, between, counterpart.keras_inputs[0])
 
 
 def _normalised_target(followers, target, teacher_nodes):
@@ -170,7 +221,7 @@ def _is_last_axis_norm(layer):
 
 
 def _base_name(name):
-  return name[:-len(SUFFIX)] if name.endswith(SUFFIX) else name
+  return name[:-len(builders.SUFFIX)] if name.endswith(builders.SUFFIX) else name
 
 
 def _counterpart(layer, teacher_nodes):
@@ -185,79 +236,102 @@ def _features(layer):
   return int(np.prod(kernel.shape[:-1]))
 
 
-def _patches(layer, x):
-  """A convolution's input patches, [..., prod(kernel size) * channels] in its kernel's order."""
+def _patches(layer, x, subsample=1, phase=None):
+  """A convolution's input patches, [..., prod(kernel size) * channels] in its kernel's order.
+
+  With `subsample` s > 1, those of every s-th output position along each
+  spatial axis only, from the offsets `phase` (see `_phases`).
+  """
   config = layer.get_config()
   size, strides, rates = config["kernel_size"], config["strides"], config["dilation_rate"]
-  x, padding = _padded(layer, x)
+  x = _padded(layer, x)
+  channels = x.shape[-1]
+  if subsample > 1:  # output position o + s q reads the input from c o on, every c s
+    begin = tf.stack([0] + [c * o for c, o in zip(strides, phase)] + [0])
+    x = tf.strided_slice(x, begin, tf.shape(x, out_type=tf.int64), [1] * len(x.shape))
+    x.set_shape([None] * (len(x.shape) - 1) + [channels])
+    strides = [c * subsample for c in strides]
   if len(size) == 1:
     p = tf.image.extract_patches(x[:, None], [1, 1, size[0], 1], [1, 1, strides[0], 1],
-                                 [1, 1, rates[0], 1], padding)
+                                 [1, 1, rates[0], 1], "VALID")
     return p[:, 0]
   if len(size) == 2:
-    return tf.image.extract_patches(x, [1, *size, 1], [1, *strides, 1], [1, *rates, 1], padding)
-  return tf.extract_volume_patches(x, [1, *size, 1], [1, *strides, 1], padding)
+    return tf.image.extract_patches(x, [1, *size, 1], [1, *strides, 1], [1, *rates, 1], "VALID")
+  return tf.extract_volume_patches(x, [1, *size, 1], [1, *strides, 1], "VALID")
 
 
 def _padded(layer, x):
-  """(x, padding) for TensorFlow's patch and kernel-gradient ops: causal is left padding."""
+  """`x` padded as the layer pads it ("same": TensorFlow's split; "causal": all before)."""
   config = layer.get_config()
-  if config["padding"] != "causal":
-    return x, config["padding"].upper()
-  shift = config["dilation_rate"][0] * (config["kernel_size"][0] - 1)
-  return tf.pad(x, [[0, 0], [shift, 0], [0, 0]]), "VALID"
+  if config["padding"] == "valid":
+    return x
+  pads = [[0, 0]]
+  shape = tf.shape(x, out_type=tf.int64)
+  for axis, (k, c, r) in enumerate(zip(config["kernel_size"], config["strides"],
+                                       config["dilation_rate"])):
+    extent = r * (k - 1) + 1
+    if config["padding"] == "causal":
+      pads.append(tf.constant([extent - 1, 0], tf.int64))
+      continue
+    length = shape[axis + 1]
+    total = tf.maximum((-(-length // c) - 1) * c + extent - length, 0)
+    pads.append(tf.stack([total // 2, total - total // 2]))
+  pads.append([0, 0])
+  padded = tf.pad(x, tf.stack([tf.cast(p, tf.int64) for p in pads]))
+  padded.set_shape([None] * (len(x.shape) - 1) + [x.shape[-1]])
+  return padded
 
 
-def _cross(layer, x, y):
-  """`patches(x)^T y` without the patches: the gradient of the convolution's kernel for `y`."""
-  config = layer.get_config()
-  kernel = graph.kernel(layer)
-  strides, rates = config["strides"], config["dilation_rate"]
-  x, padding = _padded(layer, x)
-  if len(strides) == 3:
-    return tf.compat.v1.nn.conv3d_backprop_filter_v2(x, kernel.shape, y, [1, *strides, 1], padding)
-  if len(strides) == 1:  # as a 2D problem of height 1
-    x, y, strides, rates = x[:, None], y[:, None], (1, *strides), (1, *rates)
-  gradient = (tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter
-              if _kind(layer) == "depthwise" else tf.compat.v1.nn.conv2d_backprop_filter)
-  shape = [1] * (4 - len(kernel.shape)) + list(kernel.shape)
-  return tf.reshape(gradient(x, shape, y, [1, *strides, 1], padding, dilations=[1, *rates, 1]),
-                    kernel.shape)
+def _phases(batch, subsample, axes):
+  """The offsets of batch number `batch` along `axes` spatial axes: all s^axes combinations
+  in turn, so that over s^axes batches every position is sampled."""
+  phase, offsets = tf.cast(batch, tf.int64), []
+  for _ in range(axes):
+    offsets.append(tf.math.floormod(phase, subsample))
+    phase = tf.math.floordiv(phase, subsample)
+  return offsets
 
 
-def _moments(layer, x, y):
-  """This batch's statistics of `layer`'s system, float32: {G, s, C, t, yy, n}."""
+def _sampled(t, subsample, phase):
+  """Every `subsample`-th position of `t` [n, *spatial, c] from the offsets `phase`."""
+  if subsample == 1:
+    return t
+  begin = tf.stack([tf.constant(0, tf.int64), *phase, tf.constant(0, tf.int64)])
+  sampled = tf.strided_slice(t, begin, tf.shape(t, out_type=tf.int64),
+                             [1] + [subsample] * len(phase) + [1])
+  sampled.set_shape([None] * (len(t.shape) - 1) + [t.shape[-1]])
+  return sampled
+
+
+def _moments(layer, x, y, subsample=1, batch=0):
+  """This batch's statistics of `layer`'s system, float32: {G, s, C, t, yy, n}.
+
+  With `subsample` > 1, of every s-th output position along each spatial
+  axis, from offsets that move with the batch number `batch`.
+  """
   kind = _kind(layer)
+  subsample = subsample if len(y.shape) > 2 else 1  # positions to sample
+  phase = _phases(batch, subsample, len(y.shape) - 2) if subsample > 1 else None
   if kind == "dense":
-    x = tf.reshape(x, [-1, x.shape[-1]])
-    y = tf.reshape(y, [-1, y.shape[-1]])
+    x = tf.reshape(_sampled(x, subsample, phase), [-1, x.shape[-1]])
+    y = tf.reshape(_sampled(y, subsample, phase), [-1, y.shape[-1]])
     return {"G": tf.matmul(x, x, transpose_a=True), "s": tf.reduce_sum(x, 0),
             "C": tf.matmul(x, y, transpose_a=True), "t": tf.reduce_sum(y, 0),
             "yy": tf.reduce_sum(y * y, 0), "n": tf.cast(tf.shape(x)[0], tf.float32)}
-  p = _patches(layer, x)
+  p = _patches(layer, x, subsample, phase)
   p = tf.reshape(p, [-1, p.shape[-1]])
+  y = _sampled(y, subsample, phase)
   rows = tf.cast(tf.shape(p)[0], tf.float32)
-  # TensorFlow's CPU kernel gradient takes no dilation: dilated layers multiply their patches.
-  dilated = max(layer.get_config()["dilation_rate"]) > 1
-  if kind == "depthwise" and dilated:  # in the kernel's layout [taps, c, multiplier]
-    channels = graph.kernel(layer).shape[-2]
-    cross = tf.einsum("npc,ncm->pcm", tf.reshape(p, [-1, p.shape[-1] // channels, channels]),
-                      tf.reshape(y, [-1, channels, y.shape[-1] // channels]))
-  elif dilated:
-    cross = tf.matmul(p, tf.reshape(y, [-1, y.shape[-1]]), transpose_a=True)
-  else:
-    cross = _cross(layer, x, y)
   if kind == "depthwise":
     channels = graph.kernel(layer).shape[-2]
     p = tf.reshape(p, [-1, p.shape[-1] // channels, channels])   # [rows, taps, c]
-    multiplier = y.shape[-1] // channels
-    y = tf.reshape(y, [-1, channels, multiplier])
-    cross = tf.transpose(tf.reshape(cross, [-1, channels, multiplier]), [1, 0, 2])
+    y = tf.reshape(y, [-1, channels, y.shape[-1] // channels])    # [rows, c, multiplier]
     return {"G": tf.einsum("npc,nqc->cpq", p, p), "s": tf.transpose(tf.reduce_sum(p, 0)),
-            "C": cross, "t": tf.reduce_sum(y, 0), "yy": tf.reduce_sum(y * y, 0), "n": rows}
+            "C": tf.einsum("npc,ncm->cpm", p, y), "t": tf.reduce_sum(y, 0),
+            "yy": tf.reduce_sum(y * y, 0), "n": rows}
   y = tf.reshape(y, [-1, y.shape[-1]])
   return {"G": tf.matmul(p, p, transpose_a=True), "s": tf.reduce_sum(p, 0),
-          "C": tf.reshape(cross, [-1, cross.shape[-1]]), "t": tf.reduce_sum(y, 0),
+          "C": tf.matmul(p, y, transpose_a=True), "t": tf.reduce_sum(y, 0),
           "yy": tf.reduce_sum(y * y, 0), "n": rows}
 
 
@@ -280,17 +354,14 @@ def _system(stats, intercept):
 def _solve(item, stats, a, b, ridge):
   """Solves one layer's system `a W = b`; returns (W with the intercept last, info)."""
   d = a.shape[-1] - int(_intercept(item))
+  regularised, scale = _regularised(a, d, ridge)
   diag = np.einsum("...ii->...i", a)[..., :d]
-  scale = np.maximum(diag.mean(-1, keepdims=True), 1e-12)
   n = stats["n"]
   # Inputs with no variance over the data (e.g. a channel a ReLU always zeroes) make the system
   # rank-deficient: the ridge gives them zero weight.
   mean = stats["s"] / n
   variance = diag / n - mean * mean
   constant = int(np.sum(variance <= 1e-10 * scale / n))
-  regularised = a.copy()
-  idx = np.arange(d)
-  regularised[..., idx, idx] += ridge * scale
   try:
     w = np.linalg.solve(regularised, b)
   except np.linalg.LinAlgError:
@@ -302,6 +373,22 @@ def _solve(item, stats, a, b, ridge):
     w = np.linalg.lstsq(regularised, b, rcond=None)[0] if regularised.ndim == 2 else np.stack(
         [np.linalg.lstsq(r, v, rcond=None)[0] for r, v in zip(regularised, b)])
   return w, {"constant_inputs": constant, "features": d}
+
+
+def _total(stats, intercept):
+  """||Y||^2, the scale of a layer's residual; about its mean with an intercept, so that it does
+  not depend on where the intercept is kept (a BatchNorm's moving mean shifts the target)."""
+  total = stats["yy"] - (stats["t"] ** 2 / stats["n"] if intercept else 0.0)
+  return max(float(np.sum(total)), 1e-30)
+
+
+def _regularised(a, d, ridge):
+  """(a + ridge * mean(diag) on the first d diagonal entries, that scale): the intercept is free."""
+  scale = np.maximum(np.einsum("...ii->...i", a)[..., :d].mean(-1, keepdims=True), 1e-12)
+  regularised = a.copy()
+  idx = np.arange(d)
+  regularised[..., idx, idx] += ridge * scale
+  return regularised, scale
 
 
 def _residual(stats, a, b, w):
@@ -345,33 +432,51 @@ def _assign(item, w):
                                        .astype(np.float32))
 
 
-def _check(students, source, ridge):
-  if not isinstance(students, dict) or not students:
-    raise TypeError("students must be a non-empty dict {Neighbourhood: student model}; got "
-                    f"{type(students).__name__}.")
+def _check_served(hoods, source):
   served = {hood.name: hood for hood in getattr(source, "hoods", ())}
   if not served or not hasattr(source, "dataset"):
     raise TypeError(f"source must be a keras_nd.ActivationSource; got {type(source).__name__}.")
-  for hood, student in students.items():
+  for hood in hoods:
     if not hasattr(hood, "nodes"):
-      raise TypeError(f"students' keys must be keras_nd.Neighbourhood objects; got {hood!r}.")
+      raise TypeError(f"Expected keras_nd.Neighbourhood objects; got {hood!r}.")
     if served.get(hood.name) is not hood:
       raise ValueError(
           f"The source does not serve neighbourhood '{hood.name}' (it serves "
           f"{sorted(served)}); build it over the neighbourhoods of the students.")
+
+
+def _check_ridge(ridge):
+  if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
+    raise ValueError(f"ridge must be a non-negative number; got {ridge!r}.")
+
+
+def _check(students, source, ridge):
+  if not isinstance(students, dict) or not students:
+    raise TypeError("students must be a non-empty dict {Neighbourhood: student model}; got "
+                    f"{type(students).__name__}.")
+  _check_served(students, source)
+  for hood, student in students.items():
     if not isinstance(student, keras.Model) or not getattr(student, "_is_graph_network", False):
       raise TypeError(
           f"The student for neighbourhood '{hood.name}' must be a functional tf_keras Model "
           f"(reconstruct changes its weights in place); got {type(student).__name__}.")
     graph.check_replacement(hood, student)
-  if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
-    raise ValueError(f"ridge must be a non-negative number; got {ridge!r}.")
+    if graph.prunes(student):
+      raise ValueError(
+          f"The student for neighbourhood '{hood.name}' is pruned while it trains (tfmot "
+          "wrappers), which reconstruct does not solve: distil it with gradient steps, or solve "
+          "it before wrapping it.")
+  _check_ridge(ridge)
 
 
 def _check_size(items):
   total = 0
   for item in items:
-    d = _features(item.layer) + 1
+    features = _features(item.layer)
+    if item.choice is not None:  # the statistics of every channel of the teacher
+      features = features // graph.kernel(item.choice.narrowed).shape[-1] * graph.kernel(
+          item.choice.teacher).shape[-1]
+    d = features + 1
     if d > MAX_FEATURES:
       raise ValueError(
           f"Layer '{item.layer.name}' of '{item.hood.name}' has {d - 1} inputs per output "
@@ -386,18 +491,20 @@ def _check_size(items):
 
 
 def _pass(source, batch_size, extractors):
-  """One streaming pass: the sums (float64) of what `extractors` computes on every batch."""
+  """One streaming pass: the sums (float64) of `extractors(batch, batch number)` over it."""
   fn = tf.function(extractors)
   totals = None
-  for batch in source.dataset(batch_size, shuffle=False):
-    moments = tf.nest.map_structure(lambda t: t.numpy().astype(np.float64), fn(batch))
+  for number, batch in enumerate(source.dataset(batch_size, shuffle=False)):
+    moments = tf.nest.map_structure(lambda t: t.numpy().astype(np.float64),
+                                    fn(batch, tf.constant(number, tf.int64)))
     totals = moments if totals is None else tf.nest.map_structure(np.add, totals, moments)
   if totals is None:
     raise ValueError("The source served no batch: its dataset is empty.")
   return totals
 
 
-def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, verbose=0):
+def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, channels=None,
+                subsample=1, verbose=0):
   """Solves the weighted layers of each student in closed form, in place.
 
   Each solved layer gets the ridge least-squares weights (and bias) that make
@@ -422,14 +529,32 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, verbo
       norm least squares with a warning where the system is singular.
     batch_size: examples per batch of the passes.
     errors: also measure each neighbourhood's relative error before and after.
+    channels: "greedy" also chooses which teacher channels each narrowed
+      layer keeps (a bottleneck's inner convolution, which sees the
+      teacher's input), by how well the solved layer after it reconstructs
+      its target from them (ThiNet, He et al. 2017): from the teacher's
+      activations of all the channels, in the same pass, by greedy exact
+      removal. The narrowed layer and the channel-wise layers after it
+      (BatchNorm, activation) are then set from the teacher at the kept
+      channels. None keeps the channels the students have.
+    subsample: s > 1 accumulates the statistics of every s-th output
+      position along each spatial axis only (s^2 times fewer rows for a 2D
+      layer, and as much less time in X^T X), from offsets that move with
+      the batch, so that over s^2 batches every position is visited.
+      Neighbouring positions are strongly correlated: on the main job s = 2
+      loses nothing measurable (README).
     verbose: 1 prints a line per pass.
 
   Returns:
     `{neighbourhood name: {"layers": {layer name: {"order", "features",
-    "constant_inputs", "error_before", "error_after"}}, "error_before",
-    "error_after"}}`: the layers' relative residuals `||Y - XW||^2 / ||Y||^2`
-    (before: with the weights it had, on the same inputs) and, with `errors`,
-    the neighbourhood's `||S(a) - T(a)||^2 / ||T(a)||^2` over the source.
+    "constant_inputs", "error_before", "error_after"[, "channels"]}},
+    "error_before", "error_after", "loss_before", "loss_after"}}`: the
+    layers' relative residuals `||Y - XW||^2 / ||Y - mean(Y)||^2` (the
+    mean only where the layer has an intercept; before: with the weights it
+    had, on the same inputs; None where its input's channels were chosen,
+    with "channels" the kept ones) and, with `errors`, the neighbourhood's
+    relative error `||S(a) - T(a)||^2 / ||T(a)||^2` and mean squared error
+    (the distiller's loss) over the source.
 
   Raises:
     ValueError, TypeError: a student layer with no teacher counterpart, a
@@ -440,41 +565,103 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, verbo
     >>> report = nd.reconstruct(students, source)
   """
   _check(students, source, ridge)
-  items = [item for hood, student in students.items() for item in _plan(hood, student)]
+  if isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1:
+    raise ValueError(f"subsample must be a positive integer; got {subsample!r}.")
+  if channels not in (None, "greedy"):
+    raise ValueError(f"channels must be None or 'greedy'; got {channels!r}.")
+  items = [item for hood, student in students.items()
+           for item in _plan(hood, student, channels)]
   report = {hood.name: {"layers": {}} for hood in students}
   orders = sorted({item.order for item in items})
   for order in orders:
     group = [item for item in items if item.order == order]
     _check_size(group)
     measure = errors and order == orders[0]
-    extract = _extractors(students, group, with_errors=measure)
+    extract = _extractors(students, group, with_errors=measure, subsample=subsample)
     totals = _pass(source, batch_size, extract)
     if verbose:
       print(f"reconstruct: pass {order} of {len(orders)}, {len(group)} layers", flush=True)
     if measure:
-      _record_errors(report, totals["errors"], "error_before")
+      _record_errors(report, totals["errors"], "before")
     for item, stats in zip(group, totals["layers"]):
       a, b = _system(stats, _intercept(item))
-      w, info = _solve(item, stats, a, b, ridge)
-      total = max(float(np.sum(stats["yy"])), 1e-30)
-      info.update(order=order, error_before=_residual(stats, a, b, _current(item)) / total,
-                  error_after=_residual(stats, a, b, w) / total)
+      total = _total(stats, _intercept(item))
+      if item.choice is None:
+        w, info = _solve(item, stats, a, b, ridge)
+        info.update(error_before=_residual(stats, a, b, _current(item)) / total,
+                    error_after=_residual(stats, a, b, w) / total)
+      else:
+        w, info = _choose(item, stats, a, b, ridge)
+        info["error_after"] /= total
+      info["order"] = order
       _assign(item, w)
       report[item.hood.name]["layers"][item.layer.name] = info
   if errors:
     totals = _pass(source, batch_size, _extractors(students, [], with_errors=True))
-    _record_errors(report, totals["errors"], "error_after")
+    _record_errors(report, totals["errors"], "after")
     if not orders:  # nothing was solved
-      _record_errors(report, totals["errors"], "error_before")
+      _record_errors(report, totals["errors"], "before")
   return report
 
 
-def _record_errors(report, sums, key):
-  for name, (err, norm) in sums.items():
-    report[name][key] = float(err / max(norm, 1e-30))
+def _choose(item, stats, a, b, ridge):
+  """Chooses the narrowed layer's channels and solves the layer on them; (W, info).
+
+  Greedy backward elimination, exact for least squares: the channel whose
+  weights (one group of rows of W, a row per tap) cost least to zero goes
+  first, `dE = tr(W_g^T [H^-1]_gg^-1 W_g)`, and W and H^-1 are updated as
+  Optimal Brain Surgeon does, a group at a time. The cost is weighted by the
+  following BatchNorm's scale, as the neighbourhood's output sees the error.
+  The narrowed layer and the channel-wise layers after it are then sliced
+  from their teacher counterparts at the kept channels.
+  """
+  choice = item.choice
+  channels = graph.kernel(choice.teacher).shape[-1]
+  width = graph.kernel(choice.narrowed).shape[-1]
+  d = a.shape[-1] - int(_intercept(item))
+  taps = d // channels
+  weight = np.ones(b.shape[-1])
+  norm = item.batch_norm
+  if norm is not None:
+    gamma = norm.gamma.numpy() if norm.gamma is not None else 1.0
+    weight = gamma ** 2 / (norm.moving_variance.numpy() + norm.epsilon)
+  h, _ = _regularised(a, d, ridge)
+  hinv = np.linalg.inv(h)
+  w = hinv @ b
+  groups = {q: np.arange(taps) * channels + q for q in range(channels)}
+  while len(groups) > width:
+    costs = {q: float(np.sum(weight * np.sum(w[g] * np.linalg.solve(hinv[np.ix_(g, g)], w[g]), 0)))
+             for q, g in groups.items()}
+    g = groups.pop(min(costs, key=costs.get))
+    block = np.linalg.inv(hinv[np.ix_(g, g)])
+    w -= hinv[:, g] @ (block @ w[g])
+    hinv -= hinv[:, g] @ block @ hinv[g, :]
+  keep = np.array(sorted(groups))
+  rows = (np.arange(taps)[:, None] * channels + keep[None, :]).reshape(-1)
+  rows = np.append(rows, np.arange(d, a.shape[-1]))  # the intercept, if any
+  kept = np.linalg.solve(h[np.ix_(rows, rows)], b[rows])
+  full = np.zeros_like(b)
+  full[rows] = kept
+  diag = np.diag(a)[rows[:taps * width]]
+  mean = stats["s"][rows[:taps * width]] / stats["n"]
+  constant = int(np.sum(diag / stats["n"] - mean * mean <= 1e-10 * diag.mean() / stats["n"]))
+  narrowed = choice.teacher.get_weights()
+  choice.narrowed.set_weights(builders.slice_outputs(choice.teacher, narrowed, keep))
+  for student_layer, teacher_layer in choice.between:
+    if teacher_layer.weights:
+      student_layer.set_weights(
+          builders.slice_outputs(teacher_layer, teacher_layer.get_weights(), keep))
+  return kept, {"features": taps * width, "constant_inputs": constant, "error_before": None,
+                "error_after": _residual(stats, a, b, full), "channels": keep.tolist()}
 
 
-def _extractors(students, group, with_errors):
+def _record_errors(report, sums, when):
+  for name, (err, norm, count) in sums.items():
+    report[name][f"error_{when}"] = float(err / max(norm, 1e-30))
+    report[name][f"loss_{when}"] = float(err / max(count, 1))
+
+
+def _extractors(students, group, with_errors, subsample=1):
   """A function of a source batch: {"layers": [stats of each item], "errors": {name: (e, |t|)}}."""
   by_hood = {}
   for item in group:
@@ -482,27 +669,34 @@ def _extractors(students, group, with_errors):
   models = {}
   for hood, hood_items in by_hood.items():
     student = students[hood]
+    # A layer whose narrowed input's channels are chosen sees the teacher's input (all of them).
+    own = [item.input_tensor for item in hood_items if item.choice is None]
     models[hood] = (
-        keras.Model(student.inputs, [item.input_tensor for item in hood_items]),
-        keras.Model(hood.teacher.inputs, [item.target_tensor for item in hood_items]))
+        keras.Model(student.inputs, own) if own else None,
+        keras.Model(hood.teacher.inputs, [item.target_tensor for item in hood_items] +
+                    [item.choice.teacher_input for item in hood_items if item.choice]))
 
-  def run(batch):
+  def run(batch, number):
     out = {"layers": [None] * len(group), "errors": {}}
     index = {id(item): i for i, item in enumerate(group)}
     for hood, hood_items in by_hood.items():
       a = batch[hood.name][0]
       student_model, teacher_model = models[hood]
-      xs = tf.nest.flatten(student_model(a, training=False))
+      xs = iter(tf.nest.flatten(student_model(a, training=False)) if student_model else [])
       ys = tf.nest.flatten(teacher_model(a, training=False))
-      for item, x, y in zip(hood_items, xs, ys):
+      teacher_inputs = iter(ys[len(hood_items):])
+      for item, y in zip(hood_items, ys):
+        x = next(teacher_inputs) if item.choice else next(xs)
         if item.batch_norm is not None:
           y = _before_norm(item.batch_norm, y)
-        out["layers"][index[id(item)]] = _moments(item.layer, x, y)
+        out["layers"][index[id(item)]] = _moments(item.layer, x, y, subsample, number)
     if with_errors:
       for hood, student in students.items():
         a, t = batch[hood.name][:2]
         diff = student(a, training=False) - t
-        out["errors"][hood.name] = (tf.reduce_sum(diff * diff), tf.reduce_sum(t * t))
+        out["errors"][hood.name] = (tf.reduce_sum(diff * diff), tf.reduce_sum(t * t),
+                                    tf.cast(tf.size(t), tf.float32))
     return out
 
   return run
+

@@ -26,6 +26,10 @@ _CHANNEL_PRESERVING = tuple(
         "AveragePooling1D", "AveragePooling2D", "AveragePooling3D", "UpSampling1D",
         "UpSampling2D", "UpSampling3D", "DepthwiseConv2D", "DepthwiseConv1D")
     if hasattr(keras.layers, name))
+# Of those, the layers that act on each channel alone (no kernel, no normalisation across
+# channels): a narrowed producer's kept channels pass through them unchanged.
+CHANNEL_WISE = tuple(layer for layer in _CHANNEL_PRESERVING if layer.__name__ not in (
+    "DepthwiseConv2D", "DepthwiseConv1D", "Softmax", "LayerNormalization"))
 _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 
@@ -187,7 +191,7 @@ def _init_from_teacher(hood, copies):
     if id(layer) in kept_in:
       weights[0] = weights[0][..., kept_in[id(layer)], :]
     if id(layer) in kept_out:
-      weights = _slice_outputs(layer, weights, kept_out[id(layer)])
+      weights = slice_outputs(layer, weights, kept_out[id(layer)])
     copies[id(layer)].set_weights(weights)
 
 
@@ -195,7 +199,7 @@ def _outputs_of(hood, layer):
   return [t for node in hood.nodes if node.layer is layer for t in graph.output_tensors(node)]
 
 
-def _slice_outputs(layer, weights, keep):
+def slice_outputs(layer, weights, keep):
   """`layer`'s weights with only the output channels `keep`."""
   if isinstance(layer, keras.layers.DepthwiseConv2D):
     kernel = weights[0][:, :, keep, :]

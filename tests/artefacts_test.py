@@ -122,6 +122,48 @@ class ArtefactsTest(tf.test.TestCase):
                           artefacts.info(artefacts.store(self.whole, self.teacher), hood.name,
                                          _LABEL)["loss"], rtol=1e-5)
 
+  def test_solved_students_are_artefacts_no_worse_than_the_gradient_ones(self):
+    # The exact solver's students: the solve's reconstruct, no gradient step, the
+    # neighbourhood loss measured once, far below the gradient solver's; "lstsq+gradient" then
+    # takes the gradient epochs from the solved weights, and ends no worse than the solve.
+    directory = self.get_temp_dir()
+    teacher_init = {"t": functools.partial(nd.students.bottleneck, k=0.5, init="teacher")}
+    store = artefacts.store(directory, self.teacher)
+    losses = {}
+    for solver in artefacts.SOLVERS:
+      label = {"t" + solver: teacher_init["t"]}
+      artefacts.distil(self.teacher, self.units, label, self._source(), directory, solver=solver,
+                       channels="greedy" if solver != "gradient" else None,
+                       calibrate_steps=0 if solver != "gradient" else 50,
+                       # From the solve, small steps (Adam's first steps have the size of
+                       # the rate whatever the gradient).
+                       **dict(self._settings(), learning_rate=1e-4 if solver != "gradient"
+                              else 1e-2))
+      infos = [artefacts.info(store, h.name, "t" + solver) for h in self.units]
+      self.assertEqual({i["solver"] for i in infos}, {solver})
+      self.assertEqual({i["epochs"] for i in infos}, {0 if solver == "lstsq" else 3})
+      self.assertTrue(all(i["loss"] > 0 for i in infos))
+      distiller = nd.NeighbourhoodDistiller(artefacts.load(self.teacher, self.units,
+                                                           "t" + solver, directory))
+      distiller.compile()
+      measured = distiller.evaluate(self._source().dataset(16, shuffle=False), verbose=0,
+                                    return_dict=True)
+      losses[solver] = [measured[f"{h.name}_loss"] for h in self.units]
+      if solver == "lstsq":  # measured the same way
+        self.assertAllClose([i["loss"] for i in infos], losses[solver], rtol=1e-4)
+    for solved, refined in zip(losses["lstsq"], losses["lstsq+gradient"]):
+      self.assertLess(refined, solved * 1.05)
+    self.assertLess(sum(losses["lstsq"]), sum(losses["gradient"]))
+
+  def test_the_solver_is_checked(self):
+    with self.assertRaisesRegex(ValueError, "solver must be one of.*'adam'"):
+      artefacts.distil(self.teacher, self.units, _CANDIDATES, self._source(),
+                       self.get_temp_dir(), solver="adam", **self._settings())
+    with self.assertRaisesRegex(ValueError, "solves in one process"):
+      artefacts.distil(self.teacher, self.units, _CANDIDATES, self._source(),
+                       self.get_temp_dir(), solver="lstsq", strategy=testing.mirrored_strategy(),
+                       **self._settings())
+
   def test_distils_under_a_mirrored_strategy(self):
     directory = self.get_temp_dir()
     got = artefacts.distil(self.teacher, self.units[:1], _CANDIDATES, self._source(), directory,

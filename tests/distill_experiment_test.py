@@ -50,7 +50,7 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
     with testing.mock_tfds(num_examples=48):
       dataset = data.get("cifar10", num_validation=16)
       results, _ = self._run(dataset, multipliers=(0.5,), methods=("nd", "nd_ft"),
-                             ablation=True, time_neighbourhoods=False)
+                             ablation=True, time_neighbourhoods=False, solver="gradient")
     lookaheads = sorted({row["lookahead"] for row in results["rows"]})
     self.assertEqual(lookaheads, [0, 2])
     self.assertIn("ND+FT (look-ahead 2)", distill.table(results))
@@ -60,6 +60,30 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
     results, _ = self._run(dataset, methods=("kd", "nd_ft"), student_init="random")
     self.assertEqual(results["config"]["student_init"], "random")
     self.assertEqual([row["method"] for row in results["rows"]], ["kd", "nd_ft"])
+
+  def test_each_solver_makes_its_own_students(self):
+    # The default solves exactly (greedy channels, no gradient step, no cache); the gradient
+    # solver distils from the cache; each recipe has its own artefacts.
+    dataset = data.get("embedded", num_train=64, num_test=32, num_validation=32)
+    workdir = self.get_temp_dir()
+    results = {}
+    for solver in ("lstsq", "gradient"):
+      results[solver] = distill.run(dataset, workdir, model="resnet8", methods=("nd",),
+                                    epochs=_TINY, batch_size=32, verbose=0, solver=solver)
+      self.assertEqual(results[solver]["config"]["solver"], solver)
+    self.assertEqual(results["lstsq"]["timings"]["cache@0.5"], 0.0)
+    self.assertGreater(results["gradient"]["timings"]["cache@0.5"], 0.0)
+    store = [os.path.join(workdir, "students", d) for d in os.listdir(
+        os.path.join(workdir, "students")) if d.startswith("teacher-")][0]
+    labels = os.listdir(os.path.join(store, "stage1_unit1_out"))
+    self.assertLen([f for f in labels if f.endswith(".keras")], 2)
+    solved = results["lstsq"]["timings"]["nd_losses@0.5/lookahead0"]
+    self.assertEqual(sorted(solved), ["stage1_unit1_out", "stage2_unit1_out", "stage3_unit1_out"])
+
+  def test_the_exact_solver_has_no_lookahead(self):
+    dataset = data.get("embedded", num_train=32, num_test=16, num_validation=16)
+    with self.assertRaisesRegex(ValueError, r"solver='gradient' or 'lstsq\+gradient'"):
+      distill.run(dataset, self.get_temp_dir(), model="resnet8", verbose=0, lookahead=1)
 
   def test_the_teacher_is_trained_once_and_reused(self):
     dataset = data.get("embedded", num_train=64, num_test=32, num_validation=32)
@@ -94,6 +118,8 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
       ("multiplier_above_one", dict(multipliers=(1.5,)), "1.5"),
       ("multiplier_zero", dict(multipliers=(0.0,)), "0.0"),
       ("student_init", dict(student_init="pruned"), "pruned"),
+      ("solver", dict(solver="adam"), "solver must be one of.*'adam'"),
+      ("channels", dict(channels="thinet"), "channels must be 'greedy' or 'l1'"),
   )
   def test_bad_arguments_are_named(self, kwargs, fragment):
     dataset = data.get("embedded", num_train=32, num_test=16, num_validation=16)

@@ -18,7 +18,8 @@ from keras_nd._keras import tf
 _BINARY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                        "distill.py")
 _TINY = ["--num_train=192", "--num_validation=16", "--model=resnet8", "--teacher_epochs=1",
-         "--batch_size=16", "--nd_epochs=3", "--ft_epochs=3", "--methods=nd,nd_ft"]
+         "--batch_size=16", "--nd_epochs=3", "--ft_epochs=3", "--methods=nd,nd_ft",
+         "--solver=gradient"]  # epochs to resume, gradients to all-reduce
 
 
 def _command(workdir, *flags):
@@ -144,6 +145,13 @@ class ScaleOutTest(tf.test.TestCase):
     code, _, err = self._run(self.get_temp_dir(), "--multi_worker", env=env)
     self.assertNotEqual(code, 0)
     self.assertIn("TF_CONFIG", err)
+
+  def test_multi_worker_needs_the_gradient_solver(self):
+    env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": ["localhost:1"]},
+                                                 "task": {"type": "worker", "index": 0}}))
+    code, _, err = self._run(self.get_temp_dir(), "--multi_worker", "--solver=lstsq", env=env)
+    self.assertNotEqual(code, 0)
+    self.assertIn("add --solver=gradient", err)
 
 
 if __name__ == "__main__":
