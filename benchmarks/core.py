@@ -1,4 +1,4 @@
-"""The three core performance ratios of keras_nd, measured side by side in one run.
+"""The core performance ratios of keras_nd, measured side by side in one run.
 
   python benchmarks/core.py [--examples=4096] [--repeats=3] [--cache_dir=...]
 
@@ -19,6 +19,13 @@ P2  steps/s of cache-fed NeighbourhoodDistiller training of one mid unit
            examples are 3.2 GB for this unit);
       P2*  fed from P1's cache of all neighbourhoods, which stores 3.3x the
            bytes this unit needs.
+P4  the exact solver: `reconstruct` of the 9 units' k=0.5 students (teacher
+    channels chosen greedily in the solve, from an online source: the
+    teacher pass, the statistics and every solve) / one teacher inference
+    pass.                                                       target <= 2
+      P4s  the same with subsample=2 (the main job's setting).
+    And its peak memory (maximum resident set of a process doing only the
+    solve, data generated batch by batch) at --examples and 4x as many.
 P3  fused training of all 9 unit neighbourhoods in one distiller for S steps
     / 9 sequential one-neighbourhood distillers of S steps each, all fed from
     P1's cache, default shuffle_bytes (the fused run's 800 MB stream from the
@@ -37,8 +44,10 @@ Writes benchmarks/results/core.json with the configuration and raw timings.
 
 import json
 import os
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,17 +81,21 @@ flags.DEFINE_string("cache_dir", None, "Where to build the activation cache (def
 flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                         "core.json"), "Where to write the results.")
 flags.DEFINE_integer("seed", 0, "Seed of the data and the models.")
-flags.DEFINE_list("parts", ["P1", "P2", "P3"], "Which measurements to run.")
+flags.DEFINE_list("parts", ["P1", "P2", "P3", "P4"], "Which measurements to run.")
+flags.DEFINE_integer("p4_repeats", 3, "P4 timed runs of each side (median taken).")
+flags.DEFINE_integer("solve_only", 0, "Internal: run one solve with this subsample and print the "
+                     "peak memory (P4's memory rows).")
 
 TARGETS = {"P1": ("<=", 1.3), "P2": (">=", 0.9), "P2s": (">=", 0.9), "P2*": (">=", 0.9),
-           "P3": ("<=", 0.8), "P3s": ("<=", 0.8)}
+           "P3": ("<=", 0.8), "P3s": ("<=", 0.8), "P4": ("<=", 2.0), "P4s": ("<=", 2.0)}
 # The shuffle budget of the "streamed" rows: below what any run serves (64 MiB per epoch for the
 # smallest unit), so every epoch reads the cache files.
 STREAMED_SHUFFLE_BYTES = 32 * 2**20
 ROWS = (("P1", "cache build / teacher pass"), ("P2", "distiller / keras-numpy steps/s"),
         ("P2s", "same, streamed (data > shuffle_bytes)"),
         ("P2*", "same, from P1's all-hoods cache"), ("P3", "fused / sequential"),
-        ("P3s", "same, streamed (shuffle_bytes=32 MiB)"))
+        ("P3s", "same, streamed (shuffle_bytes=32 MiB)"), ("P4", "exact solve / teacher pass"),
+        ("P4s", "same, subsample=2"))
 UNIT = "stage1_unit2_out"
 K = 0.5
 
@@ -272,6 +285,60 @@ def bench_fused(teacher, unit_hoods, dataset, cache_dir, **dataset_kwargs):
   }
 
 
+# --- P4: the exact solver vs one teacher inference pass -----------------------------------------
+
+def _solve(teacher, unit_hoods, dataset, subsample):
+  students = {h: nd.students.bottleneck(h, K, init="teacher") for h in unit_hoods}
+  source = nd.ActivationSource(teacher, unit_hoods, dataset, verbose=0)  # online
+  return lambda: nd.reconstruct(students, source, errors=False, channels="greedy",
+                                subsample=subsample)
+
+
+def bench_solver(teacher, unit_hoods, dataset):
+  infer = tf.function(lambda x: teacher(x, training=False))
+
+  def teacher_pass():
+    for x in dataset:
+      infer(x).numpy()
+
+  teacher_pass()  # traced
+  results = {}
+  for key, subsample in (("P4", 1), ("P4s", 2)):
+    _solve(teacher, unit_hoods, dataset, subsample)()  # warm: the first solve of a process
+    runs = {"measured": [], "baseline": []}
+    for _ in range(FLAGS.p4_repeats):  # alternating: a busy machine slows both alike
+      runs["measured"].append(_timed(_solve(teacher, unit_hoods, dataset, subsample)))
+      runs["baseline"].append(_timed(teacher_pass))
+    wall = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
+    results[key] = {"measured_s": wall["measured"], "baseline_s": wall["baseline"],
+                    "ratio": wall["measured"] / wall["baseline"],
+                    "cpu_ratio": cpu["measured"] / cpu["baseline"], "runs": runs,
+                    "peak_rss_mib": {n: _peak_memory(n, subsample) for n in
+                                     (FLAGS.examples, 4 * FLAGS.examples)}}
+  return results
+
+
+def _peak_memory(examples, subsample):
+  """The peak resident memory (MiB) of a process that only solves, over `examples` images."""
+  done = subprocess.run([sys.executable, os.path.abspath(__file__), f"--examples={examples}",
+                         f"--solve_only={subsample}", f"--seed={FLAGS.seed}"],
+                        capture_output=True, text=True, check=True)
+  return float(done.stdout.strip().splitlines()[-1])
+
+
+def _solve_only():
+  """One solve over generated batches (nothing held in memory); prints the peak RSS in MiB."""
+  keras.utils.set_random_seed(FLAGS.seed)
+  teacher = models.resnet_v1(depth=20)
+  unit_hoods = [h for h in nd.split(teacher) if "_unit" in h.name]
+  batch = FLAGS.infer_batch
+  dataset = tf.data.Dataset.range(FLAGS.examples // batch).map(
+      lambda i: tf.random.stateless_normal([batch, 32, 32, 3], seed=tf.stack([i, FLAGS.seed])))
+  _solve(teacher, unit_hoods, dataset, FLAGS.solve_only)()
+  print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def _passes(key, value):
   op, target = TARGETS[key]
   return value <= target if op == "<=" else value >= target
@@ -279,6 +346,9 @@ def _passes(key, value):
 
 def main(argv):
   del argv
+  if FLAGS.solve_only:
+    _solve_only()
+    return
   batch = FLAGS.infer_batch
   if FLAGS.examples % batch or FLAGS.examples % FLAGS.train_batch:
     raise app.UsageError(f"--examples must be a multiple of {batch} and {FLAGS.train_batch}.")
@@ -300,7 +370,7 @@ def main(argv):
     if "P1" in FLAGS.parts:
       results["P1"] = bench_cache_build(teacher, hoods, dataset, shared_cache)
       print(f"P1 done ({time.perf_counter() - start:.0f}s)", flush=True)
-    else:  # P2* and P3 read the cache of all neighbourhoods
+    elif {"P2", "P3"} & set(FLAGS.parts):  # P2* and P3 read the cache of all neighbourhoods
       nd.ActivationSource(teacher, hoods, dataset, cache_dir=shared_cache, verbose=0)
     if "P2" in FLAGS.parts:
       results.update(bench_one_hood(teacher, hood, dataset, os.path.join(workdir, UNIT),
@@ -311,6 +381,9 @@ def main(argv):
       results["P3s"] = bench_fused(teacher, unit_hoods, dataset, shared_cache,
                                    shuffle_bytes=STREAMED_SHUFFLE_BYTES)
       print(f"P3 done ({time.perf_counter() - start:.0f}s)", flush=True)
+    if "P4" in FLAGS.parts:
+      results.update(bench_solver(teacher, unit_hoods, dataset))
+      print(f"P4 done ({time.perf_counter() - start:.0f}s)", flush=True)
   finally:
     if FLAGS.cache_dir is None:
       shutil.rmtree(workdir, ignore_errors=True)
@@ -333,11 +406,14 @@ def main(argv):
     results[key]["pass"] = _passes(key, ratio)
     print(f"{key:5}{name:38}{op + ' ' + str(target):>8}{ratio:>10.3f}  "
           f"{'yes' if results[key]['pass'] else 'NO':6}{r['cpu_ratio']:>10.3f}  {absolute}")
+    if "peak_rss_mib" in r:
+      print(f"{'':5}peak memory of the solve alone: " + ", ".join(
+          f"{mib:.0f} MiB at {n} images" for n, mib in r["peak_rss_mib"].items()))
   print(f"total {time.perf_counter() - start:.0f}s")
 
   config = {name: FLAGS[name].value for name in (
       "examples", "infer_batch", "train_batch", "repeats", "p2_epochs", "p2_repeats", "p3_steps",
-      "p3_epochs", "p3_repeats", "lr", "seed", "parts")}
+      "p3_epochs", "p3_repeats", "p4_repeats", "lr", "seed", "parts")}
   config.update(teacher="resnet_v1(depth=20), untrained", unit=UNIT, k=K, dtype="float16",
                 cpus=os.cpu_count(), tensorflow=tf.__version__, load_average_start=load_start,
                 load_average_end=os.getloadavg(), shuffle_bytes_streamed=STREAMED_SHUFFLE_BYTES)

@@ -35,6 +35,10 @@ flags.DEFINE_enum("student_init", "random", ["random", "teacher"], "How students
                   "scratch (the paper), or from the teacher's strongest inner channels (at k=1 "
                   "the teacher itself).")
 flags.DEFINE_integer("steps_per_epoch", 100, "Noise batches per epoch.")
+flags.DEFINE_enum("solver", "gradient", ["gradient", "lstsq", "lstsq+gradient"], "How G-ND finds "
+                  "its students: --gnd_epochs of gradient steps on noise, solved exactly from "
+                  "one epoch of noise (no gradient step; with --student_init=teacher the kept "
+                  "channels are chosen by the solve), or both.")
 flags.DEFINE_float("nd_learning_rate", 2e-3, "Adam learning rate of G-ND (cosine decay).")
 flags.DEFINE_integer("ce_epochs", 6, "Cross-entropy (with data) student epochs.")
 flags.DEFINE_integer("gnd_epochs", 10, "G-ND epochs.")
@@ -52,7 +56,7 @@ def main(argv):
       epochs=dict(teacher=FLAGS.teacher_epochs, ce=FLAGS.ce_epochs, gnd=FLAGS.gnd_epochs,
                   ft=FLAGS.ft_epochs, gnkd=FLAGS.gnkd_epochs),
       steps_per_epoch=FLAGS.steps_per_epoch, nd_learning_rate=FLAGS.nd_learning_rate,
-      batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+      batch_size=FLAGS.batch_size, seed=FLAGS.seed, solver=FLAGS.solver,
       verbose=FLAGS.verbose)
   print(data_free.table(results))
   print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")

@@ -27,7 +27,11 @@ flags.DEFINE_list("drops", [f"{d:g}" for d in student_search.DROPS],
                   "Accepted accuracy drops (fractions) of the greedy rule.")
 flags.DEFINE_list("uniform", [f"{k:g}" for k in student_search.UNIFORM],
                   "Uniform multipliers to compare with (and whose sizes are the budgets).")
-flags.DEFINE_integer("nd_epochs", 3, "Distillation epochs of the candidates.")
+flags.DEFINE_enum("solver", "lstsq", ["lstsq", "gradient", "lstsq+gradient"], "How the "
+                  "candidates are distilled: solved exactly from the teacher's activations, by "
+                  "--nd_epochs of gradient steps, or both.")
+flags.DEFINE_integer("nd_epochs", 3, "Gradient epochs of the candidates (--solver=gradient or "
+                     "lstsq+gradient).")
 flags.DEFINE_integer("ft_epochs", 3, "Most fine-tuning epochs of each chosen student.")
 
 
@@ -39,7 +43,7 @@ def main(argv):
       multipliers=[float(k) for k in FLAGS.multipliers], drops=[float(d) for d in FLAGS.drops],
       uniform=[float(k) for k in FLAGS.uniform],
       epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs, ft=FLAGS.ft_epochs),
-      batch_size=FLAGS.batch_size, seed=FLAGS.seed, verbose=FLAGS.verbose)
+      batch_size=FLAGS.batch_size, seed=FLAGS.seed, solver=FLAGS.solver, verbose=FLAGS.verbose)
   print(student_search.table(results))
   print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")
 

@@ -31,7 +31,10 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Noise seeds every point is averaged
 flags.DEFINE_float("sigma", 0.1, "Training noise after every unit of the noise-trained teacher.")
 flags.DEFINE_float("multiplier", 0.5, "Bottleneck multiplier k of the ND students.")
 flags.DEFINE_float("drop", 0.01, "Accuracy drop (a fraction) that defines a threshold.")
-flags.DEFINE_integer("nd_epochs", 3, "Neighbourhood distillation epochs.")
+flags.DEFINE_enum("solver", "gradient", ["gradient", "lstsq", "lstsq+gradient"], "How Table 4's "
+                  "ND students are distilled: --nd_epochs of gradient steps (the paper's), "
+                  "solved exactly from the teacher's activations, or both.")
+flags.DEFINE_integer("nd_epochs", 3, "Gradient epochs of neighbourhood distillation.")
 flags.DEFINE_string("figures_dir", None, "Where the PNG figures go (default: --workdir).")
 
 
@@ -45,7 +48,7 @@ def main(argv):
       weight_epsilons=[float(e) for e in FLAGS.weight_epsilons], drop=FLAGS.drop,
       epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs),
       figures_dir=FLAGS.figures_dir, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-      verbose=FLAGS.verbose)
+      solver=FLAGS.solver, verbose=FLAGS.verbose)
   print(thresholding.table(results))
   print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")
 

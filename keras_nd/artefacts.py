@@ -33,7 +33,12 @@ import time
 from keras_nd import files, graph
 from keras_nd._keras import keras, tf
 from keras_nd.activations import teacher_fingerprint
-from keras_nd.distiller import NeighbourhoodDistiller, as_student_model, epoch_line
+from keras_nd.distiller import (
+  NeighbourhoodDistiller,
+  as_student_model,
+  epoch_line,
+  frozen_batch_norms,
+)
 from keras_nd.reconstruct import reconstruct
 
 # How a student's weights are found: gradient steps on its neighbourhood loss; the exact
@@ -212,47 +217,45 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
     backup += f".worker{strategy.cluster_resolver.task_id}"
   steps = (gradient_epochs * -(-source.num_examples // batch_size)
            if source.num_examples and gradient_epochs else None)
-  with strategy.scope() if strategy else contextlib.nullcontext():
-    distiller = NeighbourhoodDistiller(pending, lookahead=lookahead, devices=devices)
-    # Gradient steps from a solve keep its BatchNorms as the solve fitted through them: frozen,
-    # in inference mode (training-mode batch statistics would undo the solve).
-    norms = [layer for model in distiller.student_models for layer in model.submodules
-             if isinstance(layer, keras.layers.BatchNormalization)] if solver != "gradient" else []
-    for layer in norms:
-      layer.trainable = False
-    rate = (keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps
-            else learning_rate)
-    distiller.compile(keras.optimizers.Adam(rate))
-    # Checkpointed after every epoch; epoch j is one `fit` call on batches seeded by (seed, j).
-    distiller.optimizer.build(distiller.trainable_variables)
-  os.makedirs(backup, exist_ok=True)
-  checkpoint = tf.train.Checkpoint(distiller=distiller)
-  checkpoints = tf.train.CheckpointManager(checkpoint, backup, max_to_keep=1)
-  done = 0
-  if checkpoints.latest_checkpoint:
-    checkpoint.restore(checkpoints.latest_checkpoint)
-    done = int(checkpoints.latest_checkpoint.rsplit("-", 1)[1])
-    if verbose:
-      print(f"Resuming after epoch {done} of {epochs} ({backup}).", flush=True)
-  log = _EpochLog(os.path.join(backup, "epochs.json"), done)
-  solved = os.path.join(backup, "solve.json")
-  if solver != "gradient" and not done:  # a resumed job has the solve in its checkpoint
-    files.write_json(solved, _solve(distiller, source, batch_size, verbose, ridge=ridge,
-                                    channels=channels, subsample=subsample))
-  for epoch in range(done, gradient_epochs):
-    dataset = source.dataset(batch_size, seed=epoch_seed(seed, epoch))
-    if strategy is not None:  # workers split each batch (the cache is not split by files)
-      options = tf.data.Options()
-      options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-      dataset = dataset.with_options(options)
-    # Keras would number this epoch out of epoch + 1: progress is reported here instead.
-    distiller.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=[log])
-    checkpoints.save(checkpoint_number=epoch + 1)
-    if verbose:  # after the checkpoint: a job killed once it printed the line loses nothing
-      print(epoch_line(epoch, gradient_epochs, log.epochs[-1]["loss"],
-                       log.epochs[-1]["seconds"]), flush=True)
-  for layer in norms:
-    layer.trainable = True
+  # Gradient steps from a solve keep its BatchNorms as the solve fitted through them: frozen,
+  # in inference mode (training-mode batch statistics would undo the solve).
+  with contextlib.ExitStack() as frozen:
+    with strategy.scope() if strategy else contextlib.nullcontext():
+      distiller = NeighbourhoodDistiller(pending, lookahead=lookahead, devices=devices)
+      if solver != "gradient":  # before compile, which fixes what fit trains
+        frozen.enter_context(frozen_batch_norms(distiller.student_models))
+      rate = (keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps
+              else learning_rate)
+      distiller.compile(keras.optimizers.Adam(rate))
+      # Checkpointed after every epoch; epoch j is one `fit` call on batches seeded by (seed, j).
+      distiller.optimizer.build(distiller.trainable_variables)
+    os.makedirs(backup, exist_ok=True)
+    checkpoint = tf.train.Checkpoint(distiller=distiller)
+    checkpoints = tf.train.CheckpointManager(checkpoint, backup, max_to_keep=1)
+    done = 0
+    if checkpoints.latest_checkpoint:
+      checkpoint.restore(checkpoints.latest_checkpoint)
+      done = int(checkpoints.latest_checkpoint.rsplit("-", 1)[1])
+      if verbose:
+        print(f"Resuming after epoch {done} of {epochs} ({backup}).", flush=True)
+    log = _EpochLog(os.path.join(backup, "epochs.json"), done)
+    solved = os.path.join(backup, "solve.json")
+    if solver != "gradient" and not done:  # a resumed job has the solve in its checkpoint
+      files.write_json(solved, _solve(distiller, source, batch_size, verbose, ridge=ridge,
+                                      channels=channels, subsample=subsample))
+    for epoch in range(done, gradient_epochs):
+      dataset = source.dataset(batch_size, seed=epoch_seed(seed, epoch))
+      if strategy is not None:  # workers split each batch (the cache is not split by files)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA)
+        dataset = dataset.with_options(options)
+      # Keras would number this epoch out of epoch + 1: progress is reported here instead.
+      distiller.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=[log])
+      checkpoints.save(checkpoint_number=epoch + 1)
+      if verbose:  # after the checkpoint: a job killed once it printed the line loses nothing
+        print(epoch_line(epoch, gradient_epochs, log.epochs[-1]["loss"],
+                         log.epochs[-1]["seconds"]), flush=True)
   start = time.perf_counter()
   if calibrate_steps:
     distiller.calibrate_batch_norm(source.dataset(batch_size, seed=seed + 1),

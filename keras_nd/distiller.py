@@ -114,6 +114,26 @@ def _batch_norms(model):
   return [layer for layer in model.submodules if isinstance(layer, keras.layers.BatchNormalization)]
 
 
+@contextlib.contextmanager
+def frozen_batch_norms(models):
+  """Inside the block, the trainable BatchNorms of `models` run in inference mode, untrained.
+
+  A BatchNormalization with trainable=False normalises with its moving
+  statistics even when called with training=True, and its scale and offset
+  are not trained: gradient steps then keep the statistics a solve or a
+  teacher set. They are trainable again after the block. Compile inside the
+  block: Keras's `fit` trains what was trainable when the model was compiled.
+  """
+  layers = [layer for model in models for layer in _batch_norms(model) if layer.trainable]
+  for layer in layers:
+    layer.trainable = False
+  try:
+    yield layers
+  finally:
+    for layer in layers:
+      layer.trainable = True
+
+
 def _average_batch_statistics(layers, dataset, steps, forward):
   """Sets the moving statistics of BatchNorm `layers` to the average over `steps` batches.
 

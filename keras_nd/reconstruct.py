@@ -22,6 +22,12 @@ shape. A layer whose output was narrowed (a bottleneck's inner layer) has no
 teacher target of its shape and keeps its weights; the layers it feeds are
 solved. A layer without a bias whose output feeds a BatchNormalization gets
 its intercept through that BatchNormalization's moving mean.
+
+Which channels a narrowed layer keeps can be chosen in the same pass
+(`channels="greedy"`, as ThiNet and He et al. choose them): from the
+statistics of all the teacher's channels at the next layer's input, channels
+are removed one at a time, each time the one whose weights cost the least
+error, with the exact group update of Optimal Brain Surgeon.
 """
 
 import dataclasses

@@ -92,6 +92,19 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLen(results["rows"], 3)
     self.assertTrue(results["config"]["teacher_given"])
 
+  def test_students_solved_from_noise_beat_gradient_steps_on_noise(self):
+    # The exact solver from one epoch of noise, no data: its students' neighbourhood losses on
+    # fresh noise are below two epochs of gradient G-ND's.
+    losses = {}
+    for solver in ("lstsq", "gradient"):
+      results = data_free.run(self._dataset(), self.get_temp_dir(), model="resnet8",
+                              multipliers=(0.5,), methods=("gnd",), teacher=_teacher_path(),
+                              student_init="teacher", epochs=dict(_TINY, gnd=2),
+                              steps_per_epoch=4, batch_size=16, verbose=0, solver=solver)
+      self.assertEqual(results["config"]["solver"], solver)
+      losses[solver] = results["timings"]["gnd_losses@0.5"]
+    self.assertLess(sum(losses["lstsq"].values()), sum(losses["gradient"].values()))
+
   def test_the_guard_catches_a_read_of_the_training_split(self):
     # The reference method reads the data: the guard must stop it, or it proves nothing above.
     guarded = _TestSplitOnly(self._dataset())

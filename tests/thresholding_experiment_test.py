@@ -68,6 +68,7 @@ class ThresholdingExperimentTest(tf.test.TestCase, parameterized.TestCase):
       self.assertEqual(json.load(f)["unit_noise"], 0.1)
     for key in keys:
       self.assertTrue(os.path.exists(os.path.join(workdir, f"teacher-{key}.keras")))
+      self.assertTrue(os.path.isdir(os.path.join(workdir, f"cache-{key}-lookahead0")))
 
     self.assertEqual([os.path.basename(p) for p in results["figures"]],
                      ["figure1.png", "figure1_units.png", "figure4.png", "figure5.png"])

@@ -35,12 +35,14 @@ GN-KD) the students' BatchNorm layers are frozen (inference mode), so they
 keep the statistics they had instead of learning those of noise.
 """
 
+import contextlib
 import os
 import time
 
 import keras_nd as nd
-from keras_nd import files
+from keras_nd import artefacts, files
 from keras_nd._keras import keras, tf
+from keras_nd.distiller import frozen_batch_norms
 from keras_nd.experiments import distill
 from keras_nd.experiments.common import accuracy, fit_progress, scorable, write_results
 
@@ -70,6 +72,7 @@ class DataFree:
     steps_per_epoch: noise batches per epoch.
     noise: "teacher" or "standard" (see the module docstring).
     student_init: how students start (`students.bottleneck`'s init).
+    solver: how G-ND finds its students (`artefacts.SOLVERS`; see `gnd`).
     batch_size, learning_rate, nd_learning_rate, temperature, seed: training
       settings.
     verbose: 0 silent, 1 one line per phase, 2 Keras progress too.
@@ -77,11 +80,14 @@ class DataFree:
 
   def __init__(self, teacher, model, input_shape, num_classes, test, epochs, steps_per_epoch,
                noise="teacher", student_init="random", batch_size=128, learning_rate=2e-3,
-               nd_learning_rate=2e-3, temperature=2.5, seed=0, verbose=1):
+               nd_learning_rate=2e-3, temperature=2.5, seed=0, solver="gradient", verbose=1):
     if noise not in NOISES:
       raise ValueError(f"noise must be one of {list(NOISES)}; got {noise!r}.")
     if student_init not in ("teacher", "random"):
       raise ValueError(f"student_init must be 'teacher' or 'random'; got {student_init!r}.")
+    if solver not in artefacts.SOLVERS:
+      raise ValueError(f"solver must be one of {list(artefacts.SOLVERS)}; got {solver!r}.")
+    self.solver = solver
     if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or \
         steps_per_epoch < 1:
       raise ValueError(f"steps_per_epoch must be a positive integer; got {steps_per_epoch!r}.")
@@ -116,39 +122,53 @@ class DataFree:
         mean="teacher" if self.noise == "teacher" else 0.0)
 
   def gnd(self, multiplier):
-    """G-ND: (composed student, seconds, {unit: final loss})."""
-    distiller = nd.NeighbourhoodDistiller(self._students(multiplier))
+    """G-ND: (composed student, seconds, {unit: final loss}).
+
+    With solver="lstsq" the students are solved exactly from one epoch of
+    noise (`keras_nd.reconstruct`, the teacher's channels chosen greedily
+    for teacher-initialised students); "lstsq+gradient" then takes the G-ND
+    epochs from there, BatchNorms frozen.
+    """
+    students = self._students(multiplier)
+    distiller = nd.NeighbourhoodDistiller(students)
     steps = self.epochs["gnd"] * self.steps_per_epoch
-    distiller.compile(keras.optimizers.Adam(
-        keras.optimizers.schedules.CosineDecay(self.nd_learning_rate, steps)))
     start = time.perf_counter()
-    history = distiller.fit(self._source(self.seed).dataset(self.batch_size),
-                            epochs=self.epochs["gnd"], **fit_progress(self.verbose))
-    # Fresh noise (another seed) for the statistics, as for data (see calibrate_batch_norm).
-    distiller.calibrate_batch_norm(self._source(self.seed + 1).dataset(self.batch_size),
-                                   steps=self.steps_per_epoch)
+    if self.solver != "gradient":
+      nd.reconstruct(students, self._source(self.seed), errors=False,
+                     channels="greedy" if self.student_init == "teacher" else None)
+    history = None
+    # Frozen before compile, which fixes what fit trains.
+    with (frozen_batch_norms(students.values()) if self.solver == "lstsq+gradient"
+          else contextlib.nullcontext()):
+      distiller.compile(keras.optimizers.Adam(
+          keras.optimizers.schedules.CosineDecay(self.nd_learning_rate, steps)))
+      if self.solver != "lstsq":
+        history = distiller.fit(self._source(self.seed).dataset(self.batch_size),
+                                epochs=self.epochs["gnd"], **fit_progress(self.verbose))
+    if self.solver == "gradient":
+      # Fresh noise (another seed) for the statistics, as for data (see calibrate_batch_norm).
+      distiller.calibrate_batch_norm(self._source(self.seed + 1).dataset(self.batch_size),
+                                     steps=self.steps_per_epoch)
     seconds = time.perf_counter() - start
-    losses = {h.name: history.history[f"{h.name}_loss"][-1] for h in self.units}
+    if history is not None:
+      losses = {h.name: history.history[f"{h.name}_loss"][-1] for h in self.units}
+    else:  # measured once on fresh noise, not counted
+      measured = distiller.evaluate(self._source(self.seed + 1).dataset(self.batch_size),
+                                    verbose=0, return_dict=True)
+      losses = {h.name: float(measured[f"{h.name}_loss"]) for h in self.units}
     return scorable(nd.compose(self.teacher, distiller.students)), seconds, losses
 
   def kd_on_noise(self, student, epochs, learning_rate):
     """Trains `student` by KD from the teacher on noise images, BatchNorm frozen; seconds."""
-    bns = [layer for layer in student.submodules
-           if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
-    for layer in bns:
-      layer.trainable = False  # inference mode: keeps its statistics
-    distiller = nd.KnowledgeDistiller(teacher=self.teacher, student=student,
-                                      temperature=self.temperature, label_weight=0.0)
-    distiller.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
-        learning_rate, max(1, epochs * self.steps_per_epoch))))
-    images = noise_images(self.input_shape, self.batch_size, self.steps_per_epoch,
-                          self.seed + 2)
-    start = time.perf_counter()
-    try:
+    with frozen_batch_norms([student]):  # inference mode: keeps their statistics
+      distiller = nd.KnowledgeDistiller(teacher=self.teacher, student=student,
+                                        temperature=self.temperature, label_weight=0.0)
+      distiller.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+          learning_rate, max(1, epochs * self.steps_per_epoch))))
+      images = noise_images(self.input_shape, self.batch_size, self.steps_per_epoch,
+                            self.seed + 2)
+      start = time.perf_counter()
       distiller.fit(images, epochs=epochs, **fit_progress(self.verbose))
-    finally:
-      for layer in bns:
-        layer.trainable = True
     return time.perf_counter() - start
 
   def gnkd(self, multiplier):
@@ -203,7 +223,7 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
       GN-KD alike).
     verbose: 0 silent, 1 one line per phase, 2 Keras progress bars too.
     **settings: batch_size, learning_rate, nd_learning_rate, temperature,
-      seed (and label_weight, patience for "ce" and the teacher).
+      seed, solver (and label_weight, patience for "ce" and the teacher).
 
   Returns:
     {"config", "teacher", "rows": [{"method", "multiplier", "params",
@@ -234,7 +254,7 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
   test = experiment.test if experiment else data.pipeline("test", 256, training=False)
   free_settings = {k: v for k, v in settings.items()
                    if k in ("batch_size", "learning_rate", "nd_learning_rate", "temperature",
-                            "seed")}
+                            "seed", "solver")}
   runner = DataFree(teacher, model, data.input_shape, data.num_classes, test, budget,
                     steps_per_epoch, noise=noise, student_init=student_init, verbose=verbose,
                     **free_settings)
@@ -268,7 +288,7 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
                 methods=list(methods), noise=noise, student_init=student_init, epochs=budget,
                 steps_per_epoch=steps_per_epoch, batch_size=runner.batch_size,
                 learning_rate=runner.learning_rate, nd_learning_rate=runner.nd_learning_rate,
-                temperature=runner.temperature, seed=runner.seed,
+                temperature=runner.temperature, seed=runner.seed, solver=runner.solver,
                 teacher_given=given)
   results = {"config": config, "teacher": teacher_row, "rows": rows, "timings": timings}
   write_results(workdir, results)

@@ -438,11 +438,15 @@ class Experiment:
     builder = functools.partial(nd.students.bottleneck, k=multiplier, init=self.student_init)
     artefacts.distil(teacher, units if hoods is None else hoods,
                      {self.nd_label(multiplier, lookahead): builder}, source, self.students_dir,
-                     epochs=self.epochs["nd"], batch_size=self.batch_size,
-                     learning_rate=self.nd_learning_rate, seed=self.seed, lookahead=lookahead,
-                     devices=self.devices, calibrate_steps=self._calibrate_steps(),
-                     strategy=self.strategy, solver=self.solver, **self._solve_settings(),
-                     verbose=self.verbose)
+                     lookahead=lookahead, devices=self.devices, strategy=self.strategy,
+                     verbose=self.verbose, **self.distil_settings())
+
+  def distil_settings(self):
+    """`artefacts.distil`'s settings of this experiment's ND: solver, epochs, rate, seed..."""
+    return dict(epochs=self.epochs["nd"], batch_size=self.batch_size,
+                learning_rate=self.nd_learning_rate, seed=self.seed,
+                calibrate_steps=self._calibrate_steps(), solver=self.solver,
+                **self._solve_settings())
 
   def nd(self, teacher, multiplier, lookahead=0, train=True):
     """ND of every residual unit: (student, cache + ND seconds, ND seconds, per-hood losses).

@@ -60,17 +60,16 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, u
   teacher_accuracy = accuracy(teacher, experiment.validation)
   units, source = experiment.source(teacher, 0)
   start = time.perf_counter()
+  # One directory of candidates per solver (their labels are their multipliers).
+  candidates = os.path.join(workdir, "candidates" if experiment.solver == "gradient" else
+                            f"candidates-{experiment.solver}")
   trained = artefacts.distil(teacher, units,
                              search.multipliers(multipliers, init=experiment.student_init), source,
-                             os.path.join(workdir, "candidates"), epochs=budget["nd"],
-                             batch_size=experiment.batch_size,
-                             learning_rate=experiment.nd_learning_rate, seed=experiment.seed,
-                             verbose=verbose)
+                             candidates, verbose=verbose, **experiment.distil_settings())
   timings = {"teacher": experiment.timings["teacher"], "cache": experiment.timings["cache"],
              "candidates": time.perf_counter() - start}
   start = time.perf_counter()
-  table = search.score(teacher, units, trained, experiment.validation,
-                       os.path.join(workdir, "candidates"))
+  table = search.score(teacher, units, trained, experiment.validation, candidates)
   timings["scoring"] = time.perf_counter() - start
 
   choices = [("greedy", drop, search.greedy(table, teacher_accuracy, drop)) for drop in drops]
@@ -96,7 +95,8 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, u
     rows.append(row)
   results = {"config": dict(dataset=data.name, model=model, multipliers=list(multipliers),
                             drops=list(drops), uniform=list(uniform), epochs=budget,
-                            seed=experiment.seed, num_train=data.num_train),
+                            seed=experiment.seed, solver=experiment.solver,
+                            num_train=data.num_train),
              "teacher": {"params": teacher.count_params(),
                          "accuracy": accuracy(teacher, experiment.test),
                          "validation_accuracy": teacher_accuracy},

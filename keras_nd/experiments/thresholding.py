@@ -62,7 +62,8 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
     figures_dir: where the PNG figures go (default `workdir`).
     verbose: 0 silent, 1 a line per phase, 2 Keras progress bars too.
     **settings: passed to both teachers' `distill.Experiment` (batch_size,
-      learning_rate, seed, ...).
+      learning_rate, seed, solver, ...). The solver defaults to "gradient":
+      Table 4 is the paper's gradient ND of the two teachers.
 
   Returns:
     {"config", "teacher", "regularised_teacher", "sweeps": {"each", "all",
@@ -95,6 +96,7 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
   budget.update(epochs or {})
   budget = dict(budget, ce=0, kd=0, ft=0)
   figures_dir = figures_dir or workdir
+  settings = dict({"solver": "gradient"}, **settings)
   plain = distill.Experiment(data, model, workdir, budget, verbose=verbose, **settings)
   regular = distill.Experiment(data, model, workdir, budget, verbose=verbose, unit_noise=sigma,
                                **settings)
@@ -138,7 +140,7 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
                      sigma=sigma, multiplier=multiplier, weight_epsilons=weight_epsilons,
                      drop=drop, epochs=budget, batch_size=plain.batch_size,
                      learning_rate=plain.learning_rate, nd_learning_rate=plain.nd_learning_rate,
-                     seed=plain.seed, student_init=plain.student_init,
+                     seed=plain.seed, student_init=plain.student_init, solver=plain.solver,
                      num_train=data.num_train, num_validation=data.num_validation,
                      relative=True),
       "teacher": summary,
