@@ -24,6 +24,10 @@ FLAGS = flags.FLAGS
 common.define_flags(workdir="workdir/sparsify", teacher_epochs=sparsify.EPOCHS["teacher"])
 flags.DEFINE_list("sparsities", [str(s) for s in sparsify.SPARSITIES], "Target sparsities.")
 flags.DEFINE_list("methods", list(sparsify.METHODS), "Any of nd, kd.")
+flags.DEFINE_enum("solver", "gradient", ["gradient", "lstsq"], "How ND's sparse students are "
+                  "found: tfmot magnitude pruning while each layer learns (--nd_epochs), or the "
+                  "teacher's smallest weights zeroed and the rest solved exactly (no gradient "
+                  "step).")
 flags.DEFINE_integer("nd_epochs", sparsify.EPOCHS["nd"],
                      "Neighbourhood distillation epochs per sparsity.")
 flags.DEFINE_integer("kd_epochs", sparsify.EPOCHS["kd"], "End-to-end KD epochs per sparsity.")
@@ -42,7 +46,7 @@ def main(argv):
       common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
       sparsities=[float(s) for s in FLAGS.sparsities], methods=FLAGS.methods,
       epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs, kd=FLAGS.kd_epochs),
-      calibrate=FLAGS.calibrate,
+      calibrate=FLAGS.calibrate, solver=FLAGS.solver,
       rates=dict(nd=FLAGS.nd_learning_rate, kd=FLAGS.kd_learning_rate),
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, verbose=FLAGS.verbose)
   print(sparsify.table(results))

@@ -510,7 +510,7 @@ def _pass(source, batch_size, extractors):
 
 
 def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, channels=None,
-                subsample=1, verbose=0):
+                subsample=1, sparsity=None, verbose=0):
   """Solves the weighted layers of each student in closed form, in place.
 
   Each solved layer gets the ridge least-squares weights (and bias) that make
@@ -543,6 +543,13 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
       removal. The narrowed layer and the channel-wise layers after it
       (BatchNorm, activation) are then set from the teacher at the kept
       channels. None keeps the channels the students have.
+    sparsity: a fraction in [0, 1) of each solved layer's kernel to make
+      zero, or `{layer name: fraction}` (teacher or student names): the
+      entries of least magnitude (tfmot's criterion, over the whole layer)
+      are zeroed, exactly that many, and the surviving weights of each
+      output solved exactly on them; the layer stays a plain layer with
+      zeros (the students of `split_layers` neighbourhoods, e.g.
+      `students.clone`, give a sparse model as `compose` gives today).
     subsample: s > 1 accumulates the statistics of every s-th output
       position along each spatial axis only (s^2 times fewer rows for a 2D
       layer, and as much less time in X^T X), from offsets that move with
@@ -573,6 +580,14 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
   _check(students, source, ridge)
   if isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1:
     raise ValueError(f"subsample must be a positive integer; got {subsample!r}.")
+  values = list(sparsity.values()) if isinstance(sparsity, dict) else [sparsity or 0.0]
+  if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1
+         for v in values):
+    raise ValueError(f"sparsity must be a fraction in [0, 1) or {{layer name: fraction}}; got "
+                     f"{sparsity!r}.")
+  if channels is not None and any(values):
+    raise ValueError("reconstruct either chooses channels or prunes weights: pass channels or "
+                     "sparsity, not both.")
   if channels not in (None, "greedy"):
     raise ValueError(f"channels must be None or 'greedy'; got {channels!r}.")
   items = [item for hood, student in students.items()
@@ -592,7 +607,12 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
     for item, stats in zip(group, totals["layers"]):
       a, b = _system(stats, _intercept(item))
       total = _total(stats, _intercept(item))
-      if item.choice is None:
+      target = _target_sparsity(item, sparsity)
+      if target:
+        before = _residual(stats, a, b, _current(item)) / total
+        w, info = _masked_solve(item, stats, a, b, ridge, target)
+        info.update(error_before=before, error_after=_residual(stats, a, b, w) / total)
+      elif item.choice is None:
         w, info = _solve(item, stats, a, b, ridge)
         info.update(error_before=_residual(stats, a, b, _current(item)) / total,
                     error_after=_residual(stats, a, b, w) / total)
@@ -608,6 +628,49 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
     if not orders:  # nothing was solved
       _record_errors(report, totals["errors"], "before")
   return report
+
+
+def _target_sparsity(item, sparsity):
+  """The fraction of `item`'s kernel to zero: `sparsity` (a number, or by layer name), or 0."""
+  if isinstance(sparsity, dict):
+    return sparsity.get(item.layer.name, sparsity.get(_base_name(item.layer.name), 0.0))
+  return sparsity or 0.0
+
+
+def _magnitude_mask(kernel_rows, target):
+  """The kept entries (True) of `kernel_rows`: all but the round(target * size) of least
+  magnitude, over the whole layer, as tfmot's magnitude pruning chooses them."""
+  flat = np.abs(kernel_rows).reshape(-1)
+  pruned = int(round(target * flat.size))
+  keep = np.ones(flat.size, bool)
+  keep[np.argsort(flat, kind="stable")[:pruned]] = False
+  return keep.reshape(kernel_rows.shape)
+
+
+def _masked_solve(item, stats, a, b, ridge, target):
+  """The layer solved with `target` of its kernel zero: (W, info).
+
+  The zeros are the kernel's entries of least magnitude now (the teacher's,
+  for a student that starts from it); each output's surviving weights (and
+  its intercept) are then the exact ridge least-squares solution, one small
+  solve per output on the rows it keeps.
+  """
+  intercept = _intercept(item)
+  d = a.shape[-1] - int(intercept)
+  current = _current(item)
+  keep = _magnitude_mask(current[..., :d, :], target)
+  regularised, _ = _regularised(a, d, ridge)
+  w = np.zeros_like(current)
+  # Depthwise systems have a leading channel axis; others are one system.
+  systems = [(regularised, b, keep, w)] if regularised.ndim == 2 else list(
+      zip(regularised, b, keep, w))
+  for h, rhs, kept, out in systems:
+    for j in range(rhs.shape[-1]):
+      rows = np.concatenate([np.flatnonzero(kept[:, j]), np.arange(d, h.shape[-1])])
+      if rows.size:
+        out[rows, j] = np.linalg.solve(h[np.ix_(rows, rows)], rhs[rows, j])
+  return w, {"features": d, "constant_inputs": 0,
+             "sparsity": float(1 - keep.sum() / keep.size)}
 
 
 def _choose(item, stats, a, b, ridge):

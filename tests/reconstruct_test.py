@@ -15,6 +15,10 @@ L = keras.layers
 _module = sys.modules["keras_nd.reconstruct"]
 
 
+def graph_kernel(layer):
+  return _module.graph.kernel(layer).numpy()
+
+
 def _source(teacher, hoods, x):
   return nd.ActivationSource(teacher, hoods, tf.data.Dataset.from_tensor_slices(x).batch(64),
                              verbose=0)
@@ -235,6 +239,60 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, fragment):
       nd.reconstruct({hood: nd.students.clone(hood)},
                      _source(teacher, [hood], np.zeros((4, 6), "float32")), **kwargs)
+
+  def test_a_pruned_layer_keeps_exactly_its_mask_and_solves_the_rest(self):
+    # Half of the kernel, the teacher's entries of least magnitude, is zero; every output's
+    # surviving weights are the ridge solution on its own kept inputs, computed in memory.
+    teacher = _two_layer()
+    hood = nd.split_layers(teacher)[1]  # the outer Dense, on the hidden units
+    x = np.random.RandomState(6).normal(size=(400, 6)).astype("float32")
+    student = nd.students.clone(hood)
+    ridge = 1e-3
+    report = nd.reconstruct({hood: student}, _source(teacher, [hood], x), ridge=ridge,
+                            sparsity=0.5)
+    kernel, bias = student.get_layer("outer_s").get_weights()
+    teacher_kernel = teacher.get_layer("outer").get_weights()[0]
+    self.assertEqual(int(np.sum(kernel == 0)), kernel.size // 2)
+    smallest = np.argsort(np.abs(teacher_kernel).reshape(-1), kind="stable")[:kernel.size // 2]
+    self.assertAllEqual(np.flatnonzero(kernel.reshape(-1) == 0), np.sort(smallest))
+    hidden = keras.Model(teacher.inputs, teacher.get_layer("outer").input).predict(x, verbose=0)
+    target = teacher.predict(x, verbose=0)
+    a = np.concatenate([hidden, np.ones((len(x), 1))], 1).astype(np.float64)
+    gram = a.T @ a
+    gram[np.arange(8), np.arange(8)] += ridge * np.mean(np.diag(gram)[:-1])
+    for j in range(kernel.shape[1]):
+      rows = np.concatenate([np.flatnonzero(kernel[:, j] != 0), [8]])
+      w = np.linalg.solve(gram[np.ix_(rows, rows)], a[:, rows].T @ target[:, j])
+      self.assertAllClose(kernel[rows[:-1], j], w[:-1], atol=1e-4)
+      self.assertAllClose(bias[j], w[-1], atol=1e-4)
+    entry = report[hood.name]["layers"]["outer_s"]
+    self.assertEqual(entry["sparsity"], 0.5)
+    # Better than the teacher's kernel with the same zeros and nothing re-solved.
+    pruned = teacher_kernel * (kernel != 0)
+    naive = np.sum((hidden @ pruned + teacher.get_layer("outer").get_weights()[1] - target) ** 2)
+    solved = np.sum((student.predict(hidden, verbose=0) - target) ** 2)
+    self.assertLess(solved, 0.8 * naive)
+
+  def test_pruned_convolutions_and_depthwise_layers_reach_their_exact_sparsity(self):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 3))
+    x = L.Conv2D(5, 3, padding="same", name="c")(inputs)
+    teacher = keras.Model(inputs, L.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(x))
+    hoods = nd.split_layers(teacher, layer_types=(L.Conv2D, L.DepthwiseConv2D))
+    students = {h: nd.students.clone(h) for h in hoods}
+    x = np.random.RandomState(0).normal(size=(64, 6, 6, 3)).astype("float32")
+    report = nd.reconstruct(students, _source(teacher, hoods, x),
+                            sparsity={"c": 0.3, "dw": 0.7})
+    for hood, student in students.items():
+      layer = student.layers[-1]
+      kernel = graph_kernel(layer)
+      want = {"c_s": 0.3, "dw_s": 0.7}[layer.name]
+      self.assertEqual(int(np.sum(kernel == 0)), int(round(want * kernel.size)), layer.name)
+      self.assertLess(report[hood.name]["error_after"], report[hood.name]["error_before"] + 0.5)
+    with self.assertRaisesRegex(ValueError, "channels or sparsity, not both"):
+      nd.reconstruct(students, _source(teacher, hoods, x), sparsity=0.5, channels="greedy")
+    with self.assertRaisesRegex(ValueError, r"sparsity must be a fraction in \[0, 1\)"):
+      nd.reconstruct(students, _source(teacher, hoods, x), sparsity=1.0)
 
   def test_refuses_a_student_pruned_while_it_trains(self):
     from keras_nd import sparsity  # pylint: disable=g-import-not-at-top

@@ -43,9 +43,24 @@ class SparsifyExperimentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertNotIn("accuracy_uncalibrated", results["rows"][0])
     self.assertNotIn("teacher BN stats", sparsify.table(results))
 
+  def test_solved_sparse_students_hit_their_target_in_every_layer(self):
+    # The exact solver: every pruned layer has exactly its target of zeros, without a cache.
+    dataset = data.get("embedded", num_train=64, num_test=32, num_validation=16)
+    workdir = self.get_temp_dir()
+    results = sparsify.run(dataset, workdir, model="resnet8", sparsities=(0.5,),
+                           methods=("nd",), epochs=dict(teacher=1), batch_size=16,
+                           solver="lstsq", verbose=0)
+    self.assertEqual(results["config"]["solver"], "lstsq")
+    self.assertEqual(results["timings"]["cache"], 0.0)
+    self.assertFalse([d for d in os.listdir(workdir) if d.startswith("cache-layers")])
+    row = results["rows"][0]
+    self.assertBetween(row["measured_sparsity"], 0.4, 0.5)
+    self.assertIn("accuracy_uncalibrated", row)
+
   @parameterized.named_parameters(
       ("sparsity_one", dict(sparsities=(1.0,)), "1.0"),
-      ("unknown_method", dict(methods=("nd", "ft")), "ft"))
+      ("unknown_method", dict(methods=("nd", "ft")), "ft"),
+      ("solver", dict(solver="lstsq+gradient"), "'gradient' or 'lstsq' for sparse"))
   def test_bad_arguments_are_named(self, kwargs, fragment):
     dataset = data.get("embedded", num_train=32, num_test=16, num_validation=16)
     with self.assertRaisesRegex(ValueError, fragment):

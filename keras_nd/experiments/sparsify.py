@@ -41,7 +41,8 @@ RATES = {"nd": 1e-2, "kd": 5e-3}
 
 
 def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS, epochs=None,
-        skip=("stem_conv", "head_logits"), calibrate=True, rates=None, verbose=1, **settings):
+        skip=("stem_conv", "head_logits"), calibrate=True, rates=None, solver="gradient",
+        verbose=1, **settings):
   """Runs the experiment and writes `workdir/results.json`.
 
   Args:
@@ -60,6 +61,11 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
       the sparse students, `RATES`: nd 1e-2 and kd 5e-3 (of 2e-3, 5e-3, 1e-2
       and 2e-2, the best for each method on the embedded dataset; see the
       README).
+    solver: how ND's sparse students are found: "gradient" (tfmot magnitude
+      pruning while each layer learns, from the activation cache) or "lstsq"
+      (`reconstruct(sparsity=...)`: the teacher's entries of least magnitude
+      zeroed, exactly the target, each output's surviving weights solved
+      exactly, from one online pass; no gradient step).
     verbose: 0 silent, 1 one line per run, 2 Keras progress bars too.
     **settings: passed to `distill.Experiment` (batch_size, temperature,
       label_weight, seed, ...; its learning_rate is the teacher's).
@@ -79,6 +85,8 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
     raise ValueError(f"Dataset {data.name!r} has no validation split; get it with "
                      "keras_nd.data.get(..., num_validation=N) (the teacher is trained by "
                      "distill.Experiment, which needs one).")
+  if solver not in ("gradient", "lstsq"):
+    raise ValueError(f"solver must be 'gradient' or 'lstsq' for sparse students; got {solver!r}.")
   rates = dict(RATES, **(rates or {}))
   for method, rate in rates.items():
     number = isinstance(rate, (int, float)) and not isinstance(rate, bool)
@@ -99,18 +107,27 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
   timings = {"teacher": experiment.timings["teacher"]}
   rows = []
   source = None
-  if "nd" in methods:
+  if "nd" in methods and solver == "lstsq":  # one pass per sparsity: online, no cache
+    source = nd.ActivationSource(teacher, trained, experiment.train_plain)
+    timings["cache"] = 0.0
+  elif "nd" in methods:
     start = time.perf_counter()
     source = nd.ActivationSource(teacher, trained, experiment.train_plain,
                                  cache_dir=os.path.join(workdir, f"cache-layers-{experiment.key}"),
                                  verbose=int(verbose > 1))
     timings["cache"] = source.manifest.get("build_seconds", time.perf_counter() - start)
-  nd_steps = budget["nd"] * -(-(source.num_examples if source else data.num_train) //
+  nd_steps = budget["nd"] * -(-((source and source.num_examples) or data.num_train) //
                               experiment.batch_size)
   kd_steps = budget["kd"] * experiment.steps_per_epoch
   fit_verbose = 2 if verbose > 1 else 0
   for target in sparsities:
-    if "nd" in methods:
+    if "nd" in methods and solver == "lstsq":
+      students = {h: nd.students.clone(h) for h in trained}
+      start = time.perf_counter()
+      nd.reconstruct(students, source, errors=False, sparsity=target)
+      seconds = time.perf_counter() - start
+      student = scorable(nd.compose(teacher, students))
+    elif "nd" in methods:
       keras.utils.set_random_seed(experiment.seed)
       distiller = nd.NeighbourhoodDistiller(
           sparsity.sparse_students(trained, target, steps=nd_steps))
@@ -121,6 +138,7 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
                     epochs=budget["nd"], verbose=fit_verbose)
       seconds = time.perf_counter() - start
       student = scorable(nd.compose(teacher, distiller.students))
+    if "nd" in methods:
       extra = {}
       if calibrate:
         extra["accuracy_uncalibrated"] = accuracy(student, test)  # not timed
@@ -146,7 +164,7 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
       rows.append(_row("kd", target, sparsity.strip(student), test, seconds, say))
   config = dict(dataset=data.name, model=model, sparsities=list(sparsities),
                 methods=list(methods), epochs=budget, skip=[str(s) for s in skip],
-                calibrate=calibrate,
+                calibrate=calibrate, solver=solver,
                 batch_size=experiment.batch_size, rates=rates, seed=experiment.seed,
                 num_train=data.num_train, nd_steps=nd_steps, kd_steps=kd_steps,
                 layers=[h.name for h in trained])
