@@ -28,6 +28,9 @@ flags.DEFINE_enum("solver", "gradient", ["gradient", "lstsq"], "How ND's sparse 
                   "found: tfmot magnitude pruning while each layer learns (--nd_epochs), or the "
                   "teacher's smallest weights zeroed and the rest solved exactly (no gradient "
                   "step).")
+flags.DEFINE_enum("mask", "magnitude", ["magnitude", "obs"], "With --solver=lstsq, which weights "
+                  "are zeroed: least magnitude over each layer, or chosen for each output by "
+                  "Optimal Brain Surgeon.")
 flags.DEFINE_integer("nd_epochs", sparsify.EPOCHS["nd"],
                      "Neighbourhood distillation epochs per sparsity.")
 flags.DEFINE_integer("kd_epochs", sparsify.EPOCHS["kd"], "End-to-end KD epochs per sparsity.")
@@ -46,7 +49,7 @@ def main(argv):
       common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
       sparsities=[float(s) for s in FLAGS.sparsities], methods=FLAGS.methods,
       epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs, kd=FLAGS.kd_epochs),
-      calibrate=FLAGS.calibrate, solver=FLAGS.solver,
+      calibrate=FLAGS.calibrate, solver=FLAGS.solver, mask=FLAGS.mask,
       rates=dict(nd=FLAGS.nd_learning_rate, kd=FLAGS.kd_learning_rate),
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, verbose=FLAGS.verbose)
   print(sparsify.table(results))

@@ -510,7 +510,7 @@ def _pass(source, batch_size, extractors):
 
 
 def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, channels=None,
-                subsample=1, sparsity=None, verbose=0):
+                subsample=1, sparsity=None, mask="magnitude", verbose=0):
   """Solves the weighted layers of each student in closed form, in place.
 
   Each solved layer gets the ridge least-squares weights (and bias) that make
@@ -550,6 +550,11 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
       output solved exactly on them; the layer stays a plain layer with
       zeros (the students of `split_layers` neighbourhoods, e.g.
       `students.clone`, give a sparse model as `compose` gives today).
+    mask: which entries `sparsity` zeroes: "magnitude" (least magnitude
+      over the layer) or "obs" (for each output, as many, chosen one at a
+      time by Optimal Brain Surgeon from its least-squares solution, as
+      OBC does: `w_p^2 / [H^-1]_pp` least first, the rest updated; slower,
+      an `outputs x d x d` inverse per layer).
     subsample: s > 1 accumulates the statistics of every s-th output
       position along each spatial axis only (s^2 times fewer rows for a 2D
       layer, and as much less time in X^T X), from offsets that move with
@@ -585,6 +590,8 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
          for v in values):
     raise ValueError(f"sparsity must be a fraction in [0, 1) or {{layer name: fraction}}; got "
                      f"{sparsity!r}.")
+  if mask not in ("magnitude", "obs"):
+    raise ValueError(f"mask must be 'magnitude' or 'obs'; got {mask!r}.")
   if channels is not None and any(values):
     raise ValueError("reconstruct either chooses channels or prunes weights: pass channels or "
                      "sparsity, not both.")
@@ -610,7 +617,7 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
       target = _target_sparsity(item, sparsity)
       if target:
         before = _residual(stats, a, b, _current(item)) / total
-        w, info = _masked_solve(item, stats, a, b, ridge, target)
+        w, info = _masked_solve(item, stats, a, b, ridge, target, mask)
         info.update(error_before=before, error_after=_residual(stats, a, b, w) / total)
       elif item.choice is None:
         w, info = _solve(item, stats, a, b, ridge)
@@ -647,19 +654,51 @@ def _magnitude_mask(kernel_rows, target):
   return keep.reshape(kernel_rows.shape)
 
 
-def _masked_solve(item, stats, a, b, ridge, target):
+def _obs_mask(h, rhs, d, counts):
+  """The kept inputs [d, outputs] when output j loses `counts[j]` of them by Optimal Brain
+  Surgeon: from its least-squares solution, the input of least `w_p^2 / [H^-1]_pp` goes first,
+  and the output's other weights and its H^-1 are updated exactly (OBC's row-wise greedy)."""
+  outputs = rhs.shape[-1]
+  hinv = np.repeat(np.linalg.inv(h)[None], outputs, 0)  # [outputs, D, D], one per output
+  w = np.einsum("jab,bj->ja", hinv, rhs)
+  alive = np.ones((outputs, d), bool)
+  counts = np.asarray(counts).reshape(-1)
+  every = np.arange(outputs)
+  for step in range(int(counts.max(initial=0))):
+    active = counts > step  # the counts differ by one at most: all outputs but a few
+    diag = np.einsum("jaa->ja", hinv)[:, :d]
+    cost = np.where(alive, w[:, :d] ** 2 / np.maximum(diag, 1e-30), np.inf)
+    p = np.argmin(cost, 1)
+    column = hinv[every, :, p]  # H^-1 is symmetric: its row p too
+    scale = active / hinv[every, p, p]
+    w -= (w[every, p] * scale)[:, None] * column
+    hinv -= column[:, :, None] * (column * scale[:, None])[:, None, :]
+    alive[every[active], p[active]] = False
+  return alive.T
+
+
+def _masked_solve(item, stats, a, b, ridge, target, mask):
   """The layer solved with `target` of its kernel zero: (W, info).
 
   The zeros are the kernel's entries of least magnitude now (the teacher's,
-  for a student that starts from it); each output's surviving weights (and
-  its intercept) are then the exact ridge least-squares solution, one small
-  solve per output on the rows it keeps.
+  for a student that starts from it), or, with mask="obs", chosen for each
+  output by Optimal Brain Surgeon (`_obs_mask`, the same number per output);
+  each output's surviving weights (and its intercept) are then the exact
+  ridge least-squares solution, one small solve per output on its rows.
   """
   intercept = _intercept(item)
   d = a.shape[-1] - int(intercept)
   current = _current(item)
-  keep = _magnitude_mask(current[..., :d, :], target)
   regularised, _ = _regularised(a, d, ridge)
+  if mask == "magnitude":
+    keep = _magnitude_mask(current[..., :d, :], target)
+  else:  # the zeros spread evenly over the outputs (of every channel, for a depthwise layer)
+    outputs = int(np.prod(b.shape[:-2])) * b.shape[-1]
+    total = int(round(target * outputs * d))
+    counts = (total // outputs + (np.arange(outputs) < total % outputs)).reshape(
+        b.shape[:-2] + (b.shape[-1],))
+    keep = (_obs_mask(regularised, b, d, counts) if regularised.ndim == 2 else np.stack(
+        [_obs_mask(h, rhs, d, c) for h, rhs, c in zip(regularised, b, counts)]))
   w = np.zeros_like(current)
   # Depthwise systems have a leading channel axis; others are one system.
   systems = [(regularised, b, keep, w)] if regularised.ndim == 2 else list(

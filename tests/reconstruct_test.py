@@ -273,6 +273,25 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
     solved = np.sum((student.predict(hidden, verbose=0) - target) ** 2)
     self.assertLess(solved, 0.8 * naive)
 
+  def test_an_obs_mask_beats_magnitude_where_inputs_differ_in_scale(self):
+    # Inputs of very different scales: small weights on large inputs matter, which magnitude
+    # pruning misses and Optimal Brain Surgeon sees.
+    teacher = _two_layer()
+    hood = nd.split_layers(teacher)[0]  # the inner Dense, on the raw inputs
+    rng = np.random.RandomState(7)
+    x = (rng.normal(size=(500, 6)) * np.array([30.0, 10.0, 3.0, 1.0, 0.3, 0.1])).astype("float32")
+    source = _source(teacher, [hood], x)
+    errors = {}
+    for mask in ("magnitude", "obs"):
+      student = nd.students.clone(hood)
+      report = nd.reconstruct({hood: student}, source, sparsity=0.5, mask=mask)
+      kernel = student.get_layer("inner_s").get_weights()[0]
+      self.assertEqual(int(np.sum(kernel == 0)), kernel.size // 2, mask)
+      errors[mask] = report[hood.name]["layers"]["inner_s"]["error_after"]
+    self.assertLess(errors["obs"], errors["magnitude"])
+    with self.assertRaisesRegex(ValueError, "mask must be 'magnitude' or 'obs'"):
+      nd.reconstruct({hood: student}, source, sparsity=0.5, mask="random")
+
   def test_pruned_convolutions_and_depthwise_layers_reach_their_exact_sparsity(self):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6, 6, 3))
@@ -281,14 +300,17 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
     hoods = nd.split_layers(teacher, layer_types=(L.Conv2D, L.DepthwiseConv2D))
     students = {h: nd.students.clone(h) for h in hoods}
     x = np.random.RandomState(0).normal(size=(64, 6, 6, 3)).astype("float32")
-    report = nd.reconstruct(students, _source(teacher, hoods, x),
-                            sparsity={"c": 0.3, "dw": 0.7})
-    for hood, student in students.items():
-      layer = student.layers[-1]
-      kernel = graph_kernel(layer)
-      want = {"c_s": 0.3, "dw_s": 0.7}[layer.name]
-      self.assertEqual(int(np.sum(kernel == 0)), int(round(want * kernel.size)), layer.name)
-      self.assertLess(report[hood.name]["error_after"], report[hood.name]["error_before"] + 0.5)
+    for mask in ("magnitude", "obs"):
+      students = {h: nd.students.clone(h) for h in hoods}
+      report = nd.reconstruct(students, _source(teacher, hoods, x),
+                              sparsity={"c": 0.3, "dw": 0.7}, mask=mask)
+      for hood, student in students.items():
+        layer = student.layers[-1]
+        kernel = graph_kernel(layer)
+        want = {"c_s": 0.3, "dw_s": 0.7}[layer.name]
+        self.assertEqual(int(np.sum(kernel == 0)), int(round(want * kernel.size)),
+                         (mask, layer.name))
+        self.assertLess(report[hood.name]["error_after"], 1.0)
     with self.assertRaisesRegex(ValueError, "channels or sparsity, not both"):
       nd.reconstruct(students, _source(teacher, hoods, x), sparsity=0.5, channels="greedy")
     with self.assertRaisesRegex(ValueError, r"sparsity must be a fraction in \[0, 1\)"):

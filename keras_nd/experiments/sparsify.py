@@ -42,7 +42,7 @@ RATES = {"nd": 1e-2, "kd": 5e-3}
 
 def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS, epochs=None,
         skip=("stem_conv", "head_logits"), calibrate=True, rates=None, solver="gradient",
-        verbose=1, **settings):
+        mask="magnitude", verbose=1, **settings):
   """Runs the experiment and writes `workdir/results.json`.
 
   Args:
@@ -66,6 +66,8 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
       (`reconstruct(sparsity=...)`: the teacher's entries of least magnitude
       zeroed, exactly the target, each output's surviving weights solved
       exactly, from one online pass; no gradient step).
+    mask: with solver="lstsq", which entries are zeroed: "magnitude" or
+      "obs" (`reconstruct`'s mask).
     verbose: 0 silent, 1 one line per run, 2 Keras progress bars too.
     **settings: passed to `distill.Experiment` (batch_size, temperature,
       label_weight, seed, ...; its learning_rate is the teacher's).
@@ -124,7 +126,7 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
     if "nd" in methods and solver == "lstsq":
       students = {h: nd.students.clone(h) for h in trained}
       start = time.perf_counter()
-      nd.reconstruct(students, source, errors=False, sparsity=target)
+      nd.reconstruct(students, source, errors=False, sparsity=target, mask=mask)
       seconds = time.perf_counter() - start
       student = scorable(nd.compose(teacher, students))
     elif "nd" in methods:
@@ -164,7 +166,7 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
       rows.append(_row("kd", target, sparsity.strip(student), test, seconds, say))
   config = dict(dataset=data.name, model=model, sparsities=list(sparsities),
                 methods=list(methods), epochs=budget, skip=[str(s) for s in skip],
-                calibrate=calibrate, solver=solver,
+                calibrate=calibrate, solver=solver, mask=mask,
                 batch_size=experiment.batch_size, rates=rates, seed=experiment.seed,
                 num_train=data.num_train, nd_steps=nd_steps, kd_steps=kd_steps,
                 layers=[h.name for h in trained])
