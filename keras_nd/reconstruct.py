@@ -64,6 +64,7 @@ class _Layer:
   order: int
   batch_norm: object = None  # the BatchNormalization after the layer, whose output is matched
   choice: object = None      # a _Choice: the narrowed layer before it, whose channels are chosen
+  student: object = None     # the student model it belongs to
 
 
 @dataclasses.dataclass
@@ -526,7 +527,11 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
   Args:
     students: `{Neighbourhood: student model}`, students built by keras_nd
       (`students.bottleneck`, `students.clone`) or any functional model whose
-      weighted layers are named after the teacher layers they stand for.
+      weighted layers are named after the teacher layers they stand for; or
+      a list of such dicts (e.g. Student Search's candidates of several
+      widths), all solved from the same passes, statistics they share
+      (those of the teacher's channels, with channels="greedy") computed
+      once. A list gives a list of reports.
     source: an `ActivationSource` serving (at least) these neighbourhoods:
       cached, online or noise.
     ridge: the regularisation, relative to the mean diagonal of each
@@ -582,7 +587,13 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
     >>> students = {h: nd.students.bottleneck(h, 0.5, init="teacher") for h in units}
     >>> report = nd.reconstruct(students, source)
   """
-  _check(students, source, ridge)
+  several = isinstance(students, (list, tuple))
+  sets = list(students) if several else [students]
+  if several and not sets:
+    raise TypeError("students must be a dict {Neighbourhood: student model} or a non-empty list "
+                    "of such dicts.")
+  for one in sets:
+    _check(one, source, ridge)
   if isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1:
     raise ValueError(f"subsample must be a positive integer; got {subsample!r}.")
   values = list(sparsity.values()) if isinstance(sparsity, dict) else [sparsity or 0.0]
@@ -597,20 +608,25 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
                      "sparsity, not both.")
   if channels not in (None, "greedy"):
     raise ValueError(f"channels must be None or 'greedy'; got {channels!r}.")
-  items = [item for hood, student in students.items()
-           for item in _plan(hood, student, channels)]
-  report = {hood.name: {"layers": {}} for hood in students}
+  items, owner = [], {}
+  for index, one in enumerate(sets):
+    for hood, student in one.items():
+      owner[id(student)] = index
+      for item in _plan(hood, student, channels):
+        item.student = student
+        items.append(item)
+  reports = [{hood.name: {"layers": {}} for hood in one} for one in sets]
   orders = sorted({item.order for item in items})
   for order in orders:
     group = [item for item in items if item.order == order]
-    _check_size(group)
+    _check_size(_distinct(group))
     measure = errors and order == orders[0]
-    extract = _extractors(students, group, with_errors=measure, subsample=subsample)
+    extract = _extractors(sets, group, with_errors=measure, subsample=subsample)
     totals = _pass(source, batch_size, extract)
     if verbose:
       print(f"reconstruct: pass {order} of {len(orders)}, {len(group)} layers", flush=True)
     if measure:
-      _record_errors(report, totals["errors"], "before")
+      _record_errors(reports, totals["errors"], "before")
     for item, stats in zip(group, totals["layers"]):
       a, b = _system(stats, _intercept(item))
       total = _total(stats, _intercept(item))
@@ -628,13 +644,13 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
         info["error_after"] /= total
       info["order"] = order
       _assign(item, w)
-      report[item.hood.name]["layers"][item.layer.name] = info
+      reports[owner[id(item.student)]][item.hood.name]["layers"][item.layer.name] = info
   if errors:
-    totals = _pass(source, batch_size, _extractors(students, [], with_errors=True))
-    _record_errors(report, totals["errors"], "after")
+    totals = _pass(source, batch_size, _extractors(sets, [], with_errors=True))
+    _record_errors(reports, totals["errors"], "after")
     if not orders:  # nothing was solved
-      _record_errors(report, totals["errors"], "before")
-  return report
+      _record_errors(reports, totals["errors"], "before")
+  return reports if several else reports[0]
 
 
 def _target_sparsity(item, sparsity):
@@ -763,47 +779,83 @@ def _choose(item, stats, a, b, ridge):
                 "error_after": _residual(stats, a, b, full), "channels": keep.tolist()}
 
 
-def _record_errors(report, sums, when):
-  for name, (err, norm, count) in sums.items():
-    report[name][f"error_{when}"] = float(err / max(norm, 1e-30))
-    report[name][f"loss_{when}"] = float(err / max(count, 1))
+def _record_errors(reports, sums, when):
+  for key, (err, norm, count) in sums.items():
+    index, name = key.split(":", 1)
+    reports[int(index)][name][f"error_{when}"] = float(err / max(norm, 1e-30))
+    reports[int(index)][name][f"loss_{when}"] = float(err / max(count, 1))
 
 
-def _extractors(students, group, with_errors, subsample=1):
-  """A function of a source batch: {"layers": [stats of each item], "errors": {name: (e, |t|)}}."""
-  by_hood = {}
+def _shared(item):
+  """What makes two items' statistics the same, or None: a layer whose input's channels are
+  chosen reads the teacher's input and target, so students of several widths of one
+  neighbourhood (Student Search's candidates) share them, if their BatchNorms agree."""
+  if item.choice is None:
+    return None
+  config = item.layer.get_config()
+  norm = () if item.batch_norm is None else tuple(
+      w.tobytes() for w in item.batch_norm.get_weights())
+  return (id(item.choice.teacher_input), id(item.target_tensor), str(config.get("kernel_size")),
+          str(config.get("strides")), config.get("padding"), str(config.get("dilation_rate")),
+          type(item.layer).__name__, norm)
+
+
+def _distinct(items):
+  """`items` with one of each set that shares its statistics (what one pass holds)."""
+  seen, kept = set(), []
+  for item in items:
+    key = _shared(item)
+    if key is None or key not in seen:
+      kept.append(item)
+      seen.add(key)
+  return kept
+
+
+def _extractors(sets, group, with_errors, subsample=1):
+  """A function of a source batch: {"layers": [stats of each item], "errors": {"i:name": (e,
+  |t|, size)}}; the statistics that items share (`_shared`) are computed once."""
+  by_student, wanted = {}, {}
   for item in group:
-    by_hood.setdefault(item.hood, []).append(item)
-  models = {}
-  for hood, hood_items in by_hood.items():
-    student = students[hood]
-    # A layer whose narrowed input's channels are chosen sees the teacher's input (all of them).
-    own = [item.input_tensor for item in hood_items if item.choice is None]
-    models[hood] = (
-        keras.Model(student.inputs, own) if own else None,
-        keras.Model(hood.teacher.inputs, [item.target_tensor for item in hood_items] +
-                    [item.choice.teacher_input for item in hood_items if item.choice]))
+    by_student.setdefault(id(item.student), []).append(item)
+    tensors = wanted.setdefault(item.hood, {})
+    tensors[id(item.target_tensor)] = item.target_tensor
+    if item.choice:  # the teacher's input, all its channels
+      tensors[id(item.choice.teacher_input)] = item.choice.teacher_input
+  teacher_models = {hood: (list(tensors), keras.Model(hood.teacher.inputs, list(tensors.values())))
+                    for hood, tensors in wanted.items()}
+  student_models = {}
+  for key, student_items in by_student.items():
+    own = [item for item in student_items if item.choice is None]
+    if own:
+      student_models[key] = (own, keras.Model(own[0].student.inputs,
+                                              [item.input_tensor for item in own]))
+  first = {}  # which item computes each set of shared statistics (decided here, eagerly)
+  computed_by = [first.setdefault(_shared(item) or ("own", i), i) for i, item in enumerate(group)]
 
   def run(batch, number):
     out = {"layers": [None] * len(group), "errors": {}}
-    index = {id(item): i for i, item in enumerate(group)}
-    for hood, hood_items in by_hood.items():
-      a = batch[hood.name][0]
-      student_model, teacher_model = models[hood]
-      xs = iter(tf.nest.flatten(student_model(a, training=False)) if student_model else [])
-      ys = tf.nest.flatten(teacher_model(a, training=False))
-      teacher_inputs = iter(ys[len(hood_items):])
-      for item, y in zip(hood_items, ys):
-        x = next(teacher_inputs) if item.choice else next(xs)
-        if item.batch_norm is not None:
-          y = _before_norm(item.batch_norm, y)
-        out["layers"][index[id(item)]] = _moments(item.layer, x, y, subsample, number)
+    values = {}
+    for hood, (keys, model) in teacher_models.items():
+      values.update(zip(keys, tf.nest.flatten(model(batch[hood.name][0], training=False))))
+    for own, model in student_models.values():
+      inputs = tf.nest.flatten(model(batch[own[0].hood.name][0], training=False))
+      values.update(zip([("own", id(item)) for item in own], inputs))
+    for i, item in enumerate(group):
+      if computed_by[i] != i:  # the same statistics as an earlier item's
+        out["layers"][i] = out["layers"][computed_by[i]]
+        continue
+      x = values[id(item.choice.teacher_input)] if item.choice else values[("own", id(item))]
+      y = values[id(item.target_tensor)]
+      if item.batch_norm is not None:
+        y = _before_norm(item.batch_norm, y)
+      out["layers"][i] = _moments(item.layer, x, y, subsample, number)
     if with_errors:
-      for hood, student in students.items():
-        a, t = batch[hood.name][:2]
-        diff = student(a, training=False) - t
-        out["errors"][hood.name] = (tf.reduce_sum(diff * diff), tf.reduce_sum(t * t),
-                                    tf.cast(tf.size(t), tf.float32))
+      for index, one in enumerate(sets):
+        for hood, student in one.items():
+          a, t = batch[hood.name][:2]
+          diff = student(a, training=False) - t
+          out["errors"][f"{index}:{hood.name}"] = (
+              tf.reduce_sum(diff * diff), tf.reduce_sum(t * t), tf.cast(tf.size(t), tf.float32))
     return out
 
   return run

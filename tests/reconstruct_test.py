@@ -201,6 +201,26 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLess(sum(g["error_after"] for g in greedy.values()),
                     sum(p["error_after"] for p in plain.values()))
 
+  def test_several_widths_at_once_equal_each_solved_alone(self):
+    # Candidates of two widths in one call share the teacher's statistics; each gets what it
+    # gets when solved alone.
+    teacher = testing.tiny_resnet()
+    units = nd.split(teacher)[1:-1]
+    x, _ = testing.images(48)
+    source = _source(teacher, units, x)
+    together = [{h: nd.students.bottleneck(h, k, init="teacher") for h in units}
+                for k in (0.25, 0.5)]
+    reports = nd.reconstruct(together, source, channels="greedy")
+    self.assertLen(reports, 2)
+    for k, students, report in zip((0.25, 0.5), together, reports):
+      alone = {h: nd.students.bottleneck(h, k, init="teacher") for h in units}
+      single = nd.reconstruct(alone, source, channels="greedy")
+      for hood in units:
+        self.assertAllClose(report[hood.name]["error_after"], single[hood.name]["error_after"],
+                            rtol=1e-4)
+        for a, b in zip(students[hood].get_weights(), alone[hood].get_weights()):
+          self.assertAllClose(a, b, atol=1e-5)
+
   @parameterized.named_parameters(
       ("conv2d_strided_same", lambda: L.Conv2D(3, 3, strides=2, padding="same"), (7, 6, 2)),
       ("conv1d_causal", lambda: L.Conv1D(3, 3, padding="causal", dilation_rate=2), (11, 2)),
