@@ -148,7 +148,7 @@ def _plan(hood, student, channels=None):
         choice = (_choice(node, producers, consumers, teacher_nodes, counterpart)
                   if channels == "greedy" and upstream == 0 else None)
         planned.append(_Layer(hood, layer, node.keras_inputs[0], target, order, batch_norm,
-                              choice))
+                              choice, student))
       elif why is not None:
         warnings.warn(f"reconstruct leaves layer '{layer.name}' of '{hood.name}' as it is: {why}.",
                       stacklevel=3)
@@ -361,14 +361,8 @@ def _system(stats, intercept):
 def _solve(item, stats, a, b, ridge):
   """Solves one layer's system `a W = b`; returns (W with the intercept last, info)."""
   d = a.shape[-1] - int(_intercept(item))
-  regularised, scale = _regularised(a, d, ridge)
-  diag = np.einsum("...ii->...i", a)[..., :d]
-  n = stats["n"]
-  # Inputs with no variance over the data (e.g. a channel a ReLU always zeroes) make the system
-  # rank-deficient: the ridge gives them zero weight.
-  mean = stats["s"] / n
-  variance = diag / n - mean * mean
-  constant = int(np.sum(variance <= 1e-10 * scale / n))
+  regularised = _regularised(a, d, ridge)
+  constant = _constant_inputs(stats, a, d)
   try:
     w = np.linalg.solve(regularised, b)
   except np.linalg.LinAlgError:
@@ -382,6 +376,18 @@ def _solve(item, stats, a, b, ridge):
   return w, {"constant_inputs": constant, "features": d}
 
 
+def _constant_inputs(stats, a, d, rows=None):
+  """How many of the inputs (of `rows`, default all d) do not vary over the data, e.g. a channel
+  a ReLU always zeroes: they make the system rank-deficient, and the ridge gives them no weight."""
+  diag = np.einsum("...ii->...i", a)[..., :d]
+  mean = stats["s"] / stats["n"]
+  if rows is not None:
+    diag, mean = diag[..., rows], mean[..., rows]
+  scale = np.maximum(diag.mean(-1, keepdims=True), 1e-12)
+  variance = diag / stats["n"] - mean * mean
+  return int(np.sum(variance <= 1e-10 * scale / stats["n"]))
+
+
 def _total(stats, intercept):
   """||Y||^2, the scale of a layer's residual; about its mean with an intercept, so that it does
   not depend on where the intercept is kept (a BatchNorm's moving mean shifts the target)."""
@@ -390,12 +396,12 @@ def _total(stats, intercept):
 
 
 def _regularised(a, d, ridge):
-  """(a + ridge * mean(diag) on the first d diagonal entries, that scale): the intercept is free."""
+  """a + ridge * mean(diag) on the first d diagonal entries: the intercept is not regularised."""
   scale = np.maximum(np.einsum("...ii->...i", a)[..., :d].mean(-1, keepdims=True), 1e-12)
   regularised = a.copy()
   idx = np.arange(d)
   regularised[..., idx, idx] += ridge * scale
-  return regularised, scale
+  return regularised
 
 
 def _residual(stats, a, b, w):
@@ -439,30 +445,20 @@ def _assign(item, w):
                                        .astype(np.float32))
 
 
-def _check_served(hoods, source):
-  served = {hood.name: hood for hood in getattr(source, "hoods", ())}
-  if not served or not hasattr(source, "dataset"):
-    raise TypeError(f"source must be a keras_nd.ActivationSource; got {type(source).__name__}.")
-  for hood in hoods:
-    if not hasattr(hood, "nodes"):
-      raise TypeError(f"Expected keras_nd.Neighbourhood objects; got {hood!r}.")
-    if served.get(hood.name) is not hood:
-      raise ValueError(
-          f"The source does not serve neighbourhood '{hood.name}' (it serves "
-          f"{sorted(served)}); build it over the neighbourhoods of the students.")
-
-
-def _check_ridge(ridge):
-  if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
-    raise ValueError(f"ridge must be a non-negative number; got {ridge!r}.")
-
-
 def _check(students, source, ridge):
   if not isinstance(students, dict) or not students:
     raise TypeError("students must be a non-empty dict {Neighbourhood: student model}; got "
                     f"{type(students).__name__}.")
-  _check_served(students, source)
+  served = {hood.name: hood for hood in getattr(source, "hoods", ())}
+  if not served or not hasattr(source, "dataset"):
+    raise TypeError(f"source must be a keras_nd.ActivationSource; got {type(source).__name__}.")
   for hood, student in students.items():
+    if not hasattr(hood, "nodes"):
+      raise TypeError(f"students' keys must be keras_nd.Neighbourhood objects; got {hood!r}.")
+    if served.get(hood.name) is not hood:
+      raise ValueError(
+          f"The source does not serve neighbourhood '{hood.name}' (it serves "
+          f"{sorted(served)}); build it over the neighbourhoods of the students.")
     if not isinstance(student, keras.Model) or not getattr(student, "_is_graph_network", False):
       raise TypeError(
           f"The student for neighbourhood '{hood.name}' must be a functional tf_keras Model "
@@ -473,7 +469,8 @@ def _check(students, source, ridge):
           f"The student for neighbourhood '{hood.name}' is pruned while it trains (tfmot "
           "wrappers), which reconstruct does not solve: distil it with gradient steps, or solve "
           "it before wrapping it.")
-  _check_ridge(ridge)
+  if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
+    raise ValueError(f"ridge must be a non-negative number; got {ridge!r}.")
 
 
 def _check_size(items):
@@ -612,22 +609,20 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
   for index, one in enumerate(sets):
     for hood, student in one.items():
       owner[id(student)] = index
-      for item in _plan(hood, student, channels):
-        item.student = student
-        items.append(item)
+      items.extend(_plan(hood, student, channels))
   reports = [{hood.name: {"layers": {}} for hood in one} for one in sets]
   orders = sorted({item.order for item in items})
   for order in orders:
     group = [item for item in items if item.order == order]
     _check_size(_distinct(group))
     measure = errors and order == orders[0]
-    extract = _extractors(sets, group, with_errors=measure, subsample=subsample)
+    extract, computed_by = _extractors(sets, group, with_errors=measure, subsample=subsample)
     totals = _pass(source, batch_size, extract)
     if verbose:
       print(f"reconstruct: pass {order} of {len(orders)}, {len(group)} layers", flush=True)
     if measure:
       _record_errors(reports, totals["errors"], "before")
-    for item, stats in zip(group, totals["layers"]):
+    for item, stats in zip(group, (totals["layers"][k] for k in computed_by)):
       a, b = _system(stats, _intercept(item))
       total = _total(stats, _intercept(item))
       target = _target_sparsity(item, sparsity)
@@ -646,7 +641,7 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
       _assign(item, w)
       reports[owner[id(item.student)]][item.hood.name]["layers"][item.layer.name] = info
   if errors:
-    totals = _pass(source, batch_size, _extractors(sets, [], with_errors=True))
+    totals = _pass(source, batch_size, _extractors(sets, [], with_errors=True)[0])
     _record_errors(reports, totals["errors"], "after")
     if not orders:  # nothing was solved
       _record_errors(reports, totals["errors"], "before")
@@ -705,7 +700,7 @@ def _masked_solve(item, stats, a, b, ridge, target, mask):
   intercept = _intercept(item)
   d = a.shape[-1] - int(intercept)
   current = _current(item)
-  regularised, _ = _regularised(a, d, ridge)
+  regularised = _regularised(a, d, ridge)
   if mask == "magnitude":
     keep = _magnitude_mask(current[..., :d, :], target)
   else:  # the zeros spread evenly over the outputs (of every channel, for a depthwise layer)
@@ -724,7 +719,7 @@ def _masked_solve(item, stats, a, b, ridge, target, mask):
       rows = np.concatenate([np.flatnonzero(kept[:, j]), np.arange(d, h.shape[-1])])
       if rows.size:
         out[rows, j] = np.linalg.solve(h[np.ix_(rows, rows)], rhs[rows, j])
-  return w, {"features": d, "constant_inputs": 0,
+  return w, {"features": d, "constant_inputs": _constant_inputs(stats, a, d),
              "sparsity": float(1 - keep.sum() / keep.size)}
 
 
@@ -749,7 +744,7 @@ def _choose(item, stats, a, b, ridge):
   if norm is not None:
     gamma = norm.gamma.numpy() if norm.gamma is not None else 1.0
     weight = gamma ** 2 / (norm.moving_variance.numpy() + norm.epsilon)
-  h, _ = _regularised(a, d, ridge)
+  h = _regularised(a, d, ridge)
   hinv = np.linalg.inv(h)
   w = hinv @ b
   groups = {q: np.arange(taps) * channels + q for q in range(channels)}
@@ -766,9 +761,7 @@ def _choose(item, stats, a, b, ridge):
   kept = np.linalg.solve(h[np.ix_(rows, rows)], b[rows])
   full = np.zeros_like(b)
   full[rows] = kept
-  diag = np.diag(a)[rows[:taps * width]]
-  mean = stats["s"][rows[:taps * width]] / stats["n"]
-  constant = int(np.sum(diag / stats["n"] - mean * mean <= 1e-10 * diag.mean() / stats["n"]))
+  constant = _constant_inputs(stats, a, d, rows[:taps * width])
   narrowed = choice.teacher.get_weights()
   choice.narrowed.set_weights(builders.slice_outputs(choice.teacher, narrowed, keep))
   for student_layer, teacher_layer in choice.between:
@@ -812,8 +805,9 @@ def _distinct(items):
 
 
 def _extractors(sets, group, with_errors, subsample=1):
-  """A function of a source batch: {"layers": [stats of each item], "errors": {"i:name": (e,
-  |t|, size)}}; the statistics that items share (`_shared`) are computed once."""
+  """(run, computed_by): `run(batch, number)` gives {"layers": [the distinct statistics],
+  "errors": {"i:name": (e, |t|, size)}}; item i's statistics are layers[computed_by[i]], those
+  that items share (`_shared`) computed once."""
   by_student, wanted = {}, {}
   for item in group:
     by_student.setdefault(id(item.student), []).append(item)
@@ -829,26 +823,25 @@ def _extractors(sets, group, with_errors, subsample=1):
     if own:
       student_models[key] = (own, keras.Model(own[0].student.inputs,
                                               [item.input_tensor for item in own]))
-  first = {}  # which item computes each set of shared statistics (decided here, eagerly)
-  computed_by = [first.setdefault(_shared(item) or ("own", i), i) for i, item in enumerate(group)]
+  first = {}  # the position of each distinct set of statistics (decided here, eagerly)
+  computed_by = [first.setdefault(_shared(item) or ("own", i), len(first))
+                 for i, item in enumerate(group)]
+  computing = [group[computed_by.index(k)] for k in range(len(first))]
 
   def run(batch, number):
-    out = {"layers": [None] * len(group), "errors": {}}
+    out = {"layers": [], "errors": {}}
     values = {}
     for hood, (keys, model) in teacher_models.items():
       values.update(zip(keys, tf.nest.flatten(model(batch[hood.name][0], training=False))))
     for own, model in student_models.values():
       inputs = tf.nest.flatten(model(batch[own[0].hood.name][0], training=False))
       values.update(zip([("own", id(item)) for item in own], inputs))
-    for i, item in enumerate(group):
-      if computed_by[i] != i:  # the same statistics as an earlier item's
-        out["layers"][i] = out["layers"][computed_by[i]]
-        continue
+    for item in computing:
       x = values[id(item.choice.teacher_input)] if item.choice else values[("own", id(item))]
       y = values[id(item.target_tensor)]
       if item.batch_norm is not None:
         y = _before_norm(item.batch_norm, y)
-      out["layers"][i] = _moments(item.layer, x, y, subsample, number)
+      out["layers"].append(_moments(item.layer, x, y, subsample, number))
     if with_errors:
       for index, one in enumerate(sets):
         for hood, student in one.items():
@@ -858,5 +851,5 @@ def _extractors(sets, group, with_errors, subsample=1):
               tf.reduce_sum(diff * diff), tf.reduce_sum(t * t), tf.cast(tf.size(t), tf.float32))
     return out
 
-  return run
+  return run, computed_by
 
