@@ -237,7 +237,7 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
       checkpoint.restore(checkpoints.latest_checkpoint)
       done = int(checkpoints.latest_checkpoint.rsplit("-", 1)[1])
       if verbose:
-        print(f"Resuming after epoch {done} of {epochs} ({backup}).", flush=True)
+        print(f"Resuming after epoch {done} of {gradient_epochs} ({backup}).", flush=True)
     log = _EpochLog(os.path.join(backup, "epochs.json"), done)
     solved = os.path.join(backup, "solve.json")
     if solver != "gradient" and not done:  # a resumed job has the solve in its checkpoint

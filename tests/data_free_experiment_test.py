@@ -6,6 +6,7 @@ import os
 import tempfile
 
 import numpy as np
+import testing
 from absl.testing import parameterized
 
 from keras_nd import data
@@ -70,10 +71,12 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual([(r["method"], r["multiplier"]) for r in results["rows"]],
                      [(m, k) for k in (1.0, 0.5) for m in data_free.METHODS])
     for row in results["rows"]:
-      self.assertBetween(row["accuracy"], 0.0, 1.0)
+      testing.assert_over_whole_split(self, row["accuracy"], 32)  # the test split
       self.assertGreater(row["seconds"], 0.0)
-    gnd_ft = [r for r in results["rows"] if r["method"] == "gnd_ft"][0]
-    self.assertIn("accuracy_before_ft", gnd_ft)
+    for k in (1.0, 0.5):  # fine-tuning starts from the G-ND student of the same width
+      gnd, gnd_ft = ([r for r in results["rows"] if r["method"] == m and r["multiplier"] == k][0]
+                     for m in ("gnd", "gnd_ft"))
+      self.assertEqual(gnd_ft["accuracy_before_ft"], gnd["accuracy"])
     self.assertFalse(results["config"]["teacher_given"])
     self.assertIn("teacher", results["timings"])
     text = data_free.table(results)

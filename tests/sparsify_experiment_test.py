@@ -3,6 +3,7 @@
 import json
 import os
 
+import testing
 from absl.testing import parameterized
 
 from keras_nd import data
@@ -25,7 +26,7 @@ class SparsifyExperimentTest(tf.test.TestCase, parameterized.TestCase):
       # The first conv and the classifier stay dense, so the kernels' overall sparsity is a
       # little under the target; every pruned layer is at it (see sparsity_test).
       self.assertBetween(row["measured_sparsity"], row["sparsity"] - 0.1, row["sparsity"])
-      self.assertBetween(row["accuracy"], 0.0, 1.0)
+      testing.assert_over_whole_split(self, row["accuracy"], 32)  # the test split
       self.assertLess(row["compressed_bytes"], results["teacher"]["compressed_bytes"])
     self.assertNotIn("stem_conv", results["config"]["layers"])
     self.assertNotIn("head_logits", results["config"]["layers"])

@@ -58,6 +58,12 @@ def images(n=64, shape=(8, 8, 3), num_classes=3, seed=0):
   return x, y
 
 
+def assert_over_whole_split(test, accuracy, num_examples):
+  """`accuracy` was measured over all `num_examples` of a split: a whole number of them is right
+  (not a batch, not another split)."""
+  test.assertAlmostEqual(accuracy * num_examples, round(accuracy * num_examples), places=3)
+
+
 def trained(model, x, y, epochs=1):
   """`model` after a short fit, with BatchNorm statistics that differ from their initial values."""
   model.compile(keras.optimizers.Adam(1e-2),

@@ -30,6 +30,7 @@ their last epoch with their early-stopping state (`workdir/backups`, removed
 once results.json is written). CE students are retrained.
 """
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -42,6 +43,7 @@ import numpy as np
 import keras_nd as nd
 from keras_nd import artefacts, files, models
 from keras_nd._keras import keras
+from keras_nd.distiller import frozen_batch_norms
 from keras_nd.experiments.common import accuracy, fit_progress, scorable, write_results
 
 METHODS = ("ce", "kd", "nd", "nd_ft")
@@ -411,11 +413,10 @@ class Experiment:
 
   def nd_label(self, multiplier, lookahead):
     """The name of an ND student's recipe: its multiplier, look-ahead and a digest of the rest."""
-    recipe = {"epochs": self.epochs["nd"], "batch_size": self.batch_size,
-              "learning_rate": self.nd_learning_rate, "seed": self.seed,
-              "student_init": self.student_init, "calibrate_steps": self._calibrate_steps()}
-    if self.solver != "gradient":
-      recipe.update(solver=self.solver, **self._solve_settings())
+    recipe = dict(self.distil_settings(), student_init=self.student_init)
+    if self.solver == "lstsq":  # no gradient step: its settings change nothing
+      for key in ("epochs", "learning_rate"):
+        del recipe[key]
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
     return f"k{multiplier:g}-lookahead{lookahead}-{digest}"
 
@@ -494,9 +495,11 @@ class Experiment:
         nd.reconstruct(students, source, errors=False, **self._solve_settings())
       distiller = nd.NeighbourhoodDistiller(students)
       if self.solver != "lstsq":
-        distiller.compile(keras.optimizers.Adam(self.nd_learning_rate))
-        distiller.fit(source.dataset(self.batch_size, seed=self.seed), epochs=self.epochs["nd"],
-                      verbose=0)
+        with (frozen_batch_norms(students.values()) if self.solver != "gradient"
+              else contextlib.nullcontext()):  # as artefacts.distil trains after a solve
+          distiller.compile(keras.optimizers.Adam(self.nd_learning_rate))
+          distiller.fit(source.dataset(self.batch_size, seed=self.seed),
+                        epochs=self.epochs["nd"], verbose=0)
       if self._calibrate_steps():
         distiller.calibrate_batch_norm(source.dataset(self.batch_size, seed=self.seed + 1),
                                        steps=self._calibrate_steps())
@@ -569,11 +572,6 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
   for k in multipliers:
     if not 0 < k <= 1:
       raise ValueError(f"Multipliers must be in (0, 1]; got {k}.")
-  solver = settings.get("solver", "lstsq")
-  if solver == "lstsq" and (lookahead or ablation):
-    raise ValueError("Look-ahead shapes the loss of gradient steps; the exact solver alone "
-                     "(solver='lstsq') has none: use solver='gradient' or 'lstsq+gradient' for "
-                     "look-ahead and the ablation.")
   if not data.num_validation:
     raise ValueError(f"Dataset {data.name!r} has no validation split, which early stopping "
                      "needs: get it with keras_nd.data.get(..., num_validation=N).")
@@ -581,6 +579,10 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
   budget.update(epochs or {})
   experiment = Experiment(data, model, workdir, budget, verbose=verbose,
                           max_lookahead=max(lookahead, 2 if ablation else 0), **settings)
+  if experiment.solver == "lstsq" and (lookahead or ablation):
+    raise ValueError("Look-ahead shapes the loss of gradient steps; the exact solver alone "
+                     "(solver='lstsq') has none: use solver='gradient' or 'lstsq+gradient' for "
+                     "look-ahead and the ablation.")
   config = dict(dataset=data.name, model=model, multipliers=list(multipliers),
                 methods=list(methods), lookahead=lookahead, ablation=ablation, epochs=budget,
                 batch_size=experiment.batch_size, learning_rate=experiment.learning_rate,
