@@ -31,6 +31,9 @@ flags.DEFINE_enum("solver", "gradient", ["gradient", "lstsq"], "How ND's sparse 
 flags.DEFINE_enum("mask", "magnitude", ["magnitude", "obs"], "With --solver=lstsq, which weights "
                   "are zeroed: least magnitude over each layer, or chosen for each output by "
                   "Optimal Brain Surgeon.")
+flags.DEFINE_list("m_by_n", None, "'m,n', e.g. 2,4: structured sparsity instead of "
+                  "--sparsities, m zeros in every n consecutive input-channel weights, for ND "
+                  "and KD.")
 flags.DEFINE_integer("nd_epochs", sparsify.EPOCHS["nd"],
                      "Neighbourhood distillation epochs per sparsity.")
 flags.DEFINE_integer("kd_epochs", sparsify.EPOCHS["kd"], "End-to-end KD epochs per sparsity.")
@@ -50,6 +53,7 @@ def main(argv):
       sparsities=[float(s) for s in FLAGS.sparsities], methods=FLAGS.methods,
       epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs, kd=FLAGS.kd_epochs),
       calibrate=FLAGS.calibrate, solver=FLAGS.solver, mask=FLAGS.mask,
+      m_by_n=[int(v) for v in FLAGS.m_by_n] if FLAGS.m_by_n else None,
       rates=dict(nd=FLAGS.nd_learning_rate, kd=FLAGS.kd_learning_rate),
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, verbose=FLAGS.verbose)
   print(sparsify.table(results))

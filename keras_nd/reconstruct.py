@@ -508,7 +508,7 @@ def _pass(source, batch_size, extractors):
 
 
 def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, channels=None,
-                subsample=1, sparsity=None, mask="magnitude", verbose=0):
+                subsample=1, sparsity=None, mask="magnitude", m_by_n=None, verbose=0):
   """Solves the weighted layers of each student in closed form, in place.
 
   Each solved layer gets the ridge least-squares weights (and bias) that make
@@ -557,6 +557,11 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
       time by Optimal Brain Surgeon from its least-squares solution, as
       OBC does: `w_p^2 / [H^-1]_pp` least first, the rest updated; slower,
       an `outputs x d x d` inverse per layer).
+    m_by_n: (m, n), e.g. (2, 4): structured sparsity instead of `sparsity`,
+      m zeros in every n consecutive weights along the input channels of
+      every solved Conv1D/2D/3D and Dense layer (tfmot's `sparsity_m_by_n`),
+      chosen by `mask` within each block; the input channels must be a
+      multiple of n.
     subsample: s > 1 accumulates the statistics of every s-th output
       position along each spatial axis only (s^2 times fewer rows for a 2D
       layer, and as much less time in X^T X), from offsets that move with
@@ -600,7 +605,16 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
                      f"{sparsity!r}.")
   if mask not in ("magnitude", "obs"):
     raise ValueError(f"mask must be 'magnitude' or 'obs'; got {mask!r}.")
-  if channels is not None and any(values):
+  if m_by_n is not None:
+    if (not isinstance(m_by_n, (tuple, list)) or len(m_by_n) != 2 or
+        not all(isinstance(v, int) and not isinstance(v, bool) for v in m_by_n) or
+        not 0 < m_by_n[0] < m_by_n[1]):
+      raise ValueError(f"m_by_n must be (m, n) with 0 < m < n, m zeros in every n weights; got "
+                       f"{m_by_n!r}.")
+    if any(values):
+      raise ValueError("pass sparsity or m_by_n, not both: m_by_n sets m / n of every solved "
+                       "layer.")
+  if channels is not None and (any(values) or m_by_n is not None):
     raise ValueError("reconstruct either chooses channels or prunes weights: pass channels or "
                      "sparsity, not both.")
   if channels not in (None, "greedy"):
@@ -610,6 +624,9 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
     for hood, student in one.items():
       owner[id(student)] = index
       items.extend(_plan(hood, student, channels))
+  if m_by_n is not None:
+    for item in items:
+      _check_blocks(item.layer, m_by_n[1])
   reports = [{hood.name: {"layers": {}} for hood in one} for one in sets]
   orders = sorted({item.order for item in items})
   for order in orders:
@@ -625,10 +642,10 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
     for item, stats in zip(group, (totals["layers"][k] for k in computed_by)):
       a, b = _system(stats, _intercept(item))
       total = _total(stats, _intercept(item))
-      target = _target_sparsity(item, sparsity)
+      target = m_by_n[0] / m_by_n[1] if m_by_n else _target_sparsity(item, sparsity)
       if target:
         before = _residual(stats, a, b, _current(item)) / total
-        w, info = _masked_solve(item, stats, a, b, ridge, target, mask)
+        w, info = _masked_solve(item, stats, a, b, ridge, target, mask, m_by_n)
         info.update(error_before=before, error_after=_residual(stats, a, b, w) / total)
       elif item.choice is None:
         w, info = _solve(item, stats, a, b, ridge)
@@ -655,9 +672,27 @@ def _target_sparsity(item, sparsity):
   return sparsity or 0.0
 
 
-def _magnitude_mask(kernel_rows, target):
-  """The kept entries (True) of `kernel_rows`: all but the round(target * size) of least
-  magnitude, over the whole layer, as tfmot's magnitude pruning chooses them."""
+def _check_blocks(layer, n):
+  """m-by-n blocks run along the input channels: a layer they fit, or a ValueError."""
+  if _kind(layer) == "depthwise":
+    raise ValueError(f"m_by_n sparsity applies to Conv1D/2D/3D and Dense layers; layer "
+                     f"'{layer.name}' is a {type(layer).__name__}.")
+  channels = graph.kernel(layer).shape[-2]
+  if channels % n:
+    raise ValueError(f"m_by_n blocks of {n} do not fit layer '{layer.name}': its {channels} "
+                     f"input channels are not a multiple of {n}.")
+
+
+def _magnitude_mask(kernel_rows, target, m_by_n=None):
+  """The kept entries (True) of `kernel_rows` [d, outputs]: all but the round(target * size) of
+  least magnitude, over the whole layer, as tfmot's magnitude pruning chooses them; or, with
+  `m_by_n` (m, n), all but the m of least magnitude in every block of n consecutive rows."""
+  if m_by_n is not None:
+    m, n = m_by_n
+    blocks = np.abs(kernel_rows).T.reshape(kernel_rows.shape[1], -1, n)
+    keep = np.ones(blocks.shape, bool)
+    np.put_along_axis(keep, np.argsort(blocks, -1, kind="stable")[..., :m], False, -1)
+    return keep.reshape(kernel_rows.shape[1], -1).T
   flat = np.abs(kernel_rows).reshape(-1)
   pruned = int(round(target * flat.size))
   keep = np.ones(flat.size, bool)
@@ -665,11 +700,14 @@ def _magnitude_mask(kernel_rows, target):
   return keep.reshape(kernel_rows.shape)
 
 
-def _obs_mask(h, rhs, d, counts):
+def _obs_mask(h, rhs, d, counts, m_by_n=None):
   """The kept inputs [d, outputs] when output j loses `counts[j]` of them by Optimal Brain
   Surgeon: from its least-squares solution, the input of least `w_p^2 / [H^-1]_pp` goes first,
-  and the output's other weights and its H^-1 are updated exactly (OBC's row-wise greedy)."""
+  and the output's other weights and its H^-1 are updated exactly (OBC's row-wise greedy).
+  With `m_by_n` (m, n), a block of n consecutive inputs that has lost m loses no more."""
   outputs = rhs.shape[-1]
+  block = np.arange(d) // (m_by_n[1] if m_by_n else d)
+  lost = np.zeros((outputs, block[-1] + 1), int)
   hinv = np.repeat(np.linalg.inv(h)[None], outputs, 0)  # [outputs, D, D], one per output
   w = np.einsum("jab,bj->ja", hinv, rhs)
   alive = np.ones((outputs, d), bool)
@@ -678,17 +716,19 @@ def _obs_mask(h, rhs, d, counts):
   for step in range(int(counts.max(initial=0))):
     active = counts > step  # the counts differ by one at most: all outputs but a few
     diag = np.einsum("jaa->ja", hinv)[:, :d]
-    cost = np.where(alive, w[:, :d] ** 2 / np.maximum(diag, 1e-30), np.inf)
+    open_ = lost[:, block] < (m_by_n[0] if m_by_n else d)
+    cost = np.where(alive & open_, w[:, :d] ** 2 / np.maximum(diag, 1e-30), np.inf)
     p = np.argmin(cost, 1)
     column = hinv[every, :, p]  # H^-1 is symmetric: its row p too
     scale = active / hinv[every, p, p]
     w -= (w[every, p] * scale)[:, None] * column
     hinv -= column[:, :, None] * (column * scale[:, None])[:, None, :]
     alive[every[active], p[active]] = False
+    lost[every[active], block[p[active]]] += 1
   return alive.T
 
 
-def _masked_solve(item, stats, a, b, ridge, target, mask):
+def _masked_solve(item, stats, a, b, ridge, target, mask, m_by_n=None):
   """The layer solved with `target` of its kernel zero: (W, info).
 
   The zeros are the kernel's entries of least magnitude now (the teacher's,
@@ -702,13 +742,13 @@ def _masked_solve(item, stats, a, b, ridge, target, mask):
   current = _current(item)
   regularised = _regularised(a, d, ridge)
   if mask == "magnitude":
-    keep = _magnitude_mask(current[..., :d, :], target)
+    keep = _magnitude_mask(current[..., :d, :], target, m_by_n)
   else:  # the zeros spread evenly over the outputs (of every channel, for a depthwise layer)
     outputs = int(np.prod(b.shape[:-2])) * b.shape[-1]
     total = int(round(target * outputs * d))
     counts = (total // outputs + (np.arange(outputs) < total % outputs)).reshape(
         b.shape[:-2] + (b.shape[-1],))
-    keep = (_obs_mask(regularised, b, d, counts) if regularised.ndim == 2 else np.stack(
+    keep = (_obs_mask(regularised, b, d, counts, m_by_n) if regularised.ndim == 2 else np.stack(
         [_obs_mask(h, rhs, d, c) for h, rhs, c in zip(regularised, b, counts)]))
   w = np.zeros_like(current)
   # Depthwise systems have a leading channel axis; others are one system.

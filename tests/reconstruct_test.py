@@ -336,6 +336,41 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"sparsity must be a fraction in \[0, 1\)"):
       nd.reconstruct(students, _source(teacher, hoods, x), sparsity=1.0)
 
+  def test_two_by_four_blocks_along_the_input_channels(self):
+    # The outer Dense has 8 inputs: two blocks of 4 per output, each with exactly 2 zeros,
+    # chosen by magnitude or by OBS within the block; the survivors solved as before.
+    teacher = _two_layer()
+    hood = nd.split_layers(teacher)[1]
+    rng = np.random.RandomState(8)
+    x = (rng.normal(size=(500, 6)) * np.array([30.0, 10.0, 3.0, 1.0, 0.3, 0.1])).astype("float32")
+    source = _source(teacher, [hood], x)
+    errors = {}
+    for mask in ("magnitude", "obs"):
+      student = nd.students.clone(hood)
+      report = nd.reconstruct({hood: student}, source, m_by_n=(2, 4), mask=mask)
+      kernel = student.get_layer("outer_s").get_weights()[0]
+      zeros = np.count_nonzero(kernel.T.reshape(5, 2, 4) == 0, axis=-1)
+      self.assertAllEqual(zeros, np.full((5, 2), 2), mask)
+      errors[mask] = report[hood.name]["layers"]["outer_s"]["error_after"]
+      self.assertEqual(report[hood.name]["layers"]["outer_s"]["sparsity"], 0.5)
+    teacher_kernel = np.abs(teacher.get_layer("outer").get_weights()[0])
+    student = nd.students.clone(hood)
+    nd.reconstruct({hood: student}, source, m_by_n=(2, 4))
+    kept = student.get_layer("outer_s").get_weights()[0] != 0
+    for j in range(5):
+      for block in (slice(0, 4), slice(4, 8)):  # magnitude keeps the two largest of each block
+        largest = np.sort(np.argsort(teacher_kernel[block, j], kind="stable")[2:])
+        self.assertAllEqual(np.flatnonzero(kept[block, j]), largest)
+    self.assertLessEqual(errors["obs"], errors["magnitude"] + 1e-9)
+    with self.assertRaisesRegex(ValueError, "sparsity or m_by_n, not both"):
+      nd.reconstruct({hood: student}, source, m_by_n=(2, 4), sparsity=0.5)
+    with self.assertRaisesRegex(ValueError, r"m_by_n must be \(m, n\)"):
+      nd.reconstruct({hood: student}, source, m_by_n=(4, 2))
+    inner = nd.split_layers(teacher)[0]  # 6 inputs: blocks of 4 do not fit
+    with self.assertRaisesRegex(ValueError, "6 input channels are not a multiple of 4"):
+      nd.reconstruct({inner: nd.students.clone(inner)}, _source(teacher, [inner], x),
+                     m_by_n=(2, 4))
+
   def test_refuses_a_student_pruned_while_it_trains(self):
     from keras_nd import sparsity  # pylint: disable=g-import-not-at-top
     teacher = _two_layer()

@@ -75,3 +75,16 @@ class SparsifyExperimentTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+  def test_two_by_four_sparsity_for_both_methods(self):
+    dataset = data.get("embedded", num_train=64, num_test=32, num_validation=16)
+    results = sparsify.run(dataset, self.get_temp_dir(), model="resnet8", sparsities=(0.9,),
+                           epochs=dict(teacher=1, kd=1), batch_size=16, solver="lstsq",
+                           m_by_n=(2, 4), verbose=0)
+    self.assertEqual(results["config"]["m_by_n"], [2, 4])
+    self.assertEqual([(r["method"], r["sparsity"]) for r in results["rows"]],
+                     [("nd", 0.5), ("kd", 0.5)])
+    for row in results["rows"]:  # every pruned layer at 2 zeros in 4; the first conv dense
+      self.assertBetween(row["measured_sparsity"], 0.4, 0.5)
+    with self.assertRaisesRegex(ValueError, r"m_by_n must be \(m, n\)"):
+      sparsify.run(dataset, self.get_temp_dir(), m_by_n=(4, 4))

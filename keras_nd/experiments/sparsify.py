@@ -42,7 +42,7 @@ RATES = {"nd": 1e-2, "kd": 5e-3}
 
 def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS, epochs=None,
         skip=("stem_conv", "head_logits"), calibrate=True, rates=None, solver="gradient",
-        mask="magnitude", verbose=1, **settings):
+        mask="magnitude", m_by_n=None, verbose=1, **settings):
   """Runs the experiment and writes `workdir/results.json`.
 
   Args:
@@ -68,6 +68,10 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
       exactly, from one online pass; no gradient step).
     mask: with solver="lstsq", which entries are zeroed: "magnitude" or
       "obs" (`reconstruct`'s mask).
+    m_by_n: (m, n), e.g. (2, 4): structured sparsity instead of
+      `sparsities`, m zeros in every n consecutive input-channel weights of
+      every pruned layer, for ND and KD alike (tfmot's `sparsity_m_by_n`;
+      `reconstruct`'s `m_by_n`); the rows are those of sparsity m / n.
     verbose: 0 silent, 1 one line per run, 2 Keras progress bars too.
     **settings: passed to `distill.Experiment` (batch_size, temperature,
       label_weight, seed, ...; its learning_rate is the teacher's).
@@ -87,6 +91,12 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
     raise ValueError(f"Dataset {data.name!r} has no validation split; get it with "
                      "keras_nd.data.get(..., num_validation=N) (the teacher is trained by "
                      "distill.Experiment, which needs one).")
+  if m_by_n is not None:
+    if (len(m_by_n) != 2 or not all(isinstance(v, int) for v in m_by_n) or
+        not 0 < m_by_n[0] < m_by_n[1]):
+      raise ValueError(f"m_by_n must be (m, n) with 0 < m < n; got {m_by_n!r}.")
+    m_by_n = tuple(m_by_n)
+    sparsities = [m_by_n[0] / m_by_n[1]]
   if solver not in ("gradient", "lstsq"):
     raise ValueError(f"solver must be 'gradient' or 'lstsq' for sparse students; got {solver!r}.")
   rates = dict(RATES, **(rates or {}))
@@ -126,13 +136,14 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
     if "nd" in methods and solver == "lstsq":
       students = {h: nd.students.clone(h) for h in trained}
       start = time.perf_counter()
-      nd.reconstruct(students, source, errors=False, sparsity=target, mask=mask)
+      nd.reconstruct(students, source, errors=False, mask=mask,
+                     **({"m_by_n": m_by_n} if m_by_n else {"sparsity": target}))
       seconds = time.perf_counter() - start
       student = scorable(nd.compose(teacher, students))
     elif "nd" in methods:
       keras.utils.set_random_seed(experiment.seed)
       distiller = nd.NeighbourhoodDistiller(
-          sparsity.sparse_students(trained, target, steps=nd_steps))
+          sparsity.sparse_students(trained, target, steps=nd_steps, m_by_n=m_by_n))
       distiller.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
           rates["nd"], nd_steps)))
       start = time.perf_counter()
@@ -153,7 +164,7 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
                        **extra))
     if "kd" in methods:
       keras.utils.set_random_seed(experiment.seed)
-      student = sparsity.prune(teacher, target, steps=kd_steps, skip=skip)
+      student = sparsity.prune(teacher, target, steps=kd_steps, m_by_n=m_by_n, skip=skip)
       kd = nd.KnowledgeDistiller(teacher=teacher, student=student,
                                  temperature=experiment.temperature,
                                  label_weight=experiment.label_weight)
@@ -167,6 +178,7 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
   config = dict(dataset=data.name, model=model, sparsities=list(sparsities),
                 methods=list(methods), epochs=budget, skip=[str(s) for s in skip],
                 calibrate=calibrate, solver=solver, mask=mask,
+                m_by_n=list(m_by_n) if m_by_n else None,
                 batch_size=experiment.batch_size, rates=rates, seed=experiment.seed,
                 num_train=data.num_train, nd_steps=nd_steps, kd_steps=kd_steps,
                 layers=[h.name for h in trained])
