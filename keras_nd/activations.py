@@ -45,6 +45,7 @@ import numpy as np
 
 from keras_nd import files, graph
 from keras_nd._keras import keras, tf
+from keras_nd.data.dataset import as_batches
 from keras_nd.neighbourhood import checked_hoods
 
 MANIFEST = "manifest.json"
@@ -223,7 +224,8 @@ class ActivationSource:
     hoods: the neighbourhoods to serve (from `split` or `split_layers` of
       `teacher`).
     dataset: a `tf.data.Dataset` of teacher inputs, batched or not, of
-      `x` or `(x, y, ...)` elements (labels are ignored). For a cache it
+      `x` or `(x, y, ...)` elements (labels are ignored), or a numpy array
+      of teacher inputs. For a cache it
       should be deterministic (no shuffling or augmentation): the cache is
       keyed by its first batch.
     cache_dir: where to store the activations; None for online extraction.
@@ -523,8 +525,7 @@ def _all_tensors(model):
 
 def _batched_inputs(teacher, dataset, batch_size):
   """The dataset's teacher inputs, in batches of `batch_size`, whatever its own batching."""
-  if not isinstance(dataset, tf.data.Dataset):
-    raise TypeError(f"dataset must be a tf.data.Dataset; got {type(dataset).__name__}.")
+  dataset = as_batches(dataset, batch_size)
   spec = dataset.element_spec
   if isinstance(spec, (tuple, list)):
     dataset = dataset.map(lambda *xs: xs[0])

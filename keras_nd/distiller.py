@@ -7,6 +7,7 @@ import numpy as np
 
 from keras_nd import graph, losses
 from keras_nd._keras import keras, tf
+from keras_nd.data.dataset import as_batches
 
 
 class _Untracked:
@@ -31,12 +32,30 @@ def as_student_model(hood, student):
   return student
 
 
-def with_pruning_step(model, callbacks):
-  """`callbacks`, plus tfmot's `UpdatePruningStep` if `model` prunes (so users cannot forget it)."""
+def with_pruning_step(model, callbacks, fit_args=(), fit_kwargs=None):
+  """`callbacks`, plus tfmot's `UpdatePruningStep` if `model` prunes (so users cannot forget it);
+  pruning schedules still without a length get the steps of the fit called with `fit_args`,
+  `fit_kwargs` (`sparsity.derive_schedules`)."""
   if not graph.prunes(model):
     return callbacks
   from keras_nd import sparsity  # pylint: disable=g-import-not-at-top  (tfmot only when pruning)
+  sparsity.derive_schedules(model, fit_steps(fit_args, fit_kwargs or {}))
   return sparsity.pruning_callbacks(model, callbacks)
+
+
+def fit_steps(args, kwargs):
+  """The training steps a Keras `fit(*args, **kwargs)` will run, or None where it cannot tell."""
+  names = ("x", "y", "batch_size", "epochs")
+  given = dict(zip(names, args), **kwargs)
+  epochs = given.get("epochs", 1) - given.get("initial_epoch", 0)
+  per_epoch = given.get("steps_per_epoch")
+  x = given.get("x")
+  if per_epoch is None and isinstance(x, tf.data.Dataset):
+    cardinality = int(x.cardinality())
+    per_epoch = cardinality if cardinality >= 0 else None
+  elif per_epoch is None and hasattr(x, "shape") and len(x.shape):
+    per_epoch = -(-int(x.shape[0]) // (given.get("batch_size") or 32))
+  return None if per_epoch is None else epochs * per_epoch
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -172,7 +191,8 @@ def calibrate_batch_norm(model, dataset, steps=100):
 
   Args:
     model: a Keras model (e.g. from `keras_nd.compose`); it is changed in place.
-    dataset: batches of `x` or `(x, y, ...)` (labels are not used).
+    dataset: a `tf.data.Dataset` of batches of `x` or `(x, y, ...)` (labels
+      are not used), or a numpy array of inputs (taken in batches of 128).
     steps: number of batches to average over (fewer if the dataset ends).
 
   Returns:
@@ -180,8 +200,7 @@ def calibrate_batch_norm(model, dataset, steps=100):
   """
   if not isinstance(model, keras.Model):
     raise TypeError(f"model must be a tf_keras Model; got {type(model).__name__}.")
-  if not isinstance(dataset, tf.data.Dataset):
-    raise TypeError(f"dataset must be a tf.data.Dataset; got {type(dataset).__name__}.")
+  dataset = as_batches(dataset)
 
   def forward(batch):
     model(batch[0] if isinstance(batch, (tuple, list)) else batch, training=True)
@@ -365,7 +384,8 @@ class NeighbourhoodDistiller(keras.Model):
     """Keras `fit`, plus tfmot's `UpdatePruningStep` when a student is being pruned, and a stop
     at the first non-finite loss (`StopOnNonFinite`: naming the neighbourhood and the step)."""
     callbacks = list(callbacks or []) + [StopOnNonFinite(self.weights, self.student_names)]
-    return super().fit(*args, callbacks=with_pruning_step(self, callbacks), **kwargs)
+    return super().fit(*args, callbacks=with_pruning_step(self, callbacks, args, kwargs),
+                       **kwargs)
 
   def call(self, inputs, training=False):
     """{student name: output} for a batch of the source's dataset (see `student_names`)."""

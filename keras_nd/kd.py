@@ -2,7 +2,8 @@
 
 from keras_nd import losses
 from keras_nd._keras import keras, tf
-from keras_nd.distiller import StopOnNonFinite, _Untracked, with_pruning_step
+from keras_nd.data.dataset import as_batches
+from keras_nd.distiller import StopOnNonFinite, _Untracked, calibrate_batch_norm, with_pruning_step
 
 
 def outputs_logits(model):
@@ -32,6 +33,13 @@ class KnowledgeDistiller(keras.Model):
     temperature: tau of Eq. 3, > 0.
     label_weight: lambda of Eq. 3, >= 0; 0 for data without labels.
     scale_soft: multiply the soft term by tau^2 (see `losses.kd_loss`).
+    calibrate_steps: at the end of every `fit`, the student's BatchNorm
+      moving statistics are re-estimated on this many batches of fit's
+      training data, its weights fixed (`calibrate_batch_norm`): moving
+      averages (momentum 0.99 by default) lag weights that were still
+      changing, and a student fine-tuned for a few epochs can score far
+      below its training accuracy on test data without it. 0 keeps the
+      moving averages.
 
   Example:
     >>> kd = nd.KnowledgeDistiller(teacher=teacher, student=student, temperature=2.5)
@@ -40,7 +48,7 @@ class KnowledgeDistiller(keras.Model):
   """
 
   def __init__(self, teacher, student, temperature=1.0, label_weight=1.0, scale_soft=True,
-               **kwargs):
+               calibrate_steps=100, **kwargs):
     kwargs.setdefault("name", "knowledge_distiller")
     super().__init__(**kwargs)
     for what, model in (("teacher", teacher), ("student", student)):
@@ -53,6 +61,10 @@ class KnowledgeDistiller(keras.Model):
       raise ValueError(f"temperature must be > 0; got {temperature!r}.")
     if not label_weight >= 0:
       raise ValueError(f"label_weight must be >= 0; got {label_weight!r}.")
+    if isinstance(calibrate_steps, bool) or not isinstance(calibrate_steps, int) or (
+        calibrate_steps < 0):
+      raise ValueError(f"calibrate_steps must be an integer >= 0; got {calibrate_steps!r}.")
+    self.calibrate_steps = calibrate_steps
     # Untracked: the teacher's weights are not this model's, so fit cannot train them, and its
     # layers' `trainable` flags (which compose would copy) stay as the user set them.
     self._teacher = _Untracked(teacher)
@@ -74,10 +86,18 @@ class KnowledgeDistiller(keras.Model):
     return self._teacher.value
 
   def fit(self, *args, callbacks=None, **kwargs):
-    """Keras `fit`, plus tfmot's `UpdatePruningStep` when the student is being pruned, and a stop
-    at the first non-finite loss (`StopOnNonFinite`)."""
+    """Keras `fit`, plus tfmot's `UpdatePruningStep` when the student is being pruned, a stop at
+    the first non-finite loss (`StopOnNonFinite`), and the student's BatchNorm statistics
+    re-estimated at the end (`calibrate_steps`)."""
     callbacks = list(callbacks or []) + [StopOnNonFinite(self.student.weights)]
-    return super().fit(*args, callbacks=with_pruning_step(self, callbacks), **kwargs)
+    history = super().fit(*args, callbacks=with_pruning_step(self, callbacks, args, kwargs),
+                          **kwargs)
+    if self.calibrate_steps and any(isinstance(layer, keras.layers.BatchNormalization)
+                                    for layer in self.student.submodules):
+      given = dict(zip(("x", "y", "batch_size"), args), **kwargs)
+      calibrate_batch_norm(self.student, as_batches(given.get("x"), given.get("batch_size") or 32,
+                                                    "fit's x"), steps=self.calibrate_steps)
+    return history
 
   def call(self, inputs, training=False):
     return self.student(inputs, training=training)

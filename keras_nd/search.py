@@ -38,8 +38,9 @@ COST_KEYS = ("params", "flops")
 MULTIPLIERS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def multipliers(ks=MULTIPLIERS, init="random"):
-  """Candidate builders `{"k<k>": f(hood) -> bottleneck student}`, one per multiplier."""
+def multipliers(ks=MULTIPLIERS, init="teacher"):
+  """Candidate builders `{"k<k>": f(hood) -> bottleneck student}`, one per multiplier (`init` as
+  for `students.bottleneck`)."""
   if not ks:
     raise ValueError("The list of candidate multipliers is empty.")
   return {f"k{k:g}": functools.partial(students.bottleneck, k=k, init=init) for k in ks}

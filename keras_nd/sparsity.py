@@ -10,15 +10,20 @@ training. No fine-tuning follows.
 
 ```python
 hoods = nd.split_layers(teacher)
-students = sparsity.sparse_students(hoods, 0.5, steps=2000, skip=("stem_conv", "head_logits"))
+students = sparsity.sparse_students(hoods, 0.5, skip=("stem_conv", "head_logits"))
 distiller = nd.NeighbourhoodDistiller(students)   # fit() adds tfmot's UpdatePruningStep itself
-distiller.compile("adam"); distiller.fit(source.dataset(128), epochs=..., steps_per_epoch=...)
+distiller.compile("adam"); distiller.fit(source.dataset(128), epochs=3)  # the schedule: 3 epochs
 student = nd.compose(teacher, distiller.students)  # pruning wrappers stripped
 print(sparsity.report(student)["total"])
 ```
 
 `compose` strips the wrappers (tfmot's `strip_pruning`), so the composed
-student is a plain model whose pruned kernels hold exact zeros.
+student is a plain model whose pruned kernels hold exact zeros. A student
+whose pruning has not reached its target (trained fewer steps than its
+schedule asks) is refused there with a ValueError, never stripped short.
+
+The schedule's length is the number of steps the first `fit` will run
+(epochs times steps per epoch), unless `steps` fixes it.
 """
 
 import gzip
@@ -49,7 +54,8 @@ def schedule(target, steps, kind="polynomial"):
 
   Args:
     target: the final sparsity, in [0, 1).
-    steps: the steps the student trains for.
+    steps: the steps the student trains for; None: the steps of the first
+      `fit` of a distiller that trains it (`derive_schedules`).
     kind: "polynomial": from 0 to `target` over the first half of the steps
       (tfmot's cubic `PolynomialDecay`), then held; "constant": `target` from
       the first step.
@@ -61,6 +67,10 @@ def schedule(target, steps, kind="polynomial"):
     exactly the target sparsity.
   """
   _check_target(target, "the schedule")
+  if steps is None:  # a placeholder until the first fit says how many steps it runs
+    deferred = schedule(target, 2, kind)
+    deferred.keras_nd_deferred = (target, kind)
+    return deferred
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
     raise ValueError(f"steps must be an integer of at least 2; got {steps!r}.")
   ramp = steps // 2
@@ -72,6 +82,60 @@ def schedule(target, steps, kind="polynomial"):
   if kind == "constant":
     return _prune.ConstantSparsity(float(target), begin_step=0, frequency=frequency)
   raise ValueError(f"Schedule kind must be 'polynomial' or 'constant'; got {kind!r}.")
+
+
+def derive_schedules(model, steps):
+  """Gives every pruning schedule of `model` made with steps=None the length `steps`.
+
+  The distillers call it at the start of `fit` with the steps that fit will
+  run (epochs times steps per epoch); schedules already given a length are
+  left alone.
+
+  Raises:
+    ValueError: a schedule still to be derived and `steps` unknown (None),
+      or under 2.
+  """
+  for wrapper in graph.pruning_wrappers(model):
+    deferred = getattr(wrapper.pruning_schedule, "keras_nd_deferred", None)
+    if deferred is None:
+      continue
+    if steps is None or steps < 2:
+      raise ValueError(
+          f"Layer '{wrapper.layer.name}' is pruned over the steps of this fit, but fit does not "
+          f"say how many it runs ({steps}): pass steps_per_epoch to fit (or a dataset of known "
+          f"length), or steps=N to sparse_students / prune.")
+    target, kind = deferred
+    # The wrapper's pruning object holds this very schedule: it is changed in place.
+    vars(wrapper.pruning_schedule).update(vars(schedule(target, steps, kind)))
+    del wrapper.pruning_schedule.keras_nd_deferred
+
+
+def _target_of(wrapper):
+  """The sparsity a wrapper's schedule ends at."""
+  if wrapper.sparsity_m_by_n:
+    m, n = wrapper.sparsity_m_by_n
+    return m / n
+  sched = wrapper.pruning_schedule
+  return float(getattr(sched, "final_sparsity", getattr(sched, "target_sparsity", 0.0)))
+
+
+def _check_finished(model):
+  """A ValueError naming every layer whose mask is short of its schedule's target sparsity."""
+  short = []
+  for wrapper in graph.pruning_wrappers(model):
+    target = _target_of(wrapper)
+    for _, mask, _ in wrapper.pruning_vars:
+      values = mask.numpy()
+      reached = 1 - np.count_nonzero(values) / max(1, values.size)
+      if reached < target - max(0.005, 1.5 / max(1, values.size)):
+        short.append(f"'{wrapper.layer.name}' at {100 * reached:.1f}% of {100 * target:.1f}% "
+                     f"after {max(0, int(wrapper.pruning_step.numpy()))} steps (its schedule ends at "
+                     f"step {getattr(wrapper.pruning_schedule, 'end_step', -1)})")
+  if short:
+    raise ValueError(
+        f"Pruning has not reached its target: {'; '.join(short)}. Train for the steps the "
+        "schedule asks, or build the students without steps= (sparse_students, prune) so that "
+        "their schedule is the length of their first fit.")
 
 
 def _check_target(target, where):
@@ -96,14 +160,15 @@ def _layer_of(hood):
   return layer
 
 
-def sparse_student(hood, target, steps, kind="polynomial", m_by_n=None):
+def sparse_student(hood, target, steps=None, kind="polynomial", m_by_n=None):
   """A pruned copy of a one-layer neighbourhood, starting from the teacher layer's weights.
 
   Args:
     hood: a one-layer `Neighbourhood` (from `keras_nd.split_layers`) of a
       Conv1D/2D/3D, DepthwiseConv2D or Dense layer.
     target: the final sparsity of its kernel, in [0, 1).
-    steps: the steps it will train for (the schedule ramps over half).
+    steps: the steps it will train for (the schedule ramps over half);
+      None (the default): as many as the first `fit` that trains it runs.
     kind: "polynomial" or "constant" (see `schedule`).
     m_by_n: e.g. (2, 4) for structured sparsity, m zeros in every n
       consecutive weights along the input channels (tfmot's
@@ -137,7 +202,7 @@ def sparse_student(hood, target, steps, kind="polynomial", m_by_n=None):
   return model
 
 
-def sparse_students(hoods, targets, steps, kind="polynomial", m_by_n=None, skip=()):
+def sparse_students(hoods, targets, steps=None, kind="polynomial", m_by_n=None, skip=()):
   """`{hood: sparse_student(hood, ...)}` for the one-layer neighbourhoods not skipped.
 
   Args:
@@ -207,7 +272,12 @@ def strip(model):
   Masks are applied first, so weights trained after the last mask update
   (e.g. outside `fit`) are sparse too. Pruning wrappers of depthwise
   convolutions come back as plain `DepthwiseConv2D` layers.
+
+  Raises:
+    ValueError: a layer whose pruning is short of its schedule's target
+      (it trained fewer steps than the schedule asks), naming it.
   """
+  _check_finished(model)
   for wrapper in graph.pruning_wrappers(model):
     wrapper.pruning_obj.weight_mask_op()
   stripped = _prune.strip_pruning(model)
@@ -277,7 +347,7 @@ def compressed_size(model):
       return len(gzip.compress(f.read(), compresslevel=9))
 
 
-def prune(model, targets, steps, kind="polynomial", m_by_n=None, skip=()):
+def prune(model, targets, steps=None, kind="polynomial", m_by_n=None, skip=()):
   """An independent copy of `model` with its prunable layers wrapped for pruning (the KD baseline).
 
   The same schedule as `sparse_students`, applied to the whole model trained
@@ -292,5 +362,6 @@ def prune(model, targets, steps, kind="polynomial", m_by_n=None, skip=()):
   return graph.substitute(copy, students)
 
 
-__all__ = ["PRUNABLE_TYPES", "compressed_size", "has_pruning", "not_skipped", "prune",
-           "pruning_callbacks", "report", "schedule", "sparse_student", "sparse_students", "strip"]
+__all__ = ["PRUNABLE_TYPES", "compressed_size", "derive_schedules", "has_pruning", "not_skipped",
+           "prune", "pruning_callbacks", "report", "schedule", "sparse_student", "sparse_students",
+           "strip"]

@@ -106,7 +106,7 @@ def _check_hood(hood):
     raise TypeError(f"Expected a keras_nd.Neighbourhood; got {type(hood).__name__}.")
 
 
-def bottleneck(hood, k, init="random"):
+def bottleneck(hood, k, init="teacher"):
   """A student with the inner width of a residual unit scaled by `k`.
 
   The inner layers (see `inner_layers`) get `scaled_width(width, k)` channels;
@@ -116,11 +116,13 @@ def bottleneck(hood, k, init="random"):
   Args:
     hood: a `Neighbourhood`, typically a residual unit from `split`.
     k: the bottleneck multiplier, 0 < k <= 1.
-    init: "random" initialises the layers afresh, as the paper's students;
-      "teacher" starts from the teacher's weights with, in each inner layer,
-      the output channels of largest L1 norm kept (magnitude channel
-      pruning) and the layers they feed sliced to match. The student then
-      starts close to its teacher and needs far fewer distillation steps.
+    init: "teacher" (the default, as in every result of the README) starts
+      from the teacher's weights with, in each inner layer, the output
+      channels of largest L1 norm kept (magnitude channel pruning) and the
+      layers they feed sliced to match: the student starts close to its
+      teacher and needs far fewer distillation steps. "random" initialises
+      the layers afresh, as the paper's students (which need the paper's
+      tens of thousands of steps: README, "students from scratch").
 
   Returns:
     A functional `keras.Model` named `<hood name>_k<k>`.

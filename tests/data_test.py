@@ -171,6 +171,34 @@ class NpzTest(tf.test.TestCase, parameterized.TestCase):
       data.load_npz(path)
 
 
+  def test_npz_channels_first_images_are_refused_with_the_transpose(self):
+    rng = np.random.RandomState(0)
+    path = _write_npz(self.dir, x_train=rng.rand(20, 3, 8, 8), x_test=rng.rand(6, 3, 8, 8))
+    with self.assertRaisesRegex(ValueError, r"\(20, 3, 8, 8\).*channels-first.*"
+                                r"np.transpose\(x, \(0, 2, 3, 1\)\)"):
+      data.load_npz(path)
+
+  def test_one_hot_labels_are_read_as_indices_with_a_warning(self):
+    eye = np.eye(4, dtype="float32")
+    path = _write_npz(self.dir, y_train=eye[np.arange(20) % 4], y_test=eye[np.arange(6) % 4])
+    with self.assertWarnsRegex(UserWarning, r"one-hot \(20, 4\).*np.argmax"):
+      ds = data.load_npz(path)
+    self.assertAllEqual(ds.train[1], np.arange(20) % 4)
+    self.assertEqual(ds.num_classes, 4)
+
+  @parameterized.named_parameters(
+      ("scores", dict(y_train=np.full((20, 4), 0.25)), r"\(20, 4\).*np.argmax\(y, 1\)"),
+      ("fractions", dict(y_train=np.arange(20) / 3), "integer class labels"),
+      ("negative", dict(y_train=np.arange(20) - 1), r"values in \[-1, 18\]"))
+  def test_labels_that_are_not_class_indices_are_refused(self, overrides, fragment):
+    path = _write_npz(self.dir, **overrides)
+    with self.assertRaisesRegex(ValueError, fragment):
+      data.load_npz(path)
+    with self.assertRaisesRegex(ValueError, fragment):  # arrays too
+      data.Dataset.from_arrays("own", (np.zeros((20, 4, 4, 3)), overrides["y_train"]),
+                               (np.zeros((2, 4, 4, 3)), np.zeros(2)))
+
+
 class TfdsTest(tf.test.TestCase, parameterized.TestCase):
 
   def _fresh_dir(self):

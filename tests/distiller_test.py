@@ -207,12 +207,17 @@ class CalibrateComposedModelTest(_TeacherCase, tf.test.TestCase, parameterized.T
     data = tf.data.Dataset.from_tensor_slices(self.x).batch(32)
     self.assertEqual(nd.calibrate_batch_norm(student, data, steps=1), 1)
 
+  def test_arrays_are_taken_in_batches_of_128(self):
+    student = nd.compose(self.teacher, {})
+    x = np.concatenate([self.x] * -(-300 // len(self.x)))[:300]
+    self.assertEqual(nd.calibrate_batch_norm(student, x), 3)  # 128 + 128 + 44
+
   def test_bad_input_is_named(self):
     data = tf.data.Dataset.from_tensor_slices(self.x).batch(32)
     with self.assertRaisesRegex(TypeError, "tf_keras Model"):
       nd.calibrate_batch_norm(lambda x: x, data)
-    with self.assertRaisesRegex(TypeError, "tf.data.Dataset"):
-      nd.calibrate_batch_norm(self.teacher, self.x)
+    with self.assertRaisesRegex(TypeError, "tf.data.Dataset, a numpy array.*got list"):
+      nd.calibrate_batch_norm(self.teacher, list(self.x))
     with self.assertRaisesRegex(ValueError, "steps"):
       nd.calibrate_batch_norm(self.teacher, data, steps=0)
     with self.assertRaisesRegex(ValueError, "empty"):

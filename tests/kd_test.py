@@ -72,6 +72,27 @@ class KnowledgeDistillerFitTest(_TeacherCase, tf.test.TestCase, parameterized.Te
     expected = np.add(self.history["soft_loss"], 0.5 * np.array(self.history["label_loss"]))
     self.assertAllClose(self.history["loss"], expected, rtol=1e-5)
 
+  def test_fit_ends_with_the_students_batchnorm_statistics_matching_its_weights(self):
+    # Re-estimating them again on the same batches, weights fixed, changes nothing; the
+    # moving averages a fit without calibration leaves are far from them.
+    moving = lambda model: [w.numpy() for w in model.weights if "moving" in w.name]
+    after_fit = moving(self.student)
+    again = keras.models.clone_model(self.student)
+    again.set_weights(self.student.get_weights())
+    nd.calibrate_batch_norm(again, testing.dataset(self.x, self.y))
+    for got, want in zip(after_fit, moving(again)):
+      self.assertAllClose(got, want, atol=1e-5)
+    lagging = _student()
+    kd = nd.KnowledgeDistiller(teacher=self.teacher, student=lagging, calibrate_steps=0)
+    kd.compile(optimizer=keras.optimizers.Adam(1e-2))
+    kd.fit(testing.dataset(self.x, self.y), epochs=4, verbose=0)
+    before = moving(lagging)
+    nd.calibrate_batch_norm(lagging, testing.dataset(self.x, self.y))
+    self.assertGreater(max(float(np.max(np.abs(a - b))) for a, b in zip(before, moving(lagging))),
+                       0.05)
+    with self.assertRaisesRegex(ValueError, "calibrate_steps must be an integer >= 0"):
+      nd.KnowledgeDistiller(teacher=self.teacher, student=lagging, calibrate_steps=-1)
+
   def test_fit_leaves_teacher_weights_and_batchnorm_statistics_unchanged(self):
     self.assertTeacherUnchanged(self.teacher_before)
 

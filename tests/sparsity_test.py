@@ -205,6 +205,46 @@ class SparseStudentTest(tf.test.TestCase, parameterized.TestCase):
     composed.save(os.path.join(self.get_temp_dir(), "dw.keras"))
     keras.models.load_model(os.path.join(self.get_temp_dir(), "dw.keras"), safe_mode=True)
 
+  def _fit(self, student, hood, epochs, steps_per_epoch=None, repeat=False):
+    a = np.random.RandomState(0).normal(size=(32,) + hood.input_shape[1:]).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices(
+        {hood.name: (a, hood.teacher(a, training=False))}).batch(8)  # 4 batches
+    distiller = nd.NeighbourhoodDistiller({hood: student})
+    distiller.compile("adam")
+    distiller.fit(data.repeat() if repeat else data, epochs=epochs,
+                  steps_per_epoch=steps_per_epoch, verbose=0)
+    return distiller
+
+  def test_without_steps_the_schedule_is_the_length_of_the_first_fit(self):
+    # 3 epochs of 4 batches: the ramp ends at step 6 and the student is at its target.
+    hood = self.hoods["stage1_unit1_conv2"]
+    student = sparsity.sparse_student(hood, 0.5)
+    self._fit(student, hood, epochs=3)
+    self.assertEqual(student.layers[-1].pruning_schedule.end_step,
+                     sparsity.schedule(0.5, 12).end_step)
+    kernel = nd.compose(self.teacher, {hood: student}).get_layer(
+        "stage1_unit1_conv2" + sparsity.SUFFIX).kernel.numpy()
+    self.assertAllClose(_zeros(kernel), 0.5, atol=0.005)
+    repeated = sparsity.sparse_student(hood, 0.5)  # steps_per_epoch says it for a repeat()
+    self._fit(repeated, hood, epochs=2, steps_per_epoch=5, repeat=True)
+    self.assertEqual(repeated.layers[-1].pruning_schedule.end_step,
+                     sparsity.schedule(0.5, 10).end_step)
+
+  def test_a_fit_of_unknown_length_asks_for_its_steps(self):
+    hood = self.hoods["stage1_unit1_conv2"]
+    with self.assertRaisesRegex(ValueError, "pass steps_per_epoch to fit.*or steps=N"):
+      self._fit(sparsity.sparse_student(hood, 0.5), hood, epochs=1, repeat=True,
+                steps_per_epoch=None)
+
+  def test_a_student_short_of_its_target_is_refused_when_composed(self):
+    # The schedule asks for 2000 steps; 4 were run: the mask is still empty.
+    hood = self.hoods["stage1_unit1_conv2"]
+    student = sparsity.sparse_student(hood, 0.5, steps=2000)
+    self._fit(student, hood, epochs=1)
+    with self.assertRaisesRegex(ValueError, r"'stage1_unit1_conv2_s' at 0.0% of 50.0% after 4 "
+                                r"steps \(its schedule ends at step 1000\).*without steps="):
+      nd.compose(self.teacher, {hood: student})
+
   def test_a_user_given_update_pruning_step_is_not_doubled(self):
     hood = self.hoods["stage1_unit1_conv2"]
     distiller = nd.NeighbourhoodDistiller({hood: sparsity.sparse_student(hood, 0.5, steps=10)})

@@ -237,7 +237,7 @@ class BottleneckTeacherInitTest(tf.test.TestCase, parameterized.TestCase):
   def test_random_init_differs_from_the_teacher(self):
     teacher = self._teacher("resnet")
     hood = _by_name(nd.split(teacher), "stage1_unit1_out")
-    student = nd.students.bottleneck(hood, 1.0)
+    student = nd.students.bottleneck(hood, 1.0, init="random")
     a = self._input(hood)
     self.assertNotAllClose(student(a, training=False), hood.teacher(a, training=False))
 

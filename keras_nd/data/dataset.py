@@ -1,11 +1,76 @@
 """`Dataset`: one interface to every data source, with the paper's preprocessing built in."""
 
+import warnings
+
 import numpy as np
 
 from keras_nd._keras import tf
 from keras_nd.data import preprocessing
 
 SPLITS = ("train", "validation", "test")
+# Channel counts of images as they come: grey, RGB, RGBA.
+_IMAGE_CHANNELS = (1, 3, 4)
+
+
+def as_batches(data, batch_size=128, what="dataset"):
+  """`data` as a `tf.data.Dataset`: a dataset as it is; arrays (or a tuple `(x, y, ...)` of
+  arrays, or a `Dataset`'s split) sliced along their first axis into batches of `batch_size`."""
+  if isinstance(data, tf.data.Dataset):
+    return data
+  if isinstance(data, (np.ndarray, tf.Tensor)) or (
+      isinstance(data, tuple) and data and all(isinstance(a, (np.ndarray, tf.Tensor))
+                                               for a in data)):
+    return tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
+  raise TypeError(f"{what} must be a tf.data.Dataset, a numpy array of inputs or a tuple of "
+                  f"arrays (x, y); got {type(data).__name__}.")
+
+
+def checked_images(name, split, x):
+  """`x` as images (N, H, W, C), or a ValueError naming the fix for images laid out otherwise.
+
+  Grey images (N, H, W) get a channel axis. Images whose second axis looks
+  like channels (1, 3 or 4) while their last does not, `(N, C, H, W)`, are
+  refused: read as channels-last they would be a different image, silently.
+  """
+  x = np.asarray(x)
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.ndim != 4 or not np.issubdtype(x.dtype, np.number):
+    raise ValueError(f"Dataset {name!r}: x_{split} must be numeric images (N, H, W, C) or "
+                     f"(N, H, W); got shape {x.shape}, dtype {x.dtype}.")
+  if x.shape[1] in _IMAGE_CHANNELS and x.shape[-1] not in _IMAGE_CHANNELS:
+    raise ValueError(f"Dataset {name!r}: x_{split} has shape {x.shape}, which looks channels-first "
+                     f"(N, C, H, W); keras_nd reads images channels-last (N, H, W, C). Pass "
+                     f"np.transpose(x, (0, 2, 3, 1)).")
+  if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+    raise ValueError(f"Dataset {name!r}: x_{split} has NaN or infinite values (first at image "
+                     f"{int(np.argmin(np.isfinite(x).reshape(len(x), -1).all(1)))}).")
+  return x
+
+
+def checked_labels(name, split, y):
+  """Integer class labels (N,) from `y`: (N,), (N, 1), or one-hot (N, classes) with a warning.
+
+  Raises a ValueError for labels that are not whole numbers, or negative.
+  """
+  y = np.asarray(y)
+  if not np.issubdtype(y.dtype, np.number) and y.dtype != bool:
+    raise ValueError(f"Dataset {name!r}: y_{split} must hold integer class labels; got dtype "
+                     f"{y.dtype}.")
+  if y.ndim == 2 and y.shape[1] > 1:
+    one_hot = np.all((y == 0) | (y == 1)) and np.all(y.sum(1) == 1)
+    if not one_hot:
+      raise ValueError(f"Dataset {name!r}: y_{split} has shape {y.shape}; labels must be class "
+                       f"indices (N,) (or one-hot rows). Pass np.argmax(y, 1) for scores.")
+    warnings.warn(f"Dataset {name!r}: y_{split} is one-hot {y.shape}; read as class indices "
+                  f"np.argmax(y, 1).", stacklevel=3)
+    y = np.argmax(y, 1)
+  y = y.reshape(-1) if y.ndim == 2 else y
+  if y.ndim != 1 or np.any(y != np.round(y)) or (y.size and y.min() < 0):
+    raise ValueError(f"Dataset {name!r}: y_{split} must hold integer class labels >= 0, shape "
+                     f"(N,); got shape {y.shape}, dtype {y.dtype}" +
+                     (f", values in [{y.min()}, {y.max()}]." if y.size else "."))
+  return y.astype("int32")
 
 
 class Dataset:
@@ -71,22 +136,26 @@ class Dataset:
     Args:
       name: the dataset's name, used in messages.
       train, test, validation: `(images, labels)` with images `(N, H, W, C)`
-        of any real dtype (e.g. uint8 in [0, 255]) and integer labels `(N,)`;
-        `validation` may be None (no validation split).
+        (or grey `(N, H, W)`) of any real dtype (e.g. uint8 in [0, 255]) and
+        integer labels `(N,)` (or `(N, 1)`; one-hot rows are read as their
+        argmax, with a warning); `validation` may be None (no validation
+        split).
       num_classes: number of classes; defaults to the largest label + 1.
 
     Returns:
       A `Dataset` whose `train`, `validation` and `test` are the given arrays.
 
     Raises:
-      ValueError: if the images are not 4-D, the splits disagree on the image
-        shape, counts of images and labels differ, a split is empty, or a
-        label is negative or not below `num_classes`.
+      ValueError: if the images are not 4-D or look channels-first, the
+        splits disagree on the image shape, counts of images and labels
+        differ, a split is empty, or a label is not a whole number in
+        `[0, num_classes)`.
     """
     arrays = {"train": train, "test": test}
     if validation is not None:
       arrays["validation"] = validation
-    arrays = {split: (np.asarray(x), np.asarray(y)) for split, (x, y) in arrays.items()}
+    arrays = {split: (checked_images(name, split, x), checked_labels(name, split, y))
+              for split, (x, y) in arrays.items()}
     shape = arrays["train"][0].shape[1:]
     for split, (x, y) in arrays.items():
       if x.ndim != 4 or y.shape != x.shape[:1] or not len(x):

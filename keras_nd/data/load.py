@@ -12,7 +12,7 @@ import numpy as np
 
 from keras_nd._keras import tf
 from keras_nd.data import preprocessing
-from keras_nd.data.dataset import SPLITS, Dataset
+from keras_nd.data.dataset import SPLITS, Dataset, checked_images, checked_labels
 from keras_nd.data.embedded import NUM_TEST, NUM_TRAIN, embedded
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -79,9 +79,12 @@ def load_npz(path, num_train=None, num_test=None, num_validation=0):
   """A dataset from an `.npz` file holding x_train, y_train, x_test and y_test.
 
   The file is read with `allow_pickle=False`: it must hold plain numeric
-  arrays. Images are `(N, H, W, C)` of any real dtype; grey images
-  `(N, H, W)` get a channel axis. Labels are flattened (so `(N, 1)` is fine)
-  and cast to int32. The number of classes is the largest label + 1.
+  arrays. Images are channels-last `(N, H, W, C)` of any real dtype (a
+  layout that looks channels-first, `(N, C, H, W)`, is refused with the
+  transpose that fixes it); grey images `(N, H, W)` get a channel axis.
+  Labels are class indices `(N,)` or `(N, 1)`, cast to int32 (one-hot rows
+  are read as their argmax, with a warning). The number of classes is the
+  largest label + 1.
 
   Args:
     path: the `.npz` file.
@@ -122,23 +125,13 @@ def load_npz(path, num_train=None, num_test=None, num_validation=0):
   _check_count("num_validation", num_validation, allow_zero=True)
   splits = {}
   for split in ("train", "test"):
-    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-    if x.ndim == 3:
-      x = x[..., None]
-    if x.ndim != 4 or not np.issubdtype(x.dtype, np.number):
-      raise ValueError(f"npz dataset {path!r}: x_{split} must be numeric images (N, H, W, C) or "
-                       f"(N, H, W); got shape {x.shape}, dtype {x.dtype}.")
-    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
-      raise ValueError(f"npz dataset {path!r}: x_{split} has NaN or infinite values (first at "
-                       f"image {int(np.argmin(np.isfinite(x).reshape(len(x), -1).all(1)))}).")
-    y = y.reshape(-1)
-    if not np.issubdtype(y.dtype, np.number) or np.any(y != np.round(y)):
-      raise ValueError(f"npz dataset {path!r}: y_{split} must hold integer class labels; got dtype "
-                       f"{y.dtype}.")
+    name = f"npz:{path}"
+    x = checked_images(name, split, arrays[f"x_{split}"])
+    y = checked_labels(name, split, arrays[f"y_{split}"])
     if len(y) != len(x):
       raise ValueError(f"npz dataset {path!r}: x_{split} has {len(x)} images but y_{split} "
                        f"{len(y)} labels.")
-    splits[split] = (x, y.astype("int32"))
+    splits[split] = (x, y)
   x, y = splits["train"]
   splits["validation"] = (x[:num_validation], y[:num_validation]) if num_validation else None
   splits["train"] = (x[num_validation:], y[num_validation:])
