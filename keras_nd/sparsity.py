@@ -128,9 +128,10 @@ def _check_finished(model):
       values = mask.numpy()
       reached = 1 - np.count_nonzero(values) / max(1, values.size)
       if reached < target - max(0.005, 1.5 / max(1, values.size)):
+        steps = max(0, int(wrapper.pruning_step.numpy()))
         short.append(f"'{wrapper.layer.name}' at {100 * reached:.1f}% of {100 * target:.1f}% "
-                     f"after {max(0, int(wrapper.pruning_step.numpy()))} steps (its schedule ends at "
-                     f"step {getattr(wrapper.pruning_schedule, 'end_step', -1)})")
+                     f"after {steps} steps (its schedule ends at step "
+                     f"{getattr(wrapper.pruning_schedule, 'end_step', -1)})")
   if short:
     raise ValueError(
         f"Pruning has not reached its target: {'; '.join(short)}. Train for the steps the "

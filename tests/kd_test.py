@@ -75,7 +75,8 @@ class KnowledgeDistillerFitTest(_TeacherCase, tf.test.TestCase, parameterized.Te
   def test_fit_ends_with_the_students_batchnorm_statistics_matching_its_weights(self):
     # Re-estimating them again on the same batches, weights fixed, changes nothing; the
     # moving averages a fit without calibration leaves are far from them.
-    moving = lambda model: [w.numpy() for w in model.weights if "moving" in w.name]
+    def moving(model):
+      return [w.numpy() for w in model.weights if "moving" in w.name]
     after_fit = moving(self.student)
     again = keras.models.clone_model(self.student)
     again.set_weights(self.student.get_weights())
