@@ -8,7 +8,7 @@ G-ND distils every residual unit from Gaussian-noise inputs, G-ND+FT
 fine-tunes it by KD on Gaussian-noise images, GN-KD trains the whole student
 by KD on Gaussian-noise images; CE (trained on the data) is the reference.
 With --teacher and without ce, only the test split is read. It writes
-WORKDIR/results.json and prints a table shaped like the paper's Table 3b.
+WORKDIR/data_free_results.json and prints a table shaped like the paper's Table 3b.
 """
 
 import os
@@ -23,11 +23,10 @@ from keras_nd.experiments import common, data_free  # noqa: E402
 
 FLAGS = flags.FLAGS
 common.define_flags(workdir="workdir/data_free")
+flags.adopt_module_key_flags(common)  # --help lists the shared data and teacher flags too
 flags.DEFINE_list("multipliers", [f"{k:g}" for k in data_free.MULTIPLIERS],
                   "Bottleneck multipliers k of the students.")
 flags.DEFINE_list("methods", list(data_free.METHODS), "Any of ce, gnd, gnd_ft, gnkd.")
-flags.DEFINE_string("teacher", None, "A trained teacher (.keras); default: train one on the "
-                    "training split, or reuse it from --workdir.")
 flags.DEFINE_enum("noise", "teacher", list(data_free.NOISES), "Each unit's input noise: "
                   "per-channel statistics read from the teacher's BatchNorm layers, or N(0, 1) "
                   "(the paper).")
@@ -57,9 +56,9 @@ def main(argv):
                   ft=FLAGS.ft_epochs, gnkd=FLAGS.gnkd_epochs),
       steps_per_epoch=FLAGS.steps_per_epoch, nd_learning_rate=FLAGS.nd_learning_rate,
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, solver=FLAGS.solver,
-      verbose=FLAGS.verbose)
+      trusted=FLAGS.trusted, verbose=FLAGS.verbose)
   print(data_free.table(results))
-  print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")
+  print(f"Results written to {common.results_path(FLAGS.workdir, 'data_free')}")
 
 
 if __name__ == "__main__":

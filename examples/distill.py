@@ -22,7 +22,7 @@ from TF_CONFIG; each worker runs the same command, then one runs --compose):
 A killed run started again with the same command resumes: finished work is
 reused, ND, KD and fine-tuning go on from their last epoch.
 
-It writes WORKDIR/results.json (the configuration, one row per method and
+It writes WORKDIR/distill_results.json (the configuration, one row per method and
 multiplier, timings, time-to-accuracy speed-ups, accuracy curves) and prints
 tables shaped like the paper's Tables 1, 5 and 6.
 """
@@ -40,6 +40,7 @@ from keras_nd.experiments import common, distill  # noqa: E402
 
 FLAGS = flags.FLAGS
 common.define_flags(workdir="workdir/distill")
+flags.adopt_module_key_flags(common)  # --help lists the shared data and teacher flags too
 flags.DEFINE_list("multipliers", ["0.5"], "Bottleneck multipliers k of the students.")
 flags.DEFINE_list("methods", list(distill.METHODS), "Any of ce, kd, nd, nd_ft.")
 flags.DEFINE_integer("lookahead", 0, "Look-ahead depth of neighbourhood distillation.")
@@ -93,15 +94,15 @@ def main(argv):
       epochs=dict(teacher=FLAGS.teacher_epochs, ce=FLAGS.ce_epochs, kd=FLAGS.kd_epochs,
                   nd=FLAGS.nd_epochs, ft=FLAGS.ft_epochs),
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, student_init=FLAGS.student_init,
-      solver=FLAGS.solver, channels=FLAGS.channels,
-      verbose=FLAGS.verbose, neighbourhoods=FLAGS.neighbourhoods, shard=FLAGS.shard,
-      compose=FLAGS.compose, devices=FLAGS.devices, strategy=strategy)
+      solver=FLAGS.solver, channels=FLAGS.channels, verbose=FLAGS.verbose,
+      neighbourhoods=FLAGS.neighbourhoods, shard=FLAGS.shard, compose=FLAGS.compose,
+      devices=FLAGS.devices, strategy=strategy, **common.teacher_from_flags(FLAGS))
   if "distilled" in results:
     print(f"Distilled {', '.join(results['distilled'])}: students written to "
           f"{results['directory']}")
     return
   print(distill.table(results))
-  print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")
+  print(f"Results written to {common.results_path(FLAGS.workdir, 'distill')}")
 
 
 if __name__ == "__main__":

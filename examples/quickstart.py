@@ -15,7 +15,7 @@ from keras_nd.experiments import common, quickstart  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdir/quickstart", "Where to write the teacher, cache, student "
-                    "and results.json.")
+                    "and quickstart_results.json.")
 flags.DEFINE_float("k", 0.5, "Bottleneck multiplier of the students, in (0, 1].")
 flags.DEFINE_integer("depth", 8, "ResNet depth (6n+2).")
 flags.DEFINE_integer("teacher_epochs", 8, "Teacher training epochs (skipped if already trained).")

@@ -5,7 +5,7 @@
   python examples/sparsify.py --dataset=cifar10 --data_dir=~/tensorflow_datasets
 
 Every convolution but the first (and not the classifier) is pruned by
-magnitude with tfmot's polynomial schedule. It writes WORKDIR/results.json
+magnitude with tfmot's polynomial schedule. It writes WORKDIR/sparsify_results.json
 (one row per method and sparsity: accuracy, seconds, measured sparsity, gzip
 size of the weights) and prints a table shaped like the paper's Table 3a.
 """
@@ -22,6 +22,7 @@ from keras_nd.experiments import common, sparsify  # noqa: E402
 
 FLAGS = flags.FLAGS
 common.define_flags(workdir="workdir/sparsify", teacher_epochs=sparsify.EPOCHS["teacher"])
+flags.adopt_module_key_flags(common)  # --help lists the shared data and teacher flags too
 flags.DEFINE_list("sparsities", [str(s) for s in sparsify.SPARSITIES], "Target sparsities.")
 flags.DEFINE_list("methods", list(sparsify.METHODS), "Any of nd, kd.")
 flags.DEFINE_enum("solver", "gradient", ["gradient", "lstsq"], "How ND's sparse students are "
@@ -55,9 +56,10 @@ def main(argv):
       calibrate=FLAGS.calibrate, solver=FLAGS.solver, mask=FLAGS.mask,
       m_by_n=[int(v) for v in FLAGS.m_by_n] if FLAGS.m_by_n else None,
       rates=dict(nd=FLAGS.nd_learning_rate, kd=FLAGS.kd_learning_rate),
-      batch_size=FLAGS.batch_size, seed=FLAGS.seed, verbose=FLAGS.verbose)
+      batch_size=FLAGS.batch_size, seed=FLAGS.seed, verbose=FLAGS.verbose,
+      **common.teacher_from_flags(FLAGS))
   print(sparsify.table(results))
-  print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")
+  print(f"Results written to {common.results_path(FLAGS.workdir, 'sparsify')}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
   python examples/student_search.py
   python examples/student_search.py --multipliers=0.25,0.5,0.75,1 --drops=0.01,0.02
 
-It writes WORKDIR/results.json (the candidates' quality table, the
+It writes WORKDIR/student_search_results.json (the candidates' quality table, the
 params-versus-predicted-drop frontier, and every chosen student before and
 after fine-tuning) and prints one line per student. Candidates are stored in
 WORKDIR/candidates; a second run trains none of them again.
@@ -21,6 +21,7 @@ from keras_nd.experiments import common, student_search  # noqa: E402
 
 FLAGS = flags.FLAGS
 common.define_flags(workdir="workdir/student_search")
+flags.adopt_module_key_flags(common)  # --help lists the shared data and teacher flags too
 flags.DEFINE_list("multipliers", [f"{k:g}" for k in student_search.MULTIPLIERS],
                   "Candidate bottleneck multipliers of every unit.")
 flags.DEFINE_list("drops", [f"{d:g}" for d in student_search.DROPS],
@@ -43,9 +44,10 @@ def main(argv):
       multipliers=[float(k) for k in FLAGS.multipliers], drops=[float(d) for d in FLAGS.drops],
       uniform=[float(k) for k in FLAGS.uniform],
       epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs, ft=FLAGS.ft_epochs),
-      batch_size=FLAGS.batch_size, seed=FLAGS.seed, solver=FLAGS.solver, verbose=FLAGS.verbose)
+      batch_size=FLAGS.batch_size, seed=FLAGS.seed, solver=FLAGS.solver, verbose=FLAGS.verbose,
+      **common.teacher_from_flags(FLAGS))
   print(student_search.table(results))
-  print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")
+  print(f"Results written to {common.results_path(FLAGS.workdir, 'student_search')}")
 
 
 if __name__ == "__main__":

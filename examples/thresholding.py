@@ -6,7 +6,7 @@
 It trains (or reuses) a teacher and a noise-trained teacher, sweeps relative
 Gaussian noise on the residual units' outputs and on the kernels, distils both
 teachers' units, and checks each ND student's error against its unit's
-threshold. It writes WORKDIR/results.json, figure1.png, figure1_units.png,
+threshold. It writes WORKDIR/thresholding_results.json, figure1.png, figure1_units.png,
 figure4.png and figure5.png (in --figures_dir, default WORKDIR), and prints
 the thresholds, Table 4 and the diagnosis.
 """
@@ -23,6 +23,7 @@ from keras_nd.experiments import common, thresholding  # noqa: E402
 
 FLAGS = flags.FLAGS
 common.define_flags(workdir="workdir/thresholding")
+flags.adopt_module_key_flags(common)  # --help lists the shared data and teacher flags too
 flags.DEFINE_list("epsilons", [f"{e:g}" for e in thresholding.EPSILONS],
                   "Relative output-noise amplitudes (times each unit's output RMS).")
 flags.DEFINE_list("weight_epsilons", [f"{e:g}" for e in thresholding.WEIGHT_EPSILONS],
@@ -48,9 +49,10 @@ def main(argv):
       weight_epsilons=[float(e) for e in FLAGS.weight_epsilons], drop=FLAGS.drop,
       epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs),
       figures_dir=FLAGS.figures_dir, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-      solver=FLAGS.solver, verbose=FLAGS.verbose)
+      solver=FLAGS.solver, verbose=FLAGS.verbose,
+      **common.teacher_from_flags(FLAGS))
   print(thresholding.table(results))
-  print(f"Results written to {os.path.join(FLAGS.workdir, 'results.json')}")
+  print(f"Results written to {common.results_path(FLAGS.workdir, 'thresholding')}")
 
 
 if __name__ == "__main__":

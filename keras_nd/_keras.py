@@ -6,13 +6,34 @@ TensorFlow first touches Keras, which is why every other module takes `keras`
 (and `tf`) from here instead of importing them itself.
 """
 
+import contextlib
 import os
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+
+@contextlib.contextmanager
+def _start_up_lines_hidden():
+  """At TF_CPP_MIN_LOG_LEVEL=3 (fatal only; the binaries' default), the lines TensorFlow's
+  native libraries print while they load, before they read that setting (twice, one set per
+  library), are hidden: standard error is closed for the import only."""
+  if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "3":
+    yield
+    return
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+with _start_up_lines_hidden():
+  import tensorflow as tf  # noqa: E402
+  import tf_keras as keras  # noqa: E402
 
 KerasTensor = type(keras.Input((1,)))
 

@@ -225,9 +225,10 @@ class ActivationSource:
       `teacher`).
     dataset: a `tf.data.Dataset` of teacher inputs, batched or not, of
       `x` or `(x, y, ...)` elements (labels are ignored), or a numpy array
-      of teacher inputs. For a cache it
-      should be deterministic (no shuffling or augmentation): the cache is
-      keyed by its first batch.
+      of teacher inputs. For a cache it should be deterministic (no
+      shuffling or augmentation): the cache is keyed by a digest of all its
+      inputs, streamed once before the cache is opened (a dataset whose
+      content changed anywhere never meets the old cache).
     cache_dir: where to store the activations; None for online extraction.
     dtype: storage dtype of the cache: "float16", "bfloat16" or "float32".
       Batches are always served as float32.
@@ -235,8 +236,8 @@ class ActivationSource:
       neighbourhoods that follow each one (for look-ahead losses).
     records_batch: examples per teacher pass when building the cache.
     shard_bytes: approximate size of one cache shard file.
-    data_fingerprint: a string naming the data, used instead of hashing the
-      dataset's first batch to recognise the cache.
+    data_fingerprint: a string naming the data, used instead of hashing
+      the dataset's inputs to recognise the cache.
     verify: check every shard's CRC-32 when opening an existing cache.
     verbose: 1 prints the cache size and a progress bar while building.
 
@@ -263,6 +264,8 @@ class ActivationSource:
       raise ValueError(f"lookahead must be a non-negative integer; got {lookahead!r}.")
     self.dtype = dtype
     self.lookahead = lookahead
+    if cache_dir is not None:
+      cache_dir = files.writable_directory(cache_dir, "cache_dir")
     self.cache_dir = cache_dir
     self.verbose = verbose
     self._layout = _layout(self.hoods, lookahead)
@@ -275,7 +278,8 @@ class ActivationSource:
     if dataset is None:
       self.manifest = None
       return
-    self._inputs, self._examples_hint = _batched_inputs(teacher, dataset, records_batch)
+    self._inputs, self._examples_hint, self._exact = _batched_inputs(teacher, dataset,
+                                                                     records_batch)
     self.manifest = None
     if cache_dir is not None:
       self.manifest = _CacheBuilder(self, records_batch, shard_bytes, data_fingerprint,
@@ -332,8 +336,11 @@ class ActivationSource:
 
   @property
   def num_examples(self):
-    """Examples per epoch in cached mode (None otherwise)."""
-    return self.manifest["examples"] if self.manifest else None
+    """Examples per epoch: those of the cache, or online those of a dataset whose length is
+    known exactly (arrays, unbatched datasets of known cardinality); None otherwise."""
+    if self.manifest:
+      return self.manifest["examples"]
+    return self._examples_hint if self._noise is None and self._exact else None
 
   def extract(self, x):
     """All needed activations of a batch of teacher inputs, one forward pass: {key: tensor}."""
@@ -364,6 +371,9 @@ class ActivationSource:
     if self.mode == "online":
       ds = self._inputs.unbatch().batch(batch_size).map(
           self.extract, num_parallel_calls=tf.data.AUTOTUNE)
+      if self.num_examples:  # fit can then tell how many steps an epoch has
+        ds = ds.apply(tf.data.experimental.assert_cardinality(
+            -(-self.num_examples // batch_size)))
     else:
       ds = self._cached_dataset(batch_size, shuffle, seed, shuffle_bytes)
     return ds.map(self._arrange, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
@@ -524,7 +534,10 @@ def _all_tensors(model):
 
 
 def _batched_inputs(teacher, dataset, batch_size):
-  """The dataset's teacher inputs, in batches of `batch_size`, whatever its own batching."""
+  """The dataset's teacher inputs, in batches of `batch_size`, whatever its own batching; the
+  number of examples (an upper bound, negative when unknown) and whether it is exact."""
+  if isinstance(dataset, np.ndarray):
+    dataset = tf.data.Dataset.from_tensor_slices(dataset)
   dataset = as_batches(dataset, batch_size)
   spec = dataset.element_spec
   if isinstance(spec, (tuple, list)):
@@ -534,9 +547,11 @@ def _batched_inputs(teacher, dataset, batch_size):
     raise ValueError(f"dataset elements must be x or (x, y, ...) with x one tensor; got {spec}.")
   want = tuple(teacher.inputs[0].shape[1:])
   got = tuple(spec.shape)
-  examples = int(dataset.cardinality())  # an upper bound; negative when unknown
+  examples = int(dataset.cardinality())  # negative when unknown
+  exact = examples >= 0  # of examples, or of batches of a static size (drop_remainder)
   if len(got) == len(want) + 1:
-    examples = examples * got[0] if examples >= 0 and got[0] is not None else -1
+    exact = exact and got[0] is not None
+    examples = examples * got[0] if exact else -1
     dataset = dataset.unbatch()
     got = got[1:]
   if len(got) != len(want) or any(g is not None and w is not None and g != w
@@ -544,7 +559,7 @@ def _batched_inputs(teacher, dataset, batch_size):
     raise ValueError(f"dataset examples have shape {got} but teacher '{teacher.name}' takes "
                      f"{want}.")
   dtype = teacher.inputs[0].dtype
-  return dataset.map(lambda x: tf.cast(x, dtype)).batch(batch_size), examples
+  return dataset.map(lambda x: tf.cast(x, dtype)).batch(batch_size), examples, exact
 
 
 class _CacheBuilder:
@@ -558,11 +573,17 @@ class _CacheBuilder:
     self.data_fingerprint = data_fingerprint
     self.verify = verify
 
-  def _spec(self, first):
+  def _spec(self):
     data_id = self.data_fingerprint
-    if data_id is None:
-      digest = hashlib.sha256(np.ascontiguousarray(first.numpy()).tobytes())
-      data_id = "first-batch-sha256:" + digest.hexdigest()
+    if data_id is None:  # every input, streamed: reading them is cheap beside the teacher
+      digest = hashlib.sha256()
+      count = 0
+      for x in self.source._inputs:  # pylint: disable=protected-access
+        digest.update(np.ascontiguousarray(x.numpy()).tobytes())
+        count += int(x.shape[0])
+      if not count:
+        raise ValueError(f"The dataset for the activation cache in '{self.dir}' is empty.")
+      data_id = f"sha256:{digest.hexdigest()}:{count}"
     return {
         "format": _FORMAT,
         "teacher": self.source.teacher.name,
@@ -572,10 +593,9 @@ class _CacheBuilder:
     }
 
   def open_or_build(self):
-    first = next(iter(self.source._inputs.take(1)), None)  # pylint: disable=protected-access
-    if first is None:
+    if next(iter(self.source._inputs.take(1)), None) is None:  # pylint: disable=protected-access
       raise ValueError(f"The dataset for the activation cache in '{self.dir}' is empty.")
-    spec = self._spec(first)
+    spec = self._spec()
     # Jobs sharing the directory take turns: one builds, the others then find it complete.
     with files.locked(os.path.join(self.dir, ".lock")):
       manifest = read_manifest(self.dir)
@@ -687,6 +707,11 @@ class _ShardWriter:
       self._close()
     except Exception as e:  # pylint: disable=broad-except
       self._error = e
+      if files.disk_full(e):
+        self._error = OSError(e.errno, f"The disk holding the activation cache in '{self.dir}' "
+                              "is full: free space, choose another cache_dir, use "
+                              "dtype='float16', or use online mode (cache_dir=None). The "
+                              "incomplete cache is removed by the next build.")
       while self._queue.get() is not None:
         pass
 

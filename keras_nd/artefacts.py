@@ -135,7 +135,7 @@ class _EpochLog(keras.callbacks.Callback):
     files.write_json(self.path, self.epochs)
 
 
-def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128,
+def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_size=128,
            learning_rate=2e-3, seed=0, lookahead=0, devices=None, calibrate_steps=50,
            strategy=None, solver="gradient", ridge=1e-3, channels=None, subsample=1, verbose=1):
   """Distils every student that has no artefact yet, all at once; loads the rest.
@@ -153,7 +153,7 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
       neighbourhoods.
     directory: the shared directory of artefacts.
     epochs, batch_size, learning_rate, seed: the gradient distillation's
-      settings (`epochs` is not used by solver="lstsq")
+      settings (`epochs`, required for them, is not used by solver="lstsq")
       (Adam, cosine decay). Every student is built right after seeding Keras
       with `seed`, and a source's batches depend only on `seed` and the
       neighbourhoods it serves, so a student comes out the same whichever
@@ -189,6 +189,10 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
   if solver != "gradient" and strategy is not None:
     raise ValueError(f"solver={solver!r} solves in one process: distil without a strategy "
                      "(the solve is a pass or two over the data), or use solver='gradient'.")
+  if solver != "lstsq" and (isinstance(epochs, bool) or not isinstance(epochs, int) or
+                            epochs < 1):
+    raise ValueError(f"solver={solver!r} trains for `epochs` gradient epochs: pass a positive "
+                     f"integer; got epochs={epochs!r}.")
   gradient_epochs = 0 if solver == "lstsq" else epochs
   store_dir = store(directory, teacher)
   trained, pending = {}, {}
@@ -227,6 +231,9 @@ def distil(teacher, hoods, candidates, source, directory, epochs, batch_size=128
       rate = (keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps
               else learning_rate)
       distiller.compile(keras.optimizers.Adam(rate))
+      if graph.prunes(distiller):  # schedules of every epoch, not of the first fit only
+        from keras_nd import sparsity  # pylint: disable=g-import-not-at-top  (tfmot)
+        sparsity.derive_schedules(distiller, steps)
       # Checkpointed after every epoch; epoch j is one `fit` call on batches seeded by (seed, j).
       distiller.optimizer.build(distiller.trainable_variables)
     os.makedirs(backup, exist_ok=True)

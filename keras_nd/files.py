@@ -3,6 +3,7 @@ and loading models safely.
 """
 
 import contextlib
+import errno
 import json
 import os
 
@@ -29,6 +30,33 @@ def locked(path):
     finally:
       if fcntl is not None:
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def writable_directory(path, what="directory"):
+  """Makes sure `path` is a directory this process can write to (created if absent); returns it.
+
+  Raises:
+    NotADirectoryError: `path` is a file.
+    PermissionError: it cannot be created, or is not writable.
+  """
+  path = os.fspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"The {what} '{path}' is a file, not a directory; pass a directory "
+                             "(it is created if absent).")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as error:
+    raise PermissionError(f"The {what} '{path}' cannot be created: {error.strerror}. Choose a "
+                          "directory you can write to.") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise PermissionError(f"The {what} '{path}' is not writable; choose a directory you can "
+                          "write to, or fix its permissions.")
+  return path
+
+
+def disk_full(error):
+  """Whether an OSError says the disk is full (or the quota is spent)."""
+  return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_json(path, value):
@@ -68,8 +96,13 @@ def load_model(path, trusted=False):
   try:
     return keras.models.load_model(path, safe_mode=not trusted)
   except (OSError, ValueError, TypeError, KeyError) as error:
+    message = str(error)
+    if "safe_mode" in message:  # Keras's advice names its own argument, not this function's
+      raise ValueError(f"'{path}' holds a Lambda layer (Python code that would run when it is "
+                       "loaded), which safe mode refuses. If you trust the file, load it with "
+                       "trusted=True.") from None
     raise ValueError(f"'{path}' is not a readable Keras model: {type(error).__name__}: "
-                     f"{str(error)[:500]}") from None
+                     f"{message[:500]}") from None
 
 
 def save_model(path, model, info=None):

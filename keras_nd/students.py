@@ -1,4 +1,4 @@
-"""Student builders for neighbourhoods: `bottleneck`, `clone`.
+"""Student builders for neighbourhoods: `bottleneck`, `clone`; `narrowable` units for them.
 
 A student neighbourhood is any model with the neighbourhood's input and output
 shapes. These builders rebuild the teacher neighbourhood's own graph (through
@@ -12,6 +12,7 @@ import numpy as np
 
 from keras_nd import graph
 from keras_nd._keras import keras
+from keras_nd.neighbourhood import split
 
 SUFFIX = "_s"
 
@@ -85,6 +86,70 @@ def inner_layers(hood):
 
   return [node.layer for node in hood.nodes
           if _width_key(node.layer) and all(absorbed(t) for t in graph.output_tensors(node))]
+
+
+def narrowable(model):
+  """The neighbourhoods of `model` that bottleneck students can stand for, and what was done.
+
+  `split(model)` less its first and last neighbourhoods (the stem and the
+  head, which the paper leaves to the teacher). A residual unit is a
+  neighbourhood as it is. A plain chain gives one neighbourhood per
+  convolution, none of which a bottleneck can narrow alone (its only
+  convolution is its output): consecutive ones are distilled in twos (an odd
+  run ends in a three), the first convolution of each group narrowed, the
+  next one absorbing it; one left alone, or a group that still has nothing
+  to narrow, stays the teacher's.
+
+  Returns:
+    (neighbourhoods, note): the neighbourhoods, in order (those of
+    `split(model)` when nothing was grouped), and a one-line description of
+    the grouping ("" when there was none).
+
+  Raises:
+    ValueError: no neighbourhood between the first and the last.
+  """
+  hoods = split(model)
+  middle = hoods[1:-1]
+  if not middle:
+    raise ValueError(f"Model '{model.name}' has no neighbourhood between its first and its last "
+                     f"({[h.name for h in hoods]}) for students to replace.")
+  groups, run = [], []
+
+  def end_run():
+    if len(run) == 1:
+      groups.append(run[:])
+    for start in range(0, len(run) - 1, 2):
+      groups.append(run[start:start + 2] if start + 3 < len(run) or len(run) - start == 2
+                    else run[start:])
+    run.clear()
+
+  for hood in middle:
+    if inner_layers(hood):
+      end_run()
+      groups.append([hood])
+    else:
+      run.append(hood)
+  end_run()
+  if all(len(group) == 1 for group in groups) and all(inner_layers(h) for h in middle):
+    return middle, ""
+  ends = [hoods[0]] + [group[-1] for group in groups]
+  regrouped = {h.name: h for h in split(model, boundaries=[h.nodes[-1].layer.name for h in ends])}
+  chosen, grouped, left = [], [], []
+  for group in groups:
+    hood = regrouped[group[-1].nodes[-1].layer.name]
+    if inner_layers(hood):
+      chosen.append(hood)
+      if len(group) > 1:
+        grouped.append("+".join(h.name for h in group))
+    else:
+      left.append("+".join(h.name for h in group))
+  if not chosen:
+    raise ValueError(f"No neighbourhood of model '{model.name}' has a layer a bottleneck can "
+                     f"narrow, alone or with its neighbours ({[h.name for h in middle]}).")
+  note = "; ".join(part for part in (
+      grouped and f"distilled together (no layer to narrow alone): {', '.join(grouped)}",
+      left and f"left to the teacher (nothing to narrow): {', '.join(left)}") if part)
+  return chosen, note
 
 
 def _student(hood, name, configure):

@@ -229,9 +229,9 @@ class ActivationSourceTest(tf.test.TestCase, parameterized.TestCase):
     counter = teacher.get_layer("counter").calls
     nd.ActivationSource(teacher, hoods, testing.dataset(self.x), cache_dir=self._cache_dir(),
                         dtype="float32", records_batch=_RECORDS_BATCH, verbose=0)
-    # Exactly one pass per record: the data fingerprint hashes the first batch
-    # of *inputs* and the example count comes from the dataset, so neither
-    # runs the teacher.
+    # Exactly one pass per record: the data fingerprint hashes the *inputs*
+    # and the example count comes from the dataset, so neither runs the
+    # teacher.
     self.assertEqual(int(counter.numpy()), -(-_EXAMPLES // _RECORDS_BATCH))
 
   def test_online_dataset_runs_the_teacher_once_per_batch(self):
@@ -307,6 +307,11 @@ class ActivationSourceTest(tf.test.TestCase, parameterized.TestCase):
     self._source(cache_dir)
     with self.assertRaisesRegex(ValueError, f"(?s){re.escape(cache_dir)}.*data"):
       self._source(cache_dir, dataset=testing.dataset(self.x + 1.0))
+    changed = self.x.copy()  # the same first batch, one later example changed
+    changed[-1] += 1.0
+    with self.assertRaisesRegex(ValueError, f"(?s){re.escape(cache_dir)}.*data"):
+      self._source(cache_dir, dataset=testing.dataset(changed))
+    self._source(cache_dir, dataset=testing.dataset(self.x, batch_size=7))  # same content
 
   def test_cache_refuses_other_dtype(self):
     cache_dir = self._cache_dir()
@@ -439,9 +444,14 @@ class ActivationSourceTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "lookahead"):
       self._source(None, lookahead=lookahead)
 
-  def test_rejects_numpy_array_as_dataset(self):
-    with self.assertRaisesRegex(TypeError, "ndarray"):
-      self._source(None, dataset=self.x)
+  def test_a_numpy_array_is_its_examples(self):
+    from_array = self._source(None, dataset=self.x)
+    from_dataset = self._source(None, dataset=testing.dataset(self.x))
+    for a, b in zip(from_array.dataset(8, shuffle=False), from_dataset.dataset(8, shuffle=False)):
+      for name in a:
+        self.assertAllClose(a[name][1], b[name][1])
+    with self.assertRaisesRegex(TypeError, "a numpy array of inputs.*got list"):
+      self._source(None, dataset=list(self.x))
 
   @parameterized.named_parameters(("batched", True), ("unbatched", False))
   def test_rejects_examples_of_the_wrong_shape_naming_both(self, batched):

@@ -23,7 +23,7 @@ class BinariesTest(tf.test.TestCase, parameterized.TestCase):
                            f"--workdir={workdir}", *flags],
                           capture_output=True, text=True, timeout=600, check=False)
     self.assertEqual(done.returncode, 0, msg=done.stderr[-3000:])
-    path = os.path.join(workdir, "results.json")
+    path = os.path.join(workdir, binary.replace(".py", "_results.json"))
     self.assertIn(f"Results written to {path}", done.stdout)
     with open(path) as f:
       return json.load(f), done.stdout

@@ -17,7 +17,7 @@ from absl.testing import parameterized
 import keras_nd as nd
 from keras_nd import activations, artefacts, data, files, sparsity
 from keras_nd._keras import keras, tf
-from keras_nd.experiments import data_free, distill
+from keras_nd.experiments import distill
 
 L = keras.layers
 
@@ -113,7 +113,7 @@ def _corrupt_keras(tmp):
   path = os.path.join(tmp, "teacher.keras")
   with open(path, "wb") as f:
     f.write(b"PK\x03\x04 this is not a model")
-  return lambda: data_free.load_teacher(path)
+  return lambda: files.load_model(path)
 
 
 def _h5_model(tmp):
@@ -151,6 +151,54 @@ def _too_little_disk(tmp):
       _source(testing.dataset(_teacher()[1]), cache_dir=os.path.join(tmp, "small"))
 
   return build
+
+
+def _cache_dir_a_file(tmp):
+  path = os.path.join(tmp, "a_file")
+  with open(path, "w") as f:
+    f.write("x")
+  return lambda: _source(testing.dataset(_teacher()[1]), cache_dir=path)
+
+
+def _cache_dir_not_writable(tmp):
+  from unittest import mock  # pylint: disable=g-import-not-at-top  (root may write anywhere)
+
+  def build():
+    with mock.patch.object(os, "access", return_value=False):
+      _source(testing.dataset(_teacher()[1]), cache_dir=os.path.join(tmp, "read_only"))
+
+  return build
+
+
+def _disk_full_while_writing(tmp):
+  import errno  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+
+  def build():
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with mock.patch.object(activations._ShardWriter, "_write_record", side_effect=full):  # pylint: disable=protected-access
+      _source(testing.dataset(_teacher()[1]), cache_dir=os.path.join(tmp, "full"))
+
+  return build
+
+
+def _short_of_its_target():
+  hood = _layer_hoods()["stage1_unit1_conv2"]
+  student = sparsity.sparse_student(hood, 0.5, steps=2000)
+  a = np.zeros((8,) + hood.input_shape[1:], "float32")
+  distiller = nd.NeighbourhoodDistiller({hood: student})
+  distiller.compile("adam")
+  distiller.fit(tf.data.Dataset.from_tensor_slices({hood.name: (a, a)}).batch(4), verbose=0)
+  return lambda: nd.compose(_teacher()[0], {hood: student})
+
+
+def _pruning_of_unknown_length():
+  hood = _layer_hoods()["stage1_unit1_conv2"]
+  a = np.zeros((8,) + hood.input_shape[1:], "float32")
+  distiller = nd.NeighbourhoodDistiller({hood: sparsity.sparse_student(hood, 0.5)})
+  distiller.compile("adam")
+  data_ = tf.data.Dataset.from_tensor_slices({hood.name: (a, a)}).batch(4).repeat()
+  return lambda: distiller.fit(data_, epochs=1, verbose=0)
 
 
 # name: (make(tmp) -> zero-argument callable that must raise, exception types, regex the
@@ -243,16 +291,37 @@ CASES = {
     "npz_pickled": (lambda tmp: _pickled_npz(tmp), ValueError, "pickled.npz.*pickled"),
     "npz_missing_keys": (lambda tmp: _npz(tmp, y_test=None), ValueError, r"\['y_test'\]"),
     "npz_negative_labels": (lambda tmp: _npz(tmp, y_train=np.array([0, 1, -1, 0])), ValueError,
-                            "train labels.*-1"),
+                            r"y_train must hold integer class labels >= 0.*\[-1, 1\]"),
     "npz_nan_images": (lambda tmp: _npz(tmp, x_test=np.full((2, 8, 8, 3), np.nan, "float32")),
                        ValueError, "x_test.*NaN"),
+    "npz_channels_first": (lambda tmp: _npz(tmp, x_train=np.zeros((4, 3, 8, 8), "float32"),
+                                            x_test=np.zeros((2, 3, 8, 8), "float32")),
+                           ValueError, r"channels-first.*np\.transpose"),
+    "npz_scores_as_labels": (lambda tmp: _npz(tmp, y_train=np.full((4, 2), 0.5)), ValueError,
+                             r"y_train has shape \(4, 2\).*np\.argmax"),
+    "npz_fractional_labels": (lambda tmp: _npz(tmp, y_train=np.array([0, 0.5, 1, 1])),
+                              ValueError, "y_train must hold integer class labels"),
+    "calibration_data_a_list": (lambda tmp: lambda: nd.calibrate_batch_norm(
+        _teacher()[0], [np.zeros((8, 8, 3))]), TypeError, "numpy array of inputs.*got list"),
+    "pruned_short_of_its_target": (lambda tmp: _short_of_its_target(), ValueError,
+                                   r"stage1_unit1_conv2_s' at 0\.0% of 50\.0%"),
+    "pruning_of_unknown_length": (lambda tmp: _pruning_of_unknown_length(), ValueError,
+                                  "stage1_unit1_conv2_s.*pass steps_per_epoch"),
+    "kd_calibration_steps": (lambda tmp: lambda: nd.KnowledgeDistiller(
+        _teacher()[0], _teacher()[0], calibrate_steps=-1), ValueError, "calibrate_steps"),
     "npz_images_of_two_sizes": (lambda tmp: _npz(tmp, x_test=np.zeros((2, 4, 4, 3), "float32")),
                                 ValueError, r"\(8, 8, 3\).*\(4, 4, 3\)"),
     # Files and work directories.
     "corrupt_keras_file": (lambda tmp: _corrupt_keras(tmp), ValueError, "teacher.keras"),
     "h5_model_untrusted": (lambda tmp: _h5_model(tmp), ValueError, r"model\.h5.*trusted=True"),
     "lambda_layer_untrusted": (lambda tmp: _lambda_model(tmp), ValueError,
-                               r"lambda_model\.keras.*Lambda"),
+                               r"lambda_model\.keras.*Lambda.*trusted=True"),
+    "cache_dir_a_file": (lambda tmp: _cache_dir_a_file(tmp), NotADirectoryError,
+                         r"cache_dir '.*a_file' is a file"),
+    "cache_dir_not_writable": (lambda tmp: _cache_dir_not_writable(tmp), PermissionError,
+                               r"cache_dir '.*read_only' is not writable"),
+    "disk_full_while_writing": (lambda tmp: _disk_full_while_writing(tmp), OSError,
+                                r"disk holding the activation cache in '.*full' is full"),
     "workdir_under_a_file": (lambda tmp: _not_a_directory(tmp), (NotADirectoryError, OSError),
                              "a_file"),
     "missing_student_artefact": (

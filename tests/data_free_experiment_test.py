@@ -9,7 +9,7 @@ import numpy as np
 import testing
 from absl.testing import parameterized
 
-from keras_nd import data
+from keras_nd import data, files
 from keras_nd._keras import keras, tf
 from keras_nd.experiments import data_free, distill
 
@@ -66,7 +66,7 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
     workdir = self.get_temp_dir()
     results = data_free.run(self._dataset(), workdir, model="resnet8", multipliers=(1.0, 0.5),
                             epochs=_TINY, steps_per_epoch=2, batch_size=16, verbose=0)
-    with open(os.path.join(workdir, "results.json")) as f:
+    with open(os.path.join(workdir, "data_free_results.json")) as f:
       self.assertEqual(json.load(f)["rows"], results["rows"])
     self.assertEqual([(r["method"], r["multiplier"]) for r in results["rows"]],
                      [(m, k) for k in (1.0, 0.5) for m in data_free.METHODS])
@@ -118,9 +118,9 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertIn("split was read", str(raised.exception))
 
   def test_with_teacher_init_a_full_width_student_starts_as_the_teacher(self):
-    teacher = data_free.load_teacher(_teacher_path())
+    teacher = files.load_model(_teacher_path())
     dataset = self._dataset()
-    runner = data_free.DataFree(teacher, "resnet8", dataset.input_shape, dataset.num_classes,
+    runner = data_free.DataFree(teacher, dataset.input_shape, dataset.num_classes,
                                 dataset.pipeline("test", 16), dict(gnd=1, ft=1, gnkd=1), 2,
                                 student_init="teacher")
     student = runner._students(1.0)  # pylint: disable=protected-access
@@ -130,9 +130,9 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
       self.assertAllClose(model(a), hood.teacher(a), atol=1e-5)
 
   def test_kd_on_noise_keeps_batch_norm_statistics_and_trains_the_rest(self):
-    teacher = data_free.load_teacher(_teacher_path())
+    teacher = files.load_model(_teacher_path())
     dataset = self._dataset()
-    runner = data_free.DataFree(teacher, "resnet8", dataset.input_shape, dataset.num_classes,
+    runner = data_free.DataFree(teacher, dataset.input_shape, dataset.num_classes,
                                 dataset.pipeline("test", 16), dict(gnd=1, ft=1, gnkd=1), 3,
                                 batch_size=8)
     keras.utils.set_random_seed(1)
@@ -168,7 +168,7 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
       ("unknown_noise", dict(noise="uniform"), ValueError, "uniform"),
       ("unknown_init", dict(student_init="zeros"), ValueError, "zeros"),
       ("bad_steps", dict(steps_per_epoch=0), ValueError, "steps_per_epoch"),
-      ("teacher_not_keras", dict(teacher="teacher.h5"), ValueError, "teacher.h5"),
+      ("teacher_not_a_model", dict(teacher=42), TypeError, "tf_keras Model or a path.*int"),
       ("teacher_missing", dict(teacher="missing/teacher.keras"), FileNotFoundError,
        "missing/teacher.keras"))
   def test_bad_arguments_are_named(self, kwargs, error, fragment):

@@ -2,7 +2,9 @@
 
 import json
 import os
+import tempfile
 
+import numpy as np
 import testing
 from absl.testing import parameterized
 
@@ -19,7 +21,7 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
     workdir = self.get_temp_dir()
     results = distill.run(dataset, workdir, model="resnet8", epochs=_TINY, batch_size=32,
                           verbose=0, **kwargs)
-    with open(os.path.join(workdir, "results.json")) as f:
+    with open(os.path.join(workdir, "distill_results.json")) as f:
       self.assertEqual(json.load(f)["rows"], results["rows"])
     return results, workdir
 
@@ -101,6 +103,26 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(FileNotFoundError, r"'k0\.25-lookahead0-\w+' .*stage1_unit1_out"):
       distill.run(dataset, workdir, model="resnet8", methods=("nd",), multipliers=(0.25,),
                   epochs=_TINY, batch_size=32, verbose=0, compose=True)
+
+  def test_the_teacher_is_keyed_by_the_data_not_by_how_its_path_is_spelled(self):
+    directory = tempfile.mkdtemp(dir=self.get_temp_dir())
+    rng = np.random.RandomState(0)
+    arrays = dict(x_train=rng.randint(0, 256, (40, 8, 8, 3)).astype("uint8"),
+                  y_train=np.arange(40) % 4, x_test=rng.randint(0, 256, (8, 8, 8, 3)),
+                  y_test=np.arange(8) % 4)
+    path = os.path.join(directory, "own.npz")
+    np.savez(path, **arrays)
+
+    def key(spec):
+      return distill.Experiment(data.get(spec, num_validation=8), "resnet8", directory,
+                                dict(teacher=1), verbose=0).key
+
+    absolute = key(f"npz:{path}")
+    self.assertEqual(key(f"npz:{os.path.relpath(path)}"), absolute)
+    self.assertEqual(key(f"npz:{os.path.join(directory, '.', 'own.npz')}"), absolute)
+    arrays["x_train"][-1] += 1  # the last training image: not in the first batch
+    np.savez(path, **arrays)
+    self.assertNotEqual(key(f"npz:{path}"), absolute)
 
   def test_a_job_selects_its_units(self):
     units = nd.split(models.resnet_v1(depth=8, input_shape=(8, 8, 3), num_classes=3))[1:-1]

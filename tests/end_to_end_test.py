@@ -33,7 +33,7 @@ class QuickstartTest(tf.test.TestCase):
     saved = float((student.predict(x_test, verbose=0).argmax(-1) == y_test).mean())
     self.assertAlmostEqual(saved, results["student"]["accuracy_nd_ft"], places=6)
     testing.assert_over_whole_split(self, results["student"]["accuracy_nd"], 64)
-    with open(os.path.join(workdir, "results.json")) as f:
+    with open(os.path.join(workdir, "quickstart_results.json")) as f:
       self.assertEqual(json.load(f)["config"]["k"], 0.5)
 
   def test_quickstart_reuses_the_trained_teacher(self):

@@ -74,8 +74,8 @@ class ScaleOutTest(tf.test.TestCase):
 
     out = self._succeeds(workdir, "--compose")
     self.assertNotIn("Distilling", out)
-    self.assertIn(f"Results written to {os.path.join(workdir, 'results.json')}", out)
-    with open(os.path.join(workdir, "results.json")) as f:
+    self.assertIn(f"Results written to {os.path.join(workdir, 'distill_results.json')}", out)
+    with open(os.path.join(workdir, "distill_results.json")) as f:
       rows = json.load(f)["rows"]
     self.assertEqual([r["method"] for r in rows], ["nd", "nd_ft"])
 
@@ -111,7 +111,7 @@ class ScaleOutTest(tf.test.TestCase):
     self.assertNotIn("Distilling", out)  # every ND student was finished
     # Killed after fine-tuning's first epoch (or, at the latest, its second).
     self.assertRegex(out, r"ft-k0\.5-lookahead0-\w+: resuming after [23] evaluations")
-    with open(os.path.join(workdir, "results.json")) as f:
+    with open(os.path.join(workdir, "distill_results.json")) as f:
       results = json.load(f)
     self.assertEqual([r["method"] for r in results["rows"]], ["nd", "nd_ft"])
     self.assertLen(results["curves"]["nd_ft@0.5/lookahead0"], 4)  # before FT and 3 epochs

@@ -18,7 +18,7 @@ class SparsifyExperimentTest(tf.test.TestCase, parameterized.TestCase):
     dataset = data.get("embedded", num_train=64, num_test=32, num_validation=16)
     results = sparsify.run(dataset, workdir, model="resnet8", sparsities=(0.5, 0.8),
                            epochs=dict(teacher=1, nd=2, kd=2), batch_size=16, verbose=0)
-    with open(os.path.join(workdir, "results.json")) as f:
+    with open(os.path.join(workdir, "sparsify_results.json")) as f:
       self.assertEqual(json.load(f)["rows"], results["rows"])
     self.assertEqual([(r["method"], r["sparsity"]) for r in results["rows"]],
                      [("nd", 0.5), ("kd", 0.5), ("nd", 0.8), ("kd", 0.8)])

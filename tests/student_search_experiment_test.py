@@ -18,7 +18,7 @@ class StudentSearchExperimentTest(tf.test.TestCase):
                   uniform=(0.5,), epochs=dict(teacher=1, nd=1, ft=1), batch_size=16,
                   verbose=0)
     results = student_search.run(dataset, workdir, **kwargs)
-    self.assertTrue(os.path.exists(os.path.join(workdir, "results.json")))
+    self.assertTrue(os.path.exists(os.path.join(workdir, "student_search_results.json")))
     methods = [(r["method"], r["setting"]) for r in results["rows"]]
     self.assertEqual(methods, [("greedy", 0.5), ("uniform", 0.5),
                                ("budgeted", results["rows"][2]["setting"])])

@@ -38,6 +38,29 @@ def tiny_chain(input_shape=(8, 8, 3), num_classes=3, seed=0):
   return keras.Model(inputs, outputs, name="tiny_chain")
 
 
+def own_cnn(input_shape=(8, 8, 3), num_classes=3, seed=0, width=8):
+  """A user's own CNN, not a ResNet of the project's: a stem, a plain chain of two
+  conv-BN-ReLU layers, two residual blocks, a head; Keras's default BatchNorm momentum."""
+  keras.utils.set_random_seed(seed)
+
+  def conv_bn_relu(x, name, filters=width):
+    x = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = L.BatchNormalization(name=f"{name}_bn")(x)
+    return L.ReLU(name=f"{name}_relu")(x)
+
+  inputs = keras.Input(input_shape, name="image")
+  x = conv_bn_relu(inputs, "stem")
+  x = conv_bn_relu(x, "chain1")
+  x = conv_bn_relu(x, "chain2")
+  for block in ("block1", "block2"):
+    y = conv_bn_relu(x, f"{block}_a")
+    y = L.Conv2D(width, 3, padding="same", use_bias=False, name=f"{block}_b_conv")(y)
+    y = L.BatchNormalization(name=f"{block}_b_bn")(y)
+    x = L.ReLU(name=f"{block}_out")(L.Add(name=f"{block}_add")([x, y]))
+  x = L.GlobalAveragePooling2D(name="pool")(x)
+  return keras.Model(inputs, L.Dense(num_classes, name="logits")(x), name="own_cnn")
+
+
 def two_inputs():
   """A functional model with two inputs (which keras_nd refuses)."""
   a, b = keras.Input((3,)), keras.Input((3,))

@@ -21,7 +21,7 @@ class ThresholdingExperimentTest(tf.test.TestCase, parameterized.TestCase):
     results = thresholding.run(dataset, workdir, model="resnet8", epsilons=(0.0, 0.5),
                                seeds=(0,), sigma=0.1, weight_epsilons=(0.3,),
                                epochs=dict(teacher=1, nd=1), batch_size=16, verbose=0)
-    with open(os.path.join(workdir, "results.json")) as f:
+    with open(os.path.join(workdir, "thresholding_results.json")) as f:
       self.assertEqual(json.load(f), json.loads(json.dumps(results)))
 
     sweeps = results["sweeps"]
@@ -113,11 +113,9 @@ class ThresholdingExperimentTest(tf.test.TestCase, parameterized.TestCase):
     plain, zero, noisy = experiment(), experiment(unit_noise=0.0), experiment(unit_noise=0.1)
     self.assertEqual(zero.key, plain.key)
     self.assertNotEqual(noisy.key, plain.key)
-    # The plain spec has exactly the fields it had before unit_noise existed, so the keys of
-    # teachers and caches already on disk stay valid.
+    # unit_noise enters the plain spec only when it is set.
     self.assertEqual(set(plain.teacher_spec), {"data", "num_train", "model", "epochs",
-                                               "batch_size", "learning_rate", "seed",
-                                               "first_batch"})
+                                               "batch_size", "learning_rate", "seed"})
     self.assertEqual(noisy.teacher_spec, dict(plain.teacher_spec, unit_noise=0.1))
 
 

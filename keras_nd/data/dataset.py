@@ -1,5 +1,6 @@
 """`Dataset`: one interface to every data source, with the paper's preprocessing built in."""
 
+import hashlib
 import warnings
 
 import numpy as np
@@ -8,6 +9,10 @@ from keras_nd._keras import tf
 from keras_nd.data import preprocessing
 
 SPLITS = ("train", "validation", "test")
+# How a teacher expects its images: standardised with the training split's per-channel
+# statistics (the binaries' own teachers), or as stored ("none"; also right for a model whose
+# first layers preprocess, "model").
+PREPROCESSING = ("standardize", "none", "model")
 # Channel counts of images as they come: grey, RGB, RGBA.
 _IMAGE_CHANNELS = (1, 3, 4)
 
@@ -102,7 +107,11 @@ class Dataset:
     num_classes: number of classes; labels are in `[0, num_classes)`.
     num_train, num_validation, num_test: numbers of examples, or None where
       the source does not say (tfds datasets without split metadata).
-    mean, std: float32 per-channel statistics of the training images.
+    mean, std: float32 per-channel statistics of the training images (0
+      and 1 when `preprocessing` is not "standardize").
+    preprocessing: how `pipeline` and `arrays` give the images:
+      "standardize" (the default) or as stored ("none", "model"); see
+      `with_preprocessing`.
     train, validation, test: the raw `(images, labels)` numpy arrays of
       in-memory datasets, None for tfds ones (and for an empty validation
       split).
@@ -128,6 +137,33 @@ class Dataset:
     self._arrays = dict(arrays or {})
     self.num_train, self.num_validation, self.num_test = (self._sizes[s] for s in SPLITS)
     self.train, self.validation, self.test = (self._arrays.get(s) for s in SPLITS)
+    self._fingerprint = None
+    self.preprocessing = "standardize"
+
+  def fingerprint(self):
+    """A digest of what the data is: every split's raw images and labels, in order.
+
+    Computed once, streamed split by split (in-memory arrays hashed as they
+    are); whatever the data's name or the spelling of its path, the same
+    content gives the same digest, and a change anywhere another one.
+    """
+    if self._fingerprint is None:
+      digest = hashlib.sha256()
+      for split in SPLITS:
+        if not self._sizes[split] and split not in self._arrays:
+          continue
+        digest.update(split.encode())
+        if split in self._arrays:
+          batches = [self._arrays[split]]
+        else:
+          batches = ((x.numpy(), y.numpy()) for x, y in self._examples(split).batch(1024))
+        for batch in batches:
+          for array in batch:
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype}{array.shape[1:]}".encode())
+            digest.update(array.tobytes())
+      self._fingerprint = digest.hexdigest()
+    return self._fingerprint
 
   @classmethod
   def from_arrays(cls, name, train, test, validation=None, num_classes=None):
@@ -175,6 +211,25 @@ class Dataset:
     return cls(name, shape, num_classes, mean, std,
                examples=lambda split: tf.data.Dataset.from_tensor_slices(arrays[split]),
                sizes=sizes, arrays=arrays)
+
+  def with_preprocessing(self, preprocessing):
+    """This dataset, giving images the way a teacher expects them (`PREPROCESSING`).
+
+    "standardize" is this dataset; "none" and "model" give a copy whose
+    `pipeline` and `arrays` pass the images as they are stored, cast to
+    float32 (its `mean` is 0 and its `std` 1), for a teacher trained on raw
+    values or one whose own first layers preprocess.
+    """
+    if preprocessing not in PREPROCESSING:
+      raise ValueError(f"preprocessing must be one of {PREPROCESSING}; got {preprocessing!r}.")
+    if preprocessing == "standardize":
+      return self
+    copy = Dataset(self.name, self.input_shape, self.num_classes,
+                   np.zeros_like(self.mean), np.ones_like(self.std), self._examples,
+                   self._sizes, self._arrays)
+    copy._fingerprint = self._fingerprint  # pylint: disable=protected-access
+    copy.preprocessing = preprocessing
+    return copy
 
   def standardize(self, images):
     """Images standardised with the training statistics, as float32."""

@@ -15,13 +15,25 @@ EMBEDDED_NUM_TRAIN = 3000
 
 def define_flags(workdir, teacher_epochs=15):
   """Defines the flags every experiment binary has: data, model, teacher, batch, seed, output."""
-  flags.DEFINE_string("dataset", "embedded", "'embedded' (generated offline), 'npz:PATH', or a "
+  flags.DEFINE_string("dataset", "embedded", "'embedded' (generated offline); 'npz:PATH', a file "
+                      "of numeric arrays x_train, y_train, x_test, y_test (images (N, H, W, C) "
+                      "channels-last, any real dtype; labels (N,) class indices); or a "
                       "tensorflow-datasets name such as 'cifar10' (prepared under --data_dir).")
   flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
   flags.DEFINE_integer("num_train", None, "Training examples (default: all; for the embedded "
                        f"dataset {EMBEDDED_NUM_TRAIN}).")
   flags.DEFINE_integer("num_validation", 400, "Examples held out of training (early stopping).")
-  flags.DEFINE_string("model", "resnet20", "resnetN (N = 6n+2) or resnet50.")
+  flags.DEFINE_string("model", "resnet20", "resnetN (N = 6n+2) or resnet50: the teacher trained "
+                      "when --teacher is not given.")
+  flags.DEFINE_string("teacher", None, "Your own trained teacher (a tf_keras .keras file) instead "
+                      "of training one: it must take the dataset's images as --preprocessing "
+                      "gives them and give its classes.")
+  flags.DEFINE_enum("preprocessing", "standardize", list(data.PREPROCESSING), "How the teacher "
+                    "expects its images: standardised with the training split's per-channel mean "
+                    "and std (the binaries' own teachers), 'none' (as stored, cast to float32), or "
+                    "'model' (as stored: the teacher's own first layers preprocess).")
+  flags.DEFINE_bool("trusted", False, "Load --teacher with Keras's safe mode off (it may run the "
+                    "file's Python code, e.g. a Lambda layer): only for a file you trust.")
   flags.DEFINE_integer("teacher_epochs", teacher_epochs, "Teacher training epochs (the teacher "
                        "is reused from --workdir when trained before with the same settings).")
   flags.DEFINE_integer("batch_size", 128, "Batch size.")
@@ -46,8 +58,14 @@ def dataset_from_flags(values):
   num_train = values.num_train
   if num_train is None and values.dataset == "embedded":
     num_train = EMBEDDED_NUM_TRAIN
-  return data.get(values.dataset, data_dir=values.data_dir, num_train=num_train,
-                  num_validation=values.num_validation, seed=values.seed)
+  dataset = data.get(values.dataset, data_dir=values.data_dir, num_train=num_train,
+                     num_validation=values.num_validation, seed=values.seed)
+  return dataset.with_preprocessing(values.preprocessing)
+
+
+def teacher_from_flags(values):
+  """The teacher settings of every experiment's `run`: {"teacher", "trusted"}."""
+  return {"teacher": values.teacher, "trusted": values.trusted}
 
 
 def scorable(model):
@@ -62,9 +80,16 @@ def accuracy(model, dataset):
   return float(model.evaluate(dataset, verbose=0, return_dict=True)["accuracy"])
 
 
-def write_results(workdir, results):
-  """Writes `workdir/results.json` atomically (a temporary file renamed); returns its path."""
-  path = os.path.join(workdir, "results.json")
+def results_path(workdir, experiment):
+  """Where `experiment`'s results go: `workdir/<experiment>_results.json`, one file per binary,
+  so that binaries sharing a work directory (and its teacher) keep each other's results."""
+  return os.path.join(workdir, f"{experiment}_results.json")
+
+
+def write_results(workdir, results, experiment):
+  """Writes `results_path(workdir, experiment)` atomically (a temporary file renamed); returns
+  its path."""
+  path = results_path(workdir, experiment)
   files.write_json(path, results)
   return path
 

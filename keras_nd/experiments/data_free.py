@@ -36,7 +36,6 @@ keep the statistics they had instead of learning those of noise.
 """
 
 import contextlib
-import os
 import time
 
 import keras_nd as nd
@@ -65,7 +64,6 @@ class DataFree:
 
   Args:
     teacher: the trained teacher.
-    model: model name for `distill.build_model` (GN-KD's random students).
     input_shape, num_classes: of the teacher.
     test: the test split's batches of (image, label), for evaluation only.
     epochs: dict of epoch budgets: gnd, ft, gnkd.
@@ -78,7 +76,7 @@ class DataFree:
     verbose: 0 silent, 1 one line per phase, 2 Keras progress too.
   """
 
-  def __init__(self, teacher, model, input_shape, num_classes, test, epochs, steps_per_epoch,
+  def __init__(self, teacher, input_shape, num_classes, test, epochs, steps_per_epoch,
                noise="teacher", student_init="random", batch_size=128, learning_rate=2e-3,
                nd_learning_rate=2e-3, temperature=2.5, seed=0, solver="gradient", verbose=1):
     if noise not in NOISES:
@@ -92,7 +90,6 @@ class DataFree:
         steps_per_epoch < 1:
       raise ValueError(f"steps_per_epoch must be a positive integer; got {steps_per_epoch!r}.")
     self.teacher = teacher
-    self.model = model
     self.input_shape = tuple(input_shape)
     self.num_classes = num_classes
     self.test = test
@@ -106,7 +103,9 @@ class DataFree:
     self.temperature = temperature
     self.seed = seed
     self.verbose = verbose
-    self.units = nd.split(teacher)[1:-1]
+    self.units, note = nd.students.narrowable(teacher)
+    if note:
+      self.say(f"Neighbourhoods: {note}.")
 
   def say(self, text):
     if self.verbose:
@@ -175,7 +174,7 @@ class DataFree:
     """GN-KD: (student, seconds). From scratch, or the teacher's channels as G-ND starts."""
     if self.student_init == "random":
       keras.utils.set_random_seed(self.seed)
-      student = distill.build_model(self.model, self.input_shape, self.num_classes, multiplier)
+      student = distill.from_scratch(self.teacher, self.units, multiplier)
       learning_rate = self.learning_rate
     else:
       student = nd.compose(self.teacher, self._students(multiplier))
@@ -190,20 +189,10 @@ class DataFree:
     return row
 
 
-def load_teacher(teacher):
-  """A teacher given as a model or a `.keras` path (loaded with safe_mode)."""
-  if isinstance(teacher, keras.Model):
-    return scorable(teacher)
-  if not isinstance(teacher, (str, os.PathLike)) or not str(teacher).endswith(".keras"):
-    raise ValueError(f"teacher must be a tf_keras Model or a path to a .keras file; got "
-                     f"{teacher!r}.")
-  return scorable(files.load_model(teacher))
-
-
 def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHODS, teacher=None,
         noise="teacher", student_init="random", epochs=None, steps_per_epoch=100, verbose=1,
         **settings):
-  """Runs the experiment and writes `workdir/results.json`.
+  """Runs the experiment and writes `workdir/data_free_results.json`.
 
   Args:
     data: a `keras_nd.data` dataset. The data-free methods use its test split
@@ -244,18 +233,20 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
     if not data.num_validation:
       raise ValueError(f"Dataset {data.name!r} has no validation split, which training the "
                        "teacher needs: get it with keras_nd.data.get(..., num_validation=N).")
-    experiment = distill.Experiment(data, model, workdir, budget, verbose=verbose, **settings)
-  if teacher is None:
+    experiment = distill.Experiment(data, model, workdir, budget, verbose=verbose,
+                                    teacher=teacher, **settings)
+  if experiment is not None:
     teacher = experiment.teacher()
-    timings["teacher"] = experiment.timings["teacher"]
+    if not given:
+      timings["teacher"] = experiment.timings["teacher"]
   else:
-    teacher = load_teacher(teacher)
-    os.makedirs(workdir, exist_ok=True)
+    teacher = distill.load_teacher(teacher, data, settings.get("trusted", False))
+    files.writable_directory(workdir, "work directory")
   test = experiment.test if experiment else data.pipeline("test", 256, training=False)
   free_settings = {k: v for k, v in settings.items()
                    if k in ("batch_size", "learning_rate", "nd_learning_rate", "temperature",
                             "seed", "solver")}
-  runner = DataFree(teacher, model, data.input_shape, data.num_classes, test, budget,
+  runner = DataFree(teacher, data.input_shape, data.num_classes, test, budget,
                     steps_per_epoch, noise=noise, student_init=student_init, verbose=verbose,
                     **free_settings)
   teacher_row = {"params": teacher.count_params(), "accuracy": accuracy(teacher, test)}
@@ -284,14 +275,15 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
       student, seconds = runner.gnkd(k)
       timings[f"gnkd@{k:g}"] = seconds
       rows.append(runner.row("gnkd", k, student, seconds))
-  config = dict(dataset=data.name, model=model, multipliers=list(multipliers),
+  architecture = experiment.architecture if experiment else f"given:{teacher.name}"
+  config = dict(dataset=data.name, model=architecture, multipliers=list(multipliers),
                 methods=list(methods), noise=noise, student_init=student_init, epochs=budget,
                 steps_per_epoch=steps_per_epoch, batch_size=runner.batch_size,
                 learning_rate=runner.learning_rate, nd_learning_rate=runner.nd_learning_rate,
                 temperature=runner.temperature, seed=runner.seed, solver=runner.solver,
                 teacher_given=given)
   results = {"config": config, "teacher": teacher_row, "rows": rows, "timings": timings}
-  write_results(workdir, results)
+  write_results(workdir, results, "data_free")
   return results
 
 

@@ -2,7 +2,7 @@
 
 `run` trains (or reuses) a teacher, then for each bottleneck multiplier k
 trains the student by every requested method, measuring test accuracy after
-every epoch and the training time of every phase, and writes results.json.
+every epoch and the training time of every phase, and writes distill_results.json.
 
 Methods:
   ce:     the student trained from scratch with cross-entropy;
@@ -27,7 +27,7 @@ the activation cache are built by whichever job comes first, under a lock);
 Anything killed resumes: the teacher and the cache are used only when
 complete, ND resumes from its last epoch, and KD and fine-tuning resume from
 their last epoch with their early-stopping state (`workdir/backups`, removed
-once results.json is written). CE students are retrained.
+once distill_results.json is written). CE students are retrained.
 """
 
 import contextlib
@@ -41,7 +41,7 @@ import time
 import numpy as np
 
 import keras_nd as nd
-from keras_nd import artefacts, files, models
+from keras_nd import activations, artefacts, files, models
 from keras_nd._keras import keras
 from keras_nd.distiller import frozen_batch_norms
 from keras_nd.experiments.common import accuracy, fit_progress, scorable, write_results
@@ -219,6 +219,15 @@ class Experiment:
       for ND (None: the default device).
     strategy: a `tf.distribute` strategy for ND (e.g. multi-worker); None for
       the default.
+    teacher: your own trained teacher, a tf_keras model or a `.keras` path,
+      instead of training one (`model` then names nothing): it must take the
+      dataset's images as `data` gives them (`Dataset.with_preprocessing`;
+      a teacher that scores far better on the images given the other way is
+      refused, naming the preprocessing to pass) and give its classes.
+      Students of its architecture replace its `students.narrowable`
+      neighbourhoods; CE's (and random KD's) are those students freshly
+      initialised.
+    trusted: load a `teacher` path with safe mode off (`files.load_model`).
 
   Attributes:
     students: `{Neighbourhood: student}` of the latest `nd` call, as
@@ -228,7 +237,7 @@ class Experiment:
   def __init__(self, data, model, workdir, epochs, batch_size=128, learning_rate=2e-3,
                nd_learning_rate=2e-3, temperature=2.5, label_weight=1.0, patience=2, seed=0,
                max_lookahead=0, student_init="teacher", verbose=1, unit_noise=0.0, devices=None,
-               strategy=None, solver="lstsq", channels="greedy"):
+               strategy=None, solver="lstsq", channels="greedy", teacher=None, trusted=False):
     self.data = data
     self.model = model
     self.workdir = workdir
@@ -262,19 +271,31 @@ class Experiment:
     self.steps_per_epoch = -(-data.num_train // batch_size)
     self.max_lookahead = max_lookahead
     self._sources = {}  # lookahead -> (units, ActivationSource)
-    os.makedirs(workdir, exist_ok=True)
+    files.writable_directory(workdir, "work directory")
+    self.given = None if teacher is None else load_teacher(teacher, data, trusted)
+    # What the results call the teacher's architecture.
+    self.architecture = model if teacher is None else (
+        f"given:{os.fspath(teacher)}" if isinstance(teacher, (str, os.PathLike))
+        else f"given:{self.given.name}")
+    self._units = None
     self.key = self._teacher_key()
     # One cache per teacher and look-ahead: a retrained teacher never meets another's cache.
     self.cache_dir = os.path.join(workdir, f"cache-{self.key}-lookahead{max_lookahead}")
     self.students_dir = os.path.join(workdir, "students")
 
   def _teacher_key(self):
-    """A digest of everything the teacher depends on, the data's first batch included."""
-    first_batch = next(iter(self.train_plain.take(1)))[0].numpy()
-    spec = {"data": self.data.name, "num_train": self.data.num_train, "model": self.model,
-            "epochs": self.epochs["teacher"], "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate, "seed": self.seed,
-            "first_batch": hashlib.sha256(first_batch.tobytes()).hexdigest()}
+    """A digest of everything the teacher depends on: the data's content (not its name, nor
+    how its path is spelled) and the training settings."""
+    if self.given is not None:
+      spec = {"data": self.data.fingerprint(),
+              "teacher": activations.teacher_fingerprint(self.given)}
+    else:
+      spec = {"data": self.data.fingerprint(), "num_train": self.data.num_train,
+              "model": self.model, "epochs": self.epochs["teacher"],
+              "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+              "seed": self.seed}
+    if self.data.preprocessing != "standardize":
+      spec["preprocessing"] = self.data.preprocessing
     if self.unit_noise:
       spec["unit_noise"] = self.unit_noise
     self.teacher_spec = spec
@@ -291,8 +312,19 @@ class Experiment:
 
   def _new(self, multiplier, unit_noise=0.0):
     keras.utils.set_random_seed(self.seed)
+    if self.given is not None:
+      return from_scratch(self.given, self.units(self.given), multiplier)
     return build_model(self.model, self.data.input_shape, self.data.num_classes, multiplier,
                        unit_noise)
+
+  def units(self, teacher):
+    """The neighbourhoods students replace (`students.narrowable`), the grouping said once."""
+    if self._units is None or self._units[0] is not teacher:
+      units, note = nd.students.narrowable(teacher)
+      if note:
+        self.say(f"Neighbourhoods: {note}.")
+      self._units = (teacher, units)
+    return self._units[1]
 
   def teacher(self):
     """The teacher: loaded from the work directory when trained before with the same settings.
@@ -300,6 +332,9 @@ class Experiment:
     Jobs sharing the work directory take turns: the first trains it, the
     others wait for it and load it.
     """
+    if self.given is not None:
+      self.timings["teacher"] = 0.0
+      return self.given
     path = os.path.join(self.workdir, f"teacher-{self.key}.keras")
     with files.locked(path[:-len(".keras")] + ".lock"):
       return self._trained_teacher(path)
@@ -375,7 +410,7 @@ class Experiment:
     if self.student_init == "random":
       student, learning_rate = self._new(multiplier), self.learning_rate
     else:
-      student = nd.compose(teacher, self._students(nd.split(teacher)[1:-1], multiplier))
+      student = nd.compose(teacher, self._students(self.units(teacher), multiplier))
       learning_rate = self.learning_rate / 4
     tracker = self.fine_tune(teacher, student, self.epochs["kd"], learning_rate,
                              name=f"kd-k{multiplier:g}")
@@ -392,12 +427,12 @@ class Experiment:
     """
     if self.solver == "lstsq":
       if "online" not in self._sources:
-        units = nd.split(teacher)[1:-1]
+        units = self.units(teacher)
         self._sources["online"] = (units, nd.ActivationSource(teacher, units, self.train_plain))
         self.timings["cache"] = 0.0
       return self._sources["online"]
     if not self._sources:
-      units = nd.split(teacher)[1:-1]
+      units = self.units(teacher)
       start = time.perf_counter()
       built = nd.ActivationSource(teacher, units, self.train_plain, lookahead=self.max_lookahead,
                                   cache_dir=self.cache_dir, verbose=int(self.verbose > 1))
@@ -514,6 +549,57 @@ class Experiment:
     return row
 
 
+def from_scratch(teacher, units, multiplier):
+  """The teacher's architecture with `units` narrowed by `multiplier`, every weight initialised
+  afresh (a student to train from scratch, for a teacher that is not one of `build_model`'s)."""
+  student = nd.compose(teacher, {h: nd.students.bottleneck(h, multiplier, init="random")
+                                 for h in units})
+  return keras.models.clone_model(student)
+
+
+def load_teacher(teacher, data, trusted=False):
+  """A teacher given as a model or a `.keras` path, checked against the data it will see.
+
+  Raises:
+    ValueError: its input shape or classes differ from the data's, it
+      scores far better on the images given with the other preprocessing
+      (naming it), or preprocessing="model" and it has no preprocessing
+      layer.
+  """
+  if isinstance(teacher, (str, os.PathLike)):
+    teacher = files.load_model(teacher, trusted=trusted)
+  if not isinstance(teacher, keras.Model):
+    raise TypeError(f"teacher must be a tf_keras Model or a path to a .keras file; got "
+                    f"{type(teacher).__name__}.")
+  want = (tuple(data.input_shape), data.num_classes)
+  got = (tuple(teacher.input_shape[1:]), teacher.output_shape[-1])
+  if got != want:
+    raise ValueError(f"The teacher '{teacher.name}' takes images {got[0]} and gives {got[1]} "
+                     f"classes, but dataset {data.name!r} has images {want[0]} and {want[1]} "
+                     "classes.")
+  if data.preprocessing == "model" and not any(
+      isinstance(layer, _PREPROCESSING_LAYERS) for layer in teacher.layers):
+    raise ValueError(f"preprocessing='model' says the teacher '{teacher.name}' preprocesses its "
+                     "own images, but it has no Rescaling or Normalization layer; pass "
+                     "preprocessing='standardize' or 'none'.")
+  teacher = scorable(teacher)
+  split = "validation" if data.num_validation else "test"
+  other = "none" if data.preprocessing == "standardize" else "standardize"
+  scores = {way: accuracy(teacher, data.with_preprocessing(way).pipeline(split, 256))
+            for way in (data.preprocessing, other)}
+  if scores[other] > scores[data.preprocessing] + 0.2:
+    raise ValueError(
+        f"The teacher '{teacher.name}' scores {100 * scores[data.preprocessing]:.1f}% on the "
+        f"{split} images as preprocessing={data.preprocessing!r} gives them, and "
+        f"{100 * scores[other]:.1f}% as {other!r} gives them: it was trained on images given "
+        f"the other way. Pass preprocessing={other!r} (--preprocessing={other}).")
+  return teacher
+
+
+_PREPROCESSING_LAYERS = tuple(getattr(keras.layers, name) for name in (
+    "Rescaling", "Normalization") if hasattr(keras.layers, name))
+
+
 def select(units, neighbourhoods=None, shard=None):
   """The residual units a job distils: by index in `split` order or name, or shard "i/n"."""
   if neighbourhoods is not None and shard is not None:
@@ -535,7 +621,7 @@ def select(units, neighbourhoods=None, shard=None):
 def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lookahead=0,
         ablation=False, time_neighbourhoods=False, epochs=None, verbose=1, neighbourhoods=None,
         shard=None, compose=False, **settings):
-  """Runs the experiment and writes `workdir/results.json`.
+  """Runs the experiment and writes `workdir/distill_results.json`.
 
   Args:
     data: a `keras_nd.data` dataset (see `Experiment`).
@@ -552,7 +638,7 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
     verbose: 0 silent, 1 one line per phase, 2 Keras progress bars too.
     neighbourhoods: distil only these residual units (indices in `split`
       order, or names) for every multiplier and look-ahead, and stop: no
-      other method, no results.json (a job of a split run).
+      other method, no distill_results.json (a job of a split run).
     shard: "i/n": distil only every n-th residual unit from the i-th, and
       stop (as `neighbourhoods`).
     compose: train no ND student: assemble them from the artefacts the jobs
@@ -583,7 +669,7 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
     raise ValueError("Look-ahead shapes the loss of gradient steps; the exact solver alone "
                      "(solver='lstsq') has none: use solver='gradient' or 'lstsq+gradient' for "
                      "look-ahead and the ablation.")
-  config = dict(dataset=data.name, model=model, multipliers=list(multipliers),
+  config = dict(dataset=data.name, model=experiment.architecture, multipliers=list(multipliers),
                 methods=list(methods), lookahead=lookahead, ablation=ablation, epochs=budget,
                 batch_size=experiment.batch_size, learning_rate=experiment.learning_rate,
                 nd_learning_rate=experiment.nd_learning_rate,
@@ -597,7 +683,7 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
   if neighbourhoods is not None or shard is not None or experiment.strategy is not None:
     if compose:
       raise ValueError("A job distils some neighbourhoods or composes them all, not both.")
-    units = nd.split(teacher)[1:-1]
+    units = experiment.units(teacher)
     mine = units if neighbourhoods is None and shard is None else select(units, neighbourhoods,
                                                                          shard)
     experiment.say(f"Distilling {[h.name for h in mine]} into {experiment.students_dir}.")
@@ -636,7 +722,7 @@ def run(data, workdir, model="resnet20", multipliers=(0.5,), methods=METHODS, lo
       timings[f"nd_all_sequential@{k:g}"] = sum(each.values())
   results = {"config": config, "teacher": teacher_row, "rows": rows, "timings": timings,
              "speedup": speedup, "curves": curves}
-  write_results(workdir, results)
+  write_results(workdir, results, "distill")
   # The run is complete: a later one starts KD and fine-tuning afresh (ND students are kept).
   shutil.rmtree(os.path.join(workdir, "backups"), ignore_errors=True)
   return results

@@ -6,6 +6,7 @@ import time
 import keras_nd as nd
 from keras_nd import data, files, models
 from keras_nd._keras import keras, tf
+from keras_nd.experiments.common import write_results
 
 
 def _accuracy(model, x, y):
@@ -15,7 +16,7 @@ def _accuracy(model, x, y):
 
 def run(workdir, num_train=2000, num_test=500, depth=8, k=0.5, teacher_epochs=8, nd_epochs=4,
         ft_epochs=2, batch_size=64, seed=0, verbose=1):
-  """Runs neighbourhood distillation end to end and writes `results.json` in `workdir`.
+  """Runs neighbourhood distillation end to end and writes `quickstart_results.json` in `workdir`.
 
   Trains a ResNet teacher on `keras_nd.data.synthetic_images` (or reuses the
   one saved in `workdir`), splits it, caches its activations, distils a
@@ -24,7 +25,7 @@ def run(workdir, num_train=2000, num_test=500, depth=8, k=0.5, teacher_epochs=8,
 
   Args:
     workdir: directory for the teacher, the activation cache, the student
-      and results.json.
+      and quickstart_results.json.
     num_train, num_test: sizes of the generated dataset.
     depth: ResNet depth (6n+2).
     k: bottleneck multiplier of the students.
@@ -34,9 +35,9 @@ def run(workdir, num_train=2000, num_test=500, depth=8, k=0.5, teacher_epochs=8,
     verbose: 0 silent, 1 progress and a summary table.
 
   Returns:
-    The results dict written to results.json.
+    The results dict written to quickstart_results.json.
   """
-  os.makedirs(workdir, exist_ok=True)
+  files.writable_directory(workdir, "work directory")
   config = dict(num_train=num_train, num_test=num_test, depth=depth, k=k,
                 teacher_epochs=teacher_epochs, nd_epochs=nd_epochs, ft_epochs=ft_epochs,
                 batch_size=batch_size, seed=seed)
@@ -92,10 +93,10 @@ def run(workdir, num_train=2000, num_test=500, depth=8, k=0.5, teacher_epochs=8,
                              for h in units},
       "seconds": seconds,
   }
-  files.write_json(os.path.join(workdir, "results.json"), results)
+  path = write_results(workdir, results, "quickstart")
   if verbose:
     print(summary(results))
-    print(f"Results written to {os.path.join(workdir, 'results.json')}")
+    print(f"Results written to {path}")
   return results
 
 

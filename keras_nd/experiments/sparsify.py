@@ -41,9 +41,9 @@ RATES = {"nd": 1e-2, "kd": 5e-3}
 
 
 def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS, epochs=None,
-        skip=("stem_conv", "head_logits"), calibrate=True, rates=None, solver="gradient",
+        skip=None, calibrate=True, rates=None, solver="gradient",
         mask="magnitude", m_by_n=None, verbose=1, **settings):
-  """Runs the experiment and writes `workdir/results.json`.
+  """Runs the experiment and writes `workdir/sparsify_results.json`.
 
   Args:
     data: a `keras_nd.data` dataset with a validation split (see
@@ -54,7 +54,9 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
     methods: a subset of ("nd", "kd").
     epochs: dict overriding the epoch budgets of `EPOCHS`: teacher (60),
       nd (3), kd (3).
-    skip: layers kept dense (names or classes).
+    skip: layers kept dense (names or classes); None keeps the teacher's first
+      and last prunable layers dense, as the paper (for the ResNets,
+      "stem_conv" and "head_logits").
     calibrate: re-estimate the ND student's BatchNorm statistics after
       composing (its rows keep the accuracy before, `accuracy_uncalibrated`).
     rates: dict overriding the peak learning rates (Adam, cosine decay) of
@@ -115,6 +117,8 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
                  "compressed_bytes": sparsity.compressed_size(teacher)}
   say(f"  teacher params={teacher_row['params']} accuracy={teacher_row['accuracy']:.4f}")
   hoods = nd.split_layers(teacher, sparsity.PRUNABLE_TYPES)
+  if skip is None:
+    skip = (hoods[0].nodes[0].layer.name, hoods[-1].nodes[0].layer.name)
   trained = sparsity.not_skipped(hoods, skip)
   timings = {"teacher": experiment.timings["teacher"]}
   rows = []
@@ -175,7 +179,7 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
       seconds = time.perf_counter() - start
       timings[f"kd@{target:g}"] = seconds
       rows.append(_row("kd", target, sparsity.strip(student), test, seconds, say))
-  config = dict(dataset=data.name, model=model, sparsities=list(sparsities),
+  config = dict(dataset=data.name, model=experiment.architecture, sparsities=list(sparsities),
                 methods=list(methods), epochs=budget, skip=[str(s) for s in skip],
                 calibrate=calibrate, solver=solver, mask=mask,
                 m_by_n=list(m_by_n) if m_by_n else None,
@@ -183,7 +187,7 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
                 num_train=data.num_train, nd_steps=nd_steps, kd_steps=kd_steps,
                 layers=[h.name for h in trained])
   results = {"config": config, "teacher": teacher_row, "rows": rows, "timings": timings}
-  write_results(workdir, results)
+  write_results(workdir, results, "sparsify")
   return results
 
 

@@ -24,7 +24,7 @@ UNIFORM = (0.3, 0.5, 0.7)
 
 def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, uniform=UNIFORM,
         epochs=None, verbose=1, **settings):
-  """Runs the search and writes `workdir/results.json`.
+  """Runs the search and writes `workdir/student_search_results.json`.
 
   Args:
     data: a `keras_nd.data` dataset with a validation split.
@@ -93,7 +93,8 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, u
     experiment.say(f"  {method:<8} {setting:<8g} params={row['params']:<8} before FT "
                     f"{row['accuracy_before_ft']:.4f} after {row['accuracy']:.4f}")
     rows.append(row)
-  results = {"config": dict(dataset=data.name, model=model, multipliers=list(multipliers),
+  results = {"config": dict(dataset=data.name, model=experiment.architecture,
+                            multipliers=list(multipliers),
                             drops=list(drops), uniform=list(uniform), epochs=budget,
                             seed=experiment.seed, solver=experiment.solver,
                             num_train=data.num_train),
@@ -104,7 +105,7 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, u
                                                for p in points],
              "rows": rows, "timings": timings}
   results["figures"] = figures(results, workdir)
-  write_results(workdir, results)
+  write_results(workdir, results, "student_search")
   return results
 
 

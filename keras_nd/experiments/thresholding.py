@@ -18,7 +18,7 @@
 Noise is relative: `epsilon` times the clean RMS of the unit's output (see
 `keras_nd.perturb`), so thresholds of different units and teachers, and the
 students' relative errors, are on one scale. Every curve is a mean over
-`seeds`. The results go to `workdir/results.json`, the figures to PNG files.
+`seeds`. The results go to `workdir/thresholding_results.json`, the figures to PNG files.
 """
 
 import math
@@ -26,7 +26,6 @@ import numbers
 import os
 import time
 
-import keras_nd as nd
 from keras_nd import perturb
 from keras_nd.experiments import distill, plot
 from keras_nd.experiments.common import accuracy, write_results
@@ -35,14 +34,14 @@ EPSILONS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 # Relative kernel noise of Figure 4: a small amplitude (drops that add up sub-linearly) and a
 # larger one (super-linearly).
 WEIGHT_EPSILONS = (0.1, 0.3)
-# Cumulative curves drawn in Figure 1 (all of them are in results.json).
+# Cumulative curves drawn in Figure 1 (all of them are in thresholding_results.json).
 _MAX_CUMULATIVE_CURVES = 4
 
 
 def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sigma=0.1,
         multiplier=0.5, weight_epsilons=WEIGHT_EPSILONS, drop=0.01, epochs=None,
         figures_dir=None, verbose=1, **settings):
-  """Runs the experiment, writes `workdir/results.json` and the figures.
+  """Runs the experiment, writes `workdir/thresholding_results.json` and the figures.
 
   Args:
     data: a `keras_nd.data` dataset with a validation split.
@@ -98,8 +97,12 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
   figures_dir = figures_dir or workdir
   settings = dict({"solver": "gradient"}, **settings)
   plain = distill.Experiment(data, model, workdir, budget, verbose=verbose, **settings)
-  regular = distill.Experiment(data, model, workdir, budget, verbose=verbose, unit_noise=sigma,
-                               **settings)
+  regular = None
+  if plain.given is None:
+    regular = distill.Experiment(data, model, workdir, budget, verbose=verbose,
+                                 unit_noise=sigma, **settings)
+  else:
+    plain.say("A given teacher has no noise-trained twin: Figure 5 and Table 4 show it alone.")
   timings = {}
 
   teacher = plain.teacher()
@@ -126,17 +129,19 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
   timings["diagnosis"] = time.perf_counter() - start
   plain.say(perturb.format_diagnosis(diagnosis))
 
-  regularised = regular.teacher()
-  timings["regularised_teacher"] = regular.timings["teacher"]
-  regular_summary, regular_sweeps = _measure(regular, regularised, epsilons, seeds, ("all",),
-                                             timings, "regularised_")
-  regular_summary["unit_noise"] = sigma
-  sweeps["regularised_all"] = regular_sweeps["all"]
-  table4.append(_nd_row("regularised", sigma, regular, regularised, regular_summary, multiplier,
-                        timings, suffix="_regularised"))
+  regular_summary = None
+  if regular is not None:
+    regularised = regular.teacher()
+    timings["regularised_teacher"] = regular.timings["teacher"]
+    regular_summary, regular_sweeps = _measure(regular, regularised, epsilons, seeds, ("all",),
+                                               timings, "regularised_")
+    regular_summary["unit_noise"] = sigma
+    sweeps["regularised_all"] = regular_sweeps["all"]
+    table4.append(_nd_row("regularised", sigma, regular, regularised, regular_summary,
+                          multiplier, timings, suffix="_regularised"))
 
   results = {
-      "config": dict(dataset=data.name, model=model, epsilons=epsilons, seeds=seeds,
+      "config": dict(dataset=data.name, model=plain.architecture, epsilons=epsilons, seeds=seeds,
                      sigma=sigma, multiplier=multiplier, weight_epsilons=weight_epsilons,
                      drop=drop, epochs=budget, batch_size=plain.batch_size,
                      learning_rate=plain.learning_rate, nd_learning_rate=plain.nd_learning_rate,
@@ -147,20 +152,21 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
       "regularised_teacher": regular_summary,
       "sweeps": sweeps,
       "thresholds": _thresholds(sweeps, thresholds, summary["validation_accuracy"],
-                                regular_summary["validation_accuracy"], drop),
+                                regular_summary and regular_summary["validation_accuracy"],
+                                drop),
       "weight_sweeps": weight_sweeps,
       "table4": table4,
       "diagnosis": diagnosis,
       "timings": timings,
   }
   results["figures"] = figures(results, figures_dir)
-  write_results(workdir, results)
+  write_results(workdir, results, "thresholding")
   return results
 
 
 def _measure(experiment, teacher, epsilons, seeds, modes, timings, prefix):
   """The teacher's accuracies and unit output RMS, and its relative output sweeps by mode."""
-  units = nd.split(teacher)[1:-1]
+  units = experiment.units(teacher)
   validation = experiment.validation
   summary = {"key": experiment.key, "params": teacher.count_params(),
              "accuracy": accuracy(teacher, experiment.test),
@@ -217,14 +223,15 @@ def _cumulative_curves(rows):
 
 
 def _thresholds(sweeps, each, reference, regular_reference, drop):
-  """Thresholds of every curve: per unit (`each`), all units, the first k, the regularised one."""
+  """Thresholds of every curve: per unit (`each`), all units, the first k, the regularised one
+  (None without a regularised teacher)."""
   return {"drop": drop, "each": each, "each_min": min(each.values()),
           "each_mean": sum(each.values()) / len(each),
           "all": perturb.threshold(_curve(sweeps["all"]), reference, drop),
           "cumulative": {str(k): perturb.threshold(curve, reference, drop)
                          for k, curve in _cumulative_curves(sweeps["cumulative"]).items()},
-          "regularised_all": perturb.threshold(_curve(sweeps["regularised_all"]),
-                                               regular_reference, drop)}
+          "regularised_all": None if regular_reference is None else perturb.threshold(
+              _curve(sweeps["regularised_all"]), regular_reference, drop)}
 
 
 def figures(results, directory):
@@ -268,10 +275,11 @@ def figures(results, directory):
   plot.line_chart(figure4, lines, "Kernel noise, measured vs additive (Fig. 4)",
                   "layers perturbed", "accuracy drop %")
   figure5 = os.path.join(directory, "figure5.png")
-  sigma = results["regularised_teacher"]["unit_noise"]
-  plot.line_chart(figure5, [series("plain teacher", _curve(sweeps["all"])),
-                            series(f"noise-trained, sigma={sigma:g}",
-                                   _curve(sweeps["regularised_all"]))],
+  curves = [series("plain teacher", _curve(sweeps["all"]))]
+  if results["regularised_teacher"] is not None:
+    sigma = results["regularised_teacher"]["unit_noise"]
+    curves.append(series(f"noise-trained, sigma={sigma:g}", _curve(sweeps["regularised_all"])))
+  plot.line_chart(figure5, curves,
                   "Noise on all unit outputs (Fig. 5)", "relative noise amplitude epsilon",
                   "validation accuracy %", legend="lower right")
   return [figure1, figure1_units, figure4, figure5]
@@ -284,9 +292,10 @@ def table(results):
   lines = [f"Teacher ({config['model']}): {100 * teacher['accuracy']:.2f}% test, "
            f"{100 * teacher['validation_accuracy']:.2f}% validation, {teacher['params']:,} "
            "params",
-           f"Noise-trained teacher (sigma={regular['unit_noise']:g}): "
-           f"{100 * regular['accuracy']:.2f}% test, "
-           f"{100 * regular['validation_accuracy']:.2f}% validation",
+           (f"Noise-trained teacher (sigma={regular['unit_noise']:g}): "
+            f"{100 * regular['accuracy']:.2f}% test, "
+            f"{100 * regular['validation_accuracy']:.2f}% validation" if regular else
+            "No noise-trained teacher (the teacher was given)"),
            "",
            f"Thresholds: largest relative output noise within {100 * thresholds['drop']:g} "
            "point(s) of the clean validation accuracy (Fig. 1, 5)"]
@@ -295,8 +304,9 @@ def table(results):
                f"{thresholds['each_min']:g} / {thresholds['each_mean']:.3g}"))
   rows += [(f"first {k} unit{'' if k == '1' else 's'}", f"{value:g}")
            for k, value in thresholds["cumulative"].items()]
-  rows += [("all units", f"{thresholds['all']:g}"),
-           ("all units, noise-trained teacher", f"{thresholds['regularised_all']:g}")]
+  rows.append(("all units", f"{thresholds['all']:g}"))
+  if regular:
+    rows.append(("all units, noise-trained teacher", f"{thresholds['regularised_all']:g}"))
   width = max(len(label) for label, _ in rows)
   lines += [f"  {label:<{width}}  {value}" for label, value in rows]
   lines.append("")
