@@ -208,7 +208,8 @@ def bench_one_hood(teacher, hood, dataset, own_cache_dir, shared_cache_dir):
           "P2*": (shared, {})}
 
   def distiller_run(source, kwargs):
-    distiller = nd.NeighbourhoodDistiller({hood: nd.students.bottleneck(hood, k=K)})
+    distiller = nd.NeighbourhoodDistiller({hood: nd.students.bottleneck(hood, k=K)},
+                                          calibrate_steps=0)
     distiller.compile(optimizer=_optimizer())
     timer = _EpochTimer()
     data = source.dataset(batch_size=FLAGS.train_batch, shuffle=True, seed=FLAGS.seed, **kwargs)
@@ -250,7 +251,8 @@ def bench_one_hood(teacher, hood, dataset, own_cache_dir, shared_cache_dir):
 def _fit_distiller(teacher, unit_hoods, dataset, cache_dir, **dataset_kwargs):
   """(wall, CPU) seconds of the timed epochs of one distiller over `unit_hoods`."""
   source = nd.ActivationSource(teacher, unit_hoods, dataset, cache_dir=cache_dir, verbose=0)
-  distiller = nd.NeighbourhoodDistiller({h: nd.students.bottleneck(h, k=K) for h in unit_hoods})
+  distiller = nd.NeighbourhoodDistiller({h: nd.students.bottleneck(h, k=K) for h in unit_hoods},
+                                        calibrate_steps=0)
   distiller.compile(optimizer=_optimizer())
   timer = _EpochTimer()
   data = source.dataset(batch_size=FLAGS.train_batch, shuffle=True, seed=FLAGS.seed,

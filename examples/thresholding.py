@@ -32,9 +32,9 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Noise seeds every point is averaged
 flags.DEFINE_float("sigma", 0.1, "Training noise after every unit of the noise-trained teacher.")
 flags.DEFINE_float("multiplier", 0.5, "Bottleneck multiplier k of the ND students.")
 flags.DEFINE_float("drop", 0.01, "Accuracy drop (a fraction) that defines a threshold.")
-flags.DEFINE_enum("solver", "gradient", ["gradient", "lstsq", "lstsq+gradient"], "How Table 4's "
-                  "ND students are distilled: --nd_epochs of gradient steps (the paper's), "
-                  "solved exactly from the teacher's activations, or both.")
+flags.DEFINE_enum("solver", "lstsq", ["lstsq", "gradient", "lstsq+gradient"], "How Table 4's "
+                  "ND students are distilled: solved exactly from the teacher's activations, "
+                  "--nd_epochs of gradient steps (the paper's), or both.")
 flags.DEFINE_integer("nd_epochs", 3, "Gradient epochs of neighbourhood distillation.")
 flags.DEFINE_string("figures_dir", None, "Where the PNG figures go (default: --workdir).")
 

@@ -38,6 +38,7 @@ import queue
 import shutil
 import threading
 import time
+import warnings
 import weakref
 import zlib
 
@@ -82,6 +83,46 @@ def teacher_fingerprint(model):
     digest.update(weight.name.encode())
     digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
   return digest.hexdigest()
+
+
+# How far (in the teacher's own standard deviations) a batch's channel means may lie from the
+# means the teacher's first BatchNormalization learned, and how far their spread may be from its
+# (a factor), before the inputs are taken to be given otherwise than in training.
+_DRIFT_MEANS = 3.0
+_DRIFT_SCALE = 5.0
+
+
+def check_inputs(teacher, x):
+  """Warns when a batch of inputs `x` looks unlike the data `teacher` was trained on.
+
+  At the teacher's first BatchNormalization, the batch's per-channel means
+  and standard deviations are compared with the moving statistics it learned
+  in training: images standardised for a teacher trained on raw pixels (or
+  the other way round) lie tens of standard deviations off, the same images
+  as in training well within one. Returns the median distance of the means,
+  in the teacher's standard deviations, and the median ratio of spreads
+  (None, None for a teacher without BatchNormalization).
+  """
+  norm = next((layer for layer in teacher.layers
+               if isinstance(layer, keras.layers.BatchNormalization)), None)
+  if norm is None or len(norm.inbound_nodes) != 1 or norm.axis not in ([-1], [len(
+      norm.input_shape) - 1]):
+    return None, None
+  features = keras.Model(teacher.inputs, norm.input)(tf.cast(x, teacher.inputs[0].dtype),
+                                                    training=False)
+  axes = list(range(len(features.shape) - 1))
+  mean, variance = (t.numpy().astype(np.float64) for t in tf.nn.moments(features, axes))
+  std = np.sqrt(norm.moving_variance.numpy().astype(np.float64) + norm.epsilon)
+  distance = float(np.median(np.abs(mean - norm.moving_mean.numpy()) / std))
+  scale = float(np.median(np.sqrt(variance + norm.epsilon) / std))
+  if distance > _DRIFT_MEANS or not 1 / _DRIFT_SCALE < scale < _DRIFT_SCALE:
+    warnings.warn(
+        f"The inputs look unlike the data teacher '{teacher.name}' was trained on: at its first "
+        f"BatchNormalization '{norm.name}' their channel means lie a median {distance:.1f} of "
+        f"its standard deviations from the means it learned, and their spread is {scale:.2g}x "
+        "its. Give them the preprocessing the teacher was trained with (standardised, or raw; "
+        "the binaries' --preprocessing), or its results will be wrong.", stacklevel=3)
+  return distance, scale
 
 
 def noise_statistics(hood, input_mean=0.0, input_std=1.0):
@@ -280,6 +321,9 @@ class ActivationSource:
       return
     self._inputs, self._examples_hint, self._exact = _batched_inputs(teacher, dataset,
                                                                      records_batch)
+    first = next(iter(self._inputs.take(1)), None)
+    if first is not None:
+      check_inputs(teacher, first)
     self.manifest = None
     if cache_dir is not None:
       self.manifest = _CacheBuilder(self, records_batch, shard_bytes, data_fingerprint,

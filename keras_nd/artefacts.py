@@ -225,7 +225,9 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
   # in inference mode (training-mode batch statistics would undo the solve).
   with contextlib.ExitStack() as frozen:
     with strategy.scope() if strategy else contextlib.nullcontext():
-      distiller = NeighbourhoodDistiller(pending, lookahead=lookahead, devices=devices)
+      # Calibrated once after every epoch's fit, below.
+      distiller = NeighbourhoodDistiller(pending, lookahead=lookahead, devices=devices,
+                                         calibrate_steps=0)
       if solver != "gradient":  # before compile, which fixes what fit trains
         frozen.enter_context(frozen_batch_norms(distiller.student_models))
       rate = (keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps

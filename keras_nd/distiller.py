@@ -286,6 +286,11 @@ class NeighbourhoodDistiller(keras.Model):
       optimizer's slots) live there; a student given as a built model keeps
       its weights where they were created (they are copied each step).
       Not combinable with a `tf.distribute` strategy.
+    calibrate_steps: at the end of every `fit`, the students' BatchNorm
+      moving statistics are re-estimated on this many batches of fit's data,
+      their weights fixed (`calibrate_batch_norm`), so that they match the
+      final weights; 0 keeps Keras's moving averages (which lag weights that
+      were still changing, the more so at Keras's default momentum).
 
   Example:
     >>> distiller = nd.NeighbourhoodDistiller(students)
@@ -294,7 +299,8 @@ class NeighbourhoodDistiller(keras.Model):
     >>> student = nd.compose(teacher, distiller.students)
   """
 
-  def __init__(self, students, lookahead=0, lookahead_weights=None, devices=None, **kwargs):
+  def __init__(self, students, lookahead=0, lookahead_weights=None, devices=None,
+               calibrate_steps=50, **kwargs):
     kwargs.setdefault("name", "neighbourhood_distiller")
     super().__init__(**kwargs)
     if not isinstance(students, dict) or not students:
@@ -325,6 +331,10 @@ class NeighbourhoodDistiller(keras.Model):
       else:
         entries.append((hood, None, given))
     self.lookahead = lookahead
+    if isinstance(calibrate_steps, bool) or not isinstance(calibrate_steps, int) or (
+        calibrate_steps < 0):
+      raise ValueError(f"calibrate_steps must be an integer >= 0; got {calibrate_steps!r}.")
+    self.calibrate_steps = calibrate_steps
     self.lookahead_weights = [float(w) for w in lookahead_weights]
     self._hoods = _Untracked([hood for hood, _, _ in entries])
     self._labels = [label for _, label, _ in entries]
@@ -381,11 +391,17 @@ class NeighbourhoodDistiller(keras.Model):
           "couples them through one norm over all students. Use clipnorm (per variable) instead.")
 
   def fit(self, *args, callbacks=None, **kwargs):
-    """Keras `fit`, plus tfmot's `UpdatePruningStep` when a student is being pruned, and a stop
-    at the first non-finite loss (`StopOnNonFinite`: naming the neighbourhood and the step)."""
+    """Keras `fit`, plus tfmot's `UpdatePruningStep` when a student is being pruned, a stop at
+    the first non-finite loss (`StopOnNonFinite`: naming the neighbourhood and the step), and
+    the students' BatchNorm statistics re-estimated at the end (`calibrate_steps`)."""
     callbacks = list(callbacks or []) + [StopOnNonFinite(self.weights, self.student_names)]
-    return super().fit(*args, callbacks=with_pruning_step(self, callbacks, args, kwargs),
-                       **kwargs)
+    history = super().fit(*args, callbacks=with_pruning_step(self, callbacks, args, kwargs),
+                          **kwargs)
+    data = dict(zip(("x",), args), **kwargs).get("x")
+    if self.calibrate_steps and isinstance(data, tf.data.Dataset) and any(
+        _batch_norms(model) for model in self.student_models):
+      self.calibrate_batch_norm(data, steps=self.calibrate_steps)
+    return history
 
   def call(self, inputs, training=False):
     """{student name: output} for a batch of the source's dataset (see `student_names`)."""

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import warnings
 import zlib
 from unittest import mock
 
@@ -443,6 +444,20 @@ class ActivationSourceTest(tf.test.TestCase, parameterized.TestCase):
   def test_rejects_bad_lookahead(self, lookahead):
     with self.assertRaisesRegex(ValueError, "lookahead"):
       self._source(None, lookahead=lookahead)
+
+  def test_inputs_unlike_the_teachers_training_data_are_warned_about(self):
+    # The teacher learned its BatchNorm statistics on these images; the same images as raw
+    # 8-bit pixels would be, or scaled down a hundredfold, are not what it was trained on.
+    teacher = testing.own_cnn()
+    testing.trained(teacher, self.x, self.y, epochs=3)
+    hood = nd.split(teacher)[1:2]
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      nd.ActivationSource(teacher, hood, self.x, verbose=0)
+    for changed in (self.x * 60.0 + 128.0, self.x / 100.0):
+      with self.assertWarnsRegex(UserWarning, r"inputs look unlike the data teacher 'own_cnn'.*"
+                                 r"'stem_bn'.*preprocessing"):
+        nd.ActivationSource(teacher, hood, changed, verbose=0)
 
   def test_a_numpy_array_is_its_examples(self):
     from_array = self._source(None, dataset=self.x)

@@ -201,6 +201,19 @@ def _pruning_of_unknown_length():
   return lambda: distiller.fit(data_, epochs=1, verbose=0)
 
 
+def _teacher_for_raw_images(tmp):
+  # It reads the class off the raw brightness; standardised images all look alike to it.
+  labels = np.arange(32) % 2
+  images = (50 + 150 * labels[:, None, None, None] + np.zeros((32, 8, 8, 3))).astype("uint8")
+  dataset = data.Dataset.from_arrays("bright", (images, labels), (images, labels),
+                                     validation=(images, labels))
+  inputs = keras.Input((8, 8, 3))
+  dense = L.Dense(2)
+  teacher = keras.Model(inputs, dense(L.GlobalAveragePooling2D()(inputs)))
+  dense.set_weights([np.tile([[-1.0, 1.0]], (3, 1)) / 3, np.array([125.0, -125.0])])
+  return lambda: distill.Experiment(dataset, "resnet8", tmp, {}, teacher=teacher)
+
+
 # name: (make(tmp) -> zero-argument callable that must raise, exception types, regex the
 # message must match).
 CASES = {
@@ -316,6 +329,16 @@ CASES = {
     "h5_model_untrusted": (lambda tmp: _h5_model(tmp), ValueError, r"model\.h5.*trusted=True"),
     "lambda_layer_untrusted": (lambda tmp: _lambda_model(tmp), ValueError,
                                r"lambda_model\.keras.*Lambda.*trusted=True"),
+    "teacher_for_other_images": (lambda tmp: lambda: distill.Experiment(
+        data.get("embedded", num_train=32, num_test=16, num_validation=16), "resnet8", tmp, {},
+        teacher=testing.own_cnn()), ValueError, r"own_cnn.*\(8, 8, 3\).*\(32, 32, 3\)"),
+    "teacher_trained_on_raw_images": (lambda tmp: _teacher_for_raw_images(tmp), ValueError,
+                                      r"'standardize'.*--preprocessing=none"),
+    "teacher_of_no_kind": (lambda tmp: lambda: distill.Experiment(
+        data.get("embedded", num_train=32, num_test=16, num_validation=16), "resnet8", tmp, {},
+        teacher=3.5), TypeError, "tf_keras Model or a path.*float"),
+    "unknown_preprocessing": (lambda tmp: lambda: data.get("embedded", num_train=32, num_test=16)
+                              .with_preprocessing("minmax"), ValueError, "minmax"),
     "cache_dir_a_file": (lambda tmp: _cache_dir_a_file(tmp), NotADirectoryError,
                          r"cache_dir '.*a_file' is a file"),
     "cache_dir_not_writable": (lambda tmp: _cache_dir_not_writable(tmp), PermissionError,

@@ -71,6 +71,29 @@ class DistillerFitTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
     cls.history = cls.distiller.fit(cls.source.dataset(batch_size=16, seed=0), epochs=4,
                                     verbose=0).history
 
+  def test_fit_ends_with_batchnorm_statistics_that_match_the_students_weights(self):
+    # Re-estimated at the end of fit on fit's own batches: doing it again on the same batches,
+    # weights fixed, changes nothing; without it they are Keras's lagging moving averages.
+    def moving(models):
+      return [w.numpy() for m in models for w in m.weights if "moving" in w.name]
+
+    data = self.source.dataset(batch_size=16, shuffle=False)
+    for steps in (50, 0):
+      keras.utils.set_random_seed(2)
+      students = {hood: nd.students.bottleneck(hood, 0.5) for hood in self.units}
+      distiller = nd.NeighbourhoodDistiller(students, calibrate_steps=steps)
+      distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
+      distiller.fit(data, epochs=2, verbose=0)
+      after_fit = moving(students.values())
+      distiller.calibrate_batch_norm(data, steps=50)
+      changes = [float(np.max(np.abs(a - b))) for a, b in zip(after_fit, moving(students.values()))]
+      if steps:
+        self.assertLess(max(changes), 1e-5)
+      else:
+        self.assertGreater(max(changes), 1e-2)
+    with self.assertRaisesRegex(ValueError, "calibrate_steps must be an integer >= 0"):
+      nd.NeighbourhoodDistiller(self.given, calibrate_steps=-1)
+
   def test_fit_reports_each_neighbourhoods_loss_and_it_falls(self):
     for hood in self.units:
       losses = self.history[f"{hood.name}_loss"]

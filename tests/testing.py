@@ -38,9 +38,10 @@ def tiny_chain(input_shape=(8, 8, 3), num_classes=3, seed=0):
   return keras.Model(inputs, outputs, name="tiny_chain")
 
 
-def own_cnn(input_shape=(8, 8, 3), num_classes=3, seed=0, width=8):
+def own_cnn(input_shape=(8, 8, 3), num_classes=3, seed=0, width=8, rescale=False):
   """A user's own CNN, not a ResNet of the project's: a stem, a plain chain of two
-  conv-BN-ReLU layers, two residual blocks, a head; Keras's default BatchNorm momentum."""
+  conv-BN-ReLU layers, two residual blocks, a head; Keras's default BatchNorm momentum. With
+  `rescale`, its first layer maps raw 8-bit pixels to [0, 1] (it preprocesses its own images)."""
   keras.utils.set_random_seed(seed)
 
   def conv_bn_relu(x, name, filters=width):
@@ -49,7 +50,8 @@ def own_cnn(input_shape=(8, 8, 3), num_classes=3, seed=0, width=8):
     return L.ReLU(name=f"{name}_relu")(x)
 
   inputs = keras.Input(input_shape, name="image")
-  x = conv_bn_relu(inputs, "stem")
+  x = L.Rescaling(1 / 255, name="rescale")(inputs) if rescale else inputs
+  x = conv_bn_relu(x, "stem")
   x = conv_bn_relu(x, "chain1")
   x = conv_bn_relu(x, "chain2")
   for block in ("block1", "block2"):

@@ -62,14 +62,16 @@ class ThresholdingExperimentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual({r["threshold"] for r in results["diagnosis"]},
                      set(thresholds["each"].values()))
 
-    # The two teachers have their own keys, files and caches in one work directory.
+    # The two teachers have their own keys and files in one work directory (the exact solver,
+    # the default, reads their activations online: no cache).
     keys = results["teacher"]["key"], results["regularised_teacher"]["key"]
     self.assertNotEqual(*keys)
     with open(os.path.join(workdir, f"teacher-{keys[1]}.json")) as f:
       self.assertEqual(json.load(f)["unit_noise"], 0.1)
     for key in keys:
       self.assertTrue(os.path.exists(os.path.join(workdir, f"teacher-{key}.keras")))
-      self.assertTrue(os.path.isdir(os.path.join(workdir, f"cache-{key}-lookahead0")))
+      self.assertFalse(os.path.exists(os.path.join(workdir, f"cache-{key}-lookahead0")))
+    self.assertEqual(results["config"]["solver"], "lstsq")
 
     self.assertEqual([os.path.basename(p) for p in results["figures"]],
                      ["figure1.png", "figure1_units.png", "figure4.png", "figure5.png"])

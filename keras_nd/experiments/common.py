@@ -1,5 +1,6 @@
 """What the experiment binaries share: data and training flags, scoring, writing results."""
 
+import logging as std_logging
 import os
 
 from absl import flags, logging
@@ -51,6 +52,11 @@ def quiet_logs():
   """
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  # TensorFlow gave its logger a handler of its own when it was imported, before absl's went on
+  # the root logger, which its records reach too: each line would print twice.
+  tensorflow_logger = std_logging.getLogger("tensorflow")
+  for handler in list(tensorflow_logger.handlers):
+    tensorflow_logger.removeHandler(handler)
 
 
 def dataset_from_flags(values):

@@ -129,7 +129,7 @@ class DataFree:
     epochs from there, BatchNorms frozen.
     """
     students = self._students(multiplier)
-    distiller = nd.NeighbourhoodDistiller(students)
+    distiller = nd.NeighbourhoodDistiller(students, calibrate_steps=0)  # on fresh noise, below
     steps = self.epochs["gnd"] * self.steps_per_epoch
     start = time.perf_counter()
     if self.solver != "gradient":

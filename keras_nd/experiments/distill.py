@@ -528,7 +528,7 @@ class Experiment:
       students = {hood: nd.students.bottleneck(hood, multiplier, init=self.student_init)}
       if self.solver != "gradient":
         nd.reconstruct(students, source, errors=False, **self._solve_settings())
-      distiller = nd.NeighbourhoodDistiller(students)
+      distiller = nd.NeighbourhoodDistiller(students, calibrate_steps=0)  # calibrated below
       if self.solver != "lstsq":
         with (frozen_batch_norms(students.values()) if self.solver != "gradient"
               else contextlib.nullcontext()):  # as artefacts.distil trains after a solve

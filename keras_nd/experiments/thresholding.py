@@ -61,8 +61,9 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
     figures_dir: where the PNG figures go (default `workdir`).
     verbose: 0 silent, 1 a line per phase, 2 Keras progress bars too.
     **settings: passed to both teachers' `distill.Experiment` (batch_size,
-      learning_rate, seed, solver, ...). The solver defaults to "gradient":
-      Table 4 is the paper's gradient ND of the two teachers.
+      learning_rate, seed, solver, ...). The solver defaults to "lstsq" (the
+      exact solve measured 71.3% / 64.3% for Table 4's two teachers, against
+      59.6% / 53.5% for 3 epochs of the paper's gradient ND).
 
   Returns:
     {"config", "teacher", "regularised_teacher", "sweeps": {"each", "all",
@@ -95,7 +96,7 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
   budget.update(epochs or {})
   budget = dict(budget, ce=0, kd=0, ft=0)
   figures_dir = figures_dir or workdir
-  settings = dict({"solver": "gradient"}, **settings)
+  settings = dict({"solver": "lstsq"}, **settings)
   plain = distill.Experiment(data, model, workdir, budget, verbose=verbose, **settings)
   regular = None
   if plain.given is None:
