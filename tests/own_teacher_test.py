@@ -28,6 +28,7 @@ def _own_teacher_path():
   teacher = testing.own_cnn(dataset.input_shape, dataset.num_classes)
   x, y = dataset.arrays("train")
   testing.trained(teacher, x, y, epochs=2)
+  nd.calibrate_batch_norm(teacher, x)  # as the refusal of a teacher whose statistics lag says
   path = os.path.join(tf.compat.v1.test.get_temp_dir(), "own_cnn.keras")
   teacher.save(path)
   return path
@@ -134,6 +135,24 @@ class OwnTeacherExperimentsTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "no Rescaling or Normalization layer"):
       distill.Experiment(dataset.with_preprocessing("model"), "resnet8", self.get_temp_dir(), {},
                          teacher=teacher)
+
+  def test_a_teacher_whose_batchnorm_statistics_lag_is_refused_with_the_fix(self):
+    # An easy task the teacher learns well, then moving statistics far from its activations'
+    # (as Keras's default momentum leaves them after few steps, exaggerated).
+    rng = np.random.RandomState(0)
+    y = rng.randint(0, 3, 320)
+    x = rng.normal(size=(320, 8, 8, 3)).astype("float32") + y[:, None, None, None] * 0.7
+    teacher = testing.trained(testing.own_cnn(), x[:256], y[:256], epochs=4)
+    nd.calibrate_batch_norm(teacher, x[:256])
+    dataset = data.Dataset.from_arrays("easy", (x[:256], y[:256]), (x[256:], y[256:]),
+                                       validation=(x[256:], y[256:])).with_preprocessing("none")
+    distill.Experiment(dataset, "resnet8", self.get_temp_dir(), {}, teacher=teacher)  # accepted
+    for layer in teacher.layers:
+      if isinstance(layer, L.BatchNormalization):
+        layer.moving_mean.assign(layer.moving_mean + 5.0 * tf.sqrt(layer.moving_variance))
+    with self.assertRaisesRegex(ValueError, r"inference mode but .* own BatchNorm statistics.*"
+                                r"nd\.calibrate_batch_norm\(teacher, x_train\)"):
+      distill.Experiment(dataset, "resnet8", self.get_temp_dir(), {}, teacher=teacher)
 
   def test_a_teacher_for_other_images_is_named(self):
     other = testing.own_cnn(input_shape=(16, 16, 3), num_classes=10)

@@ -60,6 +60,7 @@ class ReadmeTest(tf.test.TestCase):
                  "x_test": x[256:], "y_test": y[256:]}
     blocks = _blocks("python")
     self.assertGreaterEqual(len(blocks), 8)
+    self.addCleanup(os.chdir, os.getcwd())
     os.chdir(self.get_temp_dir())  # the blocks write student.keras, candidates/, cache/, students/
     for line, code in blocks:
       with self.subTest(line=line):

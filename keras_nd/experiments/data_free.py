@@ -240,7 +240,7 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
     if not given:
       timings["teacher"] = experiment.timings["teacher"]
   else:
-    teacher = distill.load_teacher(teacher, data, settings.get("trusted", False))
+    teacher = distill.load_teacher(teacher, data, settings.get("trusted", False), split="test")
     files.writable_directory(workdir, "work directory")
   test = experiment.test if experiment else data.pipeline("test", 256, training=False)
   free_settings = {k: v for k, v in settings.items()

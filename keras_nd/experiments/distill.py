@@ -370,8 +370,9 @@ class Experiment:
 
     Stops early on validation accuracy and ends with the best epoch's weights;
     `offset` seconds start the tracker's clock (ND's time, for ND+FT). With a
-    `name`, training is backed up every epoch in `workdir/backups/<name>` and
-    a killed job resumes from there.
+    `name`, training is backed up every epoch in `workdir/backups/<teacher
+    key>/<name>` and a killed job resumes from there (never from the backup of
+    another teacher's, or another data's, student).
     """
     distiller = nd.KnowledgeDistiller(teacher=teacher, student=student,
                                       temperature=self.temperature,
@@ -379,7 +380,7 @@ class Experiment:
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate,
                                                       epochs * self.steps_per_epoch)
     distiller.compile(keras.optimizers.Adam(schedule), metrics=["accuracy"])
-    backup = os.path.join(self.workdir, "backups", name) if name else None
+    backup = os.path.join(self.workdir, "backups", self.key, name) if name else None
     tracker = EpochTracker(self.validation, self.test, patience=self.patience, offset=offset,
                            evaluate_first=evaluate_first, student=scorable(student),
                            state_path=backup and os.path.join(backup, "tracker.json"))
@@ -557,8 +558,9 @@ def from_scratch(teacher, units, multiplier):
   return keras.models.clone_model(student)
 
 
-def load_teacher(teacher, data, trusted=False):
-  """A teacher given as a model or a `.keras` path, checked against the data it will see.
+def load_teacher(teacher, data, trusted=False, split=None):
+  """A teacher given as a model or a `.keras` path, checked against the data it will see (its
+  `split`, by default the validation split if there is one, else the test split).
 
   Raises:
     ValueError: its input shape or classes differ from the data's, it
@@ -583,7 +585,7 @@ def load_teacher(teacher, data, trusted=False):
                      "own images, but it has no Rescaling or Normalization layer; pass "
                      "preprocessing='standardize' or 'none'.")
   teacher = scorable(teacher)
-  split = "validation" if data.num_validation else "test"
+  split = split or ("validation" if data.num_validation else "test")
   other = "none" if data.preprocessing == "standardize" else "standardize"
   scores = {way: accuracy(teacher, data.with_preprocessing(way).pipeline(split, 256))
             for way in (data.preprocessing, other)}
@@ -593,7 +595,30 @@ def load_teacher(teacher, data, trusted=False):
         f"{split} images as preprocessing={data.preprocessing!r} gives them, and "
         f"{100 * scores[other]:.1f}% as {other!r} gives them: it was trained on images given "
         f"the other way. Pass preprocessing={other!r} (--preprocessing={other}).")
+  batch_statistics = _accuracy_with_batch_statistics(teacher, data.pipeline(split, 256))
+  if batch_statistics > scores[data.preprocessing] + 0.3:
+    raise ValueError(
+        f"The teacher '{teacher.name}' scores {100 * scores[data.preprocessing]:.1f}% on the "
+        f"{split} images in inference mode but {100 * batch_statistics:.1f}% with each batch's "
+        "own BatchNorm statistics: its moving statistics do not match its weights (they lag "
+        "weights trained for few steps at Keras's default momentum). Re-estimate them, "
+        "nd.calibrate_batch_norm(teacher, x_train), and save it again.")
   return teacher
+
+
+def _accuracy_with_batch_statistics(model, batches):
+  """`model`'s accuracy on `batches` with BatchNorm in training mode (each batch's statistics);
+  every weight, the moving statistics included, is put back afterwards."""
+  weights = model.get_weights()
+  try:
+    right = total = 0
+    for x, y in batches:
+      predicted = np.argmax(model(x, training=True).numpy(), -1)
+      right += int(np.sum(predicted == y.numpy()))
+      total += len(predicted)
+  finally:
+    model.set_weights(weights)
+  return right / max(1, total)
 
 
 _PREPROCESSING_LAYERS = tuple(getattr(keras.layers, name) for name in (
