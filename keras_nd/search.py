@@ -46,11 +46,12 @@ def multipliers(ks=MULTIPLIERS, init="teacher"):
   return {f"k{k:g}": functools.partial(students.bottleneck, k=k, init=init) for k in ks}
 
 
-def sparsities(levels, steps, kind="polynomial"):
+def sparsities(levels, steps=None, kind="polynomial"):
   """Candidate builders `{"s<level>": f(hood) -> sparse student}` for one-layer neighbourhoods.
 
   `steps` is the number of training steps the candidates get (the pruning
-  schedule ramps over half of them); see `keras_nd.sparsity.sparse_student`.
+  schedule ramps over half of them); None: all the steps `artefacts.distil`
+  trains them for; see `keras_nd.sparsity.sparse_student`.
   Stored candidates are the stripped, plain sparse layers.
   """
   from keras_nd import sparsity  # pylint: disable=g-import-not-at-top  (tfmot only when pruning)

@@ -362,6 +362,9 @@ class Experiment:
                         self.epochs["ce"] * self.steps_per_epoch)
     tracker = EpochTracker(self.validation, self.test, patience=None)
     student.fit(self.train, epochs=self.epochs["ce"], **self._fit_args(tracker))
+    # BatchNorm statistics that match the final weights, as the distillers leave theirs (at
+    # Keras's default momentum a student trained a few epochs is otherwise at chance).
+    nd.calibrate_batch_norm(student, self.train_plain, steps=self.steps_per_epoch)
     return self._row("ce", multiplier, student, tracker.seconds), tracker.curve
 
   def fine_tune(self, teacher, student, epochs, learning_rate, offset=0.0, evaluate_first=False,
