@@ -171,6 +171,19 @@ class NpzTest(tf.test.TestCase, parameterized.TestCase):
       data.load_npz(path)
 
 
+  def test_raw_images_are_translated_with_their_mean_colour_coming_in(self):
+    # Given as stored (a teacher trained on raw pixels), a translation brings in the training
+    # set's mean colour, as it does for standardised images (where it is zero), not black.
+    images = np.full((8, 8, 8, 3), 200, "uint8")
+    images[..., 1] = 50
+    dataset = data.Dataset.from_arrays("flat", (images, np.arange(8) % 2),
+                                       (images[:2], np.arange(2))).with_preprocessing("none")
+    batch, _ = next(iter(dataset.pipeline("train", 8, training=True, max_shift=4)))
+    self.assertAllClose(batch[..., 0], np.full((8, 8, 8), 200.0))
+    self.assertAllClose(batch[..., 1], np.full((8, 8, 8), 50.0))
+    x, _ = dataset.arrays("test")
+    self.assertEqual(float(x.max()), 200.0)  # as stored, not standardised
+
   def test_npz_channels_first_images_are_refused_with_the_transpose(self):
     rng = np.random.RandomState(0)
     path = _write_npz(self.dir, x_train=rng.rand(20, 3, 8, 8), x_test=rng.rand(6, 3, 8, 8))

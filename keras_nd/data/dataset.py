@@ -139,6 +139,9 @@ class Dataset:
     self.train, self.validation, self.test = (self._arrays.get(s) for s in SPLITS)
     self._fingerprint = None
     self.preprocessing = "standardize"
+    # What a translation brings in from outside the image: the training set's mean colour, which
+    # is zero once standardised.
+    self._fill = np.zeros_like(self.mean)
 
   def fingerprint(self):
     """A digest of what the data is: every split's raw images and labels, in order.
@@ -228,6 +231,7 @@ class Dataset:
                    np.zeros_like(self.mean), np.ones_like(self.std), self._examples,
                    self._sizes, self._arrays)
     copy._fingerprint = self._fingerprint  # pylint: disable=protected-access
+    copy._fill = self.mean  # pylint: disable=protected-access  (translations bring in the mean)
     copy.preprocessing = preprocessing
     return copy
 
@@ -300,13 +304,14 @@ class Dataset:
       return preprocessing.standardize(images, mean, std), tf.cast(labels, tf.int32)
 
     batches = batches.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    fill = tf.constant(self._fill, tf.float32)
     if training:
       # Stateless ops fed from one seeded stream: reproducible for a seed, new every epoch.
       seed_stream = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(4)
 
       def augment(batch, seeds):
         images, labels = batch
-        images = preprocessing.random_translate(images, max_shift, seeds[:2])
+        images = preprocessing.random_translate(images - fill, max_shift, seeds[:2]) + fill
         if flip:
           images = preprocessing.random_flip(images, seeds[2:])
         return images, labels
