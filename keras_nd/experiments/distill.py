@@ -81,6 +81,12 @@ def _compiled(model, learning_rate, steps):
 class EpochTracker(keras.callbacks.Callback):
   """Times training epochs, evaluates after each (untimed), stops early on validation accuracy.
 
+  With `calibration` (batches of training inputs), the model's BatchNorm
+  statistics are re-estimated before each evaluation (untimed too), so that
+  every point of the curve is the accuracy of the weights as they are, as the
+  final one is: at Keras's default momentum the moving averages of a model
+  trained a few epochs lag its weights, and the curve would understate it.
+
   Attributes:
     curve: [(training seconds so far, test accuracy)], starting with the
       evaluation before the first epoch when `evaluate_first`.
@@ -89,8 +95,9 @@ class EpochTracker(keras.callbacks.Callback):
   """
 
   def __init__(self, validation, test, patience=None, offset=0.0, evaluate_first=False,
-               student=None, state_path=None):
+               student=None, state_path=None, calibration=None):
     super().__init__()
+    self._calibration = calibration
     self.validation = validation
     self.test = test
     self.patience = patience
@@ -110,6 +117,8 @@ class EpochTracker(keras.callbacks.Callback):
 
   def _evaluate(self, epoch):
     scored = self._scored()
+    if self._calibration is not None:
+      nd.calibrate_batch_norm(scored, self._calibration)
     validation, test = accuracy(scored, self.validation), accuracy(scored, self.test)
     self.curve.append((self.seconds, test))
     self._epochs.append(epoch)
@@ -317,6 +326,12 @@ class Experiment:
     return build_model(self.model, self.data.input_shape, self.data.num_classes, multiplier,
                        unit_noise)
 
+  def _calibration(self):
+    """What the trackers re-estimate BatchNorm statistics on before each evaluation: for a given
+    teacher's students (whose momentum may lag), the training images; the project's ResNets,
+    at momentum 0.9, need none."""
+    return None if self.given is None else self.train_plain.take(self.steps_per_epoch)
+
   def units(self, teacher):
     """The neighbourhoods students replace (`students.narrowable`), the grouping said once."""
     if self._units is None or self._units[0] is not teacher:
@@ -360,11 +375,9 @@ class Experiment:
     """Cross-entropy from scratch: (row, curve)."""
     student = _compiled(self._new(multiplier), self.learning_rate,
                         self.epochs["ce"] * self.steps_per_epoch)
-    tracker = EpochTracker(self.validation, self.test, patience=None)
+    tracker = EpochTracker(self.validation, self.test, patience=None,
+                           calibration=self._calibration())
     student.fit(self.train, epochs=self.epochs["ce"], **self._fit_args(tracker))
-    # BatchNorm statistics that match the final weights, as the distillers leave theirs (at
-    # Keras's default momentum a student trained a few epochs is otherwise at chance).
-    nd.calibrate_batch_norm(student, self.train_plain, steps=self.steps_per_epoch)
     return self._row("ce", multiplier, student, tracker.seconds), tracker.curve
 
   def fine_tune(self, teacher, student, epochs, learning_rate, offset=0.0, evaluate_first=False,
@@ -385,6 +398,7 @@ class Experiment:
     distiller.compile(keras.optimizers.Adam(schedule), metrics=["accuracy"])
     backup = os.path.join(self.workdir, "backups", self.key, name) if name else None
     tracker = EpochTracker(self.validation, self.test, patience=self.patience, offset=offset,
+                           calibration=self._calibration(),
                            evaluate_first=evaluate_first, student=scorable(student),
                            state_path=backup and os.path.join(backup, "tracker.json"))
     if tracker.resume():  # it had stopped early: only the best weights are wanted
