@@ -43,10 +43,14 @@ def with_pruning_step(model, callbacks, fit_args=(), fit_kwargs=None):
   return sparsity.pruning_callbacks(model, callbacks)
 
 
+def fit_arguments(args, kwargs):
+  """A Keras `fit(*args, **kwargs)` call's arguments by name (x, y, batch_size, epochs, ...)."""
+  return dict(zip(("x", "y", "batch_size", "epochs"), args), **kwargs)
+
+
 def fit_steps(args, kwargs):
   """The training steps a Keras `fit(*args, **kwargs)` will run, or None where it cannot tell."""
-  names = ("x", "y", "batch_size", "epochs")
-  given = dict(zip(names, args), **kwargs)
+  given = fit_arguments(args, kwargs)
   epochs = given.get("epochs", 1) - given.get("initial_epoch", 0)
   per_epoch = given.get("steps_per_epoch")
   x = given.get("x")
@@ -397,7 +401,7 @@ class NeighbourhoodDistiller(keras.Model):
     callbacks = list(callbacks or []) + [StopOnNonFinite(self.weights, self.student_names)]
     history = super().fit(*args, callbacks=with_pruning_step(self, callbacks, args, kwargs),
                           **kwargs)
-    data = dict(zip(("x",), args), **kwargs).get("x")
+    data = fit_arguments(args, kwargs).get("x")
     if self.calibrate_steps and isinstance(data, tf.data.Dataset) and any(
         _batch_norms(model) for model in self.student_models):
       self.calibrate_batch_norm(data, steps=self.calibrate_steps)

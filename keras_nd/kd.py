@@ -3,7 +3,13 @@
 from keras_nd import losses
 from keras_nd._keras import keras, tf
 from keras_nd.data.dataset import as_batches
-from keras_nd.distiller import StopOnNonFinite, _Untracked, calibrate_batch_norm, with_pruning_step
+from keras_nd.distiller import (
+  StopOnNonFinite,
+  _Untracked,
+  calibrate_batch_norm,
+  fit_arguments,
+  with_pruning_step,
+)
 
 
 def outputs_logits(model):
@@ -94,7 +100,7 @@ class KnowledgeDistiller(keras.Model):
                           **kwargs)
     if self.calibrate_steps and any(isinstance(layer, keras.layers.BatchNormalization)
                                     for layer in self.student.submodules):
-      given = dict(zip(("x", "y", "batch_size"), args), **kwargs)
+      given = fit_arguments(args, kwargs)
       calibrate_batch_norm(self.student, as_batches(given.get("x"), given.get("batch_size") or 32,
                                                     "fit's x"), steps=self.calibrate_steps)
     return history
