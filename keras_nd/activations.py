@@ -46,7 +46,7 @@ import numpy as np
 
 from keras_nd import files, graph
 from keras_nd._keras import keras, tf
-from keras_nd.data.dataset import as_batches
+from keras_nd.batches import as_batches
 from keras_nd.neighbourhood import checked_hoods
 
 MANIFEST = "manifest.json"

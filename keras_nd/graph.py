@@ -287,21 +287,6 @@ def compose(teacher, students, name=None):
   return substitute(teacher, students, copy=True, name=name or f"{teacher.name}_student")
 
 
-def leaf_layers(model):
-  """`model`'s layers in order, each nested model's layers in its place."""
-  for layer in model.layers:
-    if isinstance(layer, keras.Model):
-      yield from leaf_layers(layer)
-    else:
-      yield layer
-
-
-def kernel(layer):
-  """A layer's kernel variable (a depthwise convolution's depthwise kernel), or None."""
-  depthwise = getattr(layer, "depthwise_kernel", None)
-  return depthwise if depthwise is not None else getattr(layer, "kernel", None)
-
-
 def pruning_wrappers(model):
   """The tfmot pruning wrappers in `model`, found without importing tfmot."""
   if not isinstance(model, keras.layers.Layer):

@@ -2,7 +2,7 @@
 
 from keras_nd import losses
 from keras_nd._keras import keras, tf
-from keras_nd.data.dataset import as_batches
+from keras_nd.batches import as_batches
 from keras_nd.distiller import (
   StopOnNonFinite,
   _Untracked,

@@ -23,7 +23,7 @@ relative `output_sweep` compare with it directly. Weight noise is relative to
 each kernel's own standard deviation.
 
 ```python
-teacher_accuracy = perturb.accuracy(teacher, validation)
+teacher_accuracy = metrics.accuracy(teacher, validation)
 rows = perturb.output_sweep(teacher, hoods, validation, [0.0, 0.1, 0.3, 1.0], relative=True)
 thresholds = perturb.thresholds_from_sweep(rows, teacher_accuracy, drop=0.01)
 print(perturb.format_diagnosis(perturb.diagnose(teacher, students, validation, thresholds)))
@@ -35,7 +35,7 @@ import numbers
 
 import numpy as np
 
-from keras_nd import graph
+from keras_nd import graph, layer_types, metrics
 from keras_nd._keras import keras, tf
 from keras_nd.activations import ActivationSource
 from keras_nd.distiller import as_student_model
@@ -173,16 +173,6 @@ def output_rms(model, hoods, dataset, steps=None, batch_size=256):
           for hood, total, size in zip(hoods, totals, sizes)}
 
 
-def accuracy(model, dataset):
-  """Top-1 accuracy of `model`'s outputs (argmax) on a batched dataset of `(x, y)`.
-
-  Labels are class indices (or one-hot rows). Computed batch by batch with
-  the model called in inference mode inside one `tf.function`; nothing is
-  compiled.
-  """
-  return _Scorer(model, dataset)()
-
-
 def output_sweep(model, hoods, dataset, epsilons, mode="each", seeds=(0, 1, 2), relative=False,
                  verbose=0):
   """Accuracy of `model` with noise of each amplitude on the outputs of neighbourhoods (Fig. 1).
@@ -236,7 +226,7 @@ def output_sweep(model, hoods, dataset, epsilons, mode="each", seeds=(0, 1, 2), 
     groups = [hoods]
   else:
     groups = [hoods[:n] for n in range(1, len(hoods) + 1)]
-  score = _Scorer(noisy, dataset, len(groups) * len(epsilons) * len(seeds), verbose)
+  score = metrics.Scorer(noisy, dataset, len(groups) * len(epsilons) * len(seeds), verbose)
   rows = []
   for group in groups:
     for epsilon in epsilons:
@@ -291,7 +281,7 @@ def weight_sweep(model, dataset, epsilon, layers=None, seeds=(0, 1, 2), verbose=
   seeds = _checked_seeds(seeds)
   kernels = _kernels(model, layers)
   originals = [kernel.numpy() for _, kernel in kernels]
-  score = _Scorer(model, dataset, 1 + 2 * len(kernels) * len(seeds), verbose)
+  score = metrics.Scorer(model, dataset, 1 + 2 * len(kernels) * len(seeds), verbose)
 
   def perturb(index, seed):
     original = originals[index]
@@ -474,53 +464,6 @@ def format_diagnosis(rows):
   return "\n".join(lines)
 
 
-class _Scorer:
-  """Top-1 accuracy of one model on one dataset, through a single traced step."""
-
-  def __init__(self, model, dataset, evaluations=None, verbose=0):
-    self.model = model
-    self.dataset = dataset
-    # One step per evaluation: a sweep of hundreds of them takes minutes.
-    self._progbar = keras.utils.Progbar(evaluations, unit_name="evaluation", verbose=verbose)
-    x_spec, y_spec = _labelled_specs(dataset)
-
-    def counts(x, y):
-      outputs = model(x, training=False)
-      predicted = tf.argmax(outputs, axis=-1)
-      if y.shape.rank == outputs.shape.rank and y.shape[-1] == outputs.shape[-1] != 1:
-        labels = tf.argmax(y, axis=-1)
-      else:
-        labels = tf.cast(tf.reshape(y, [-1]), tf.int64)
-      return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int64)), tf.size(labels)
-
-    self._counts = tf.function(counts, input_signature=[x_spec, y_spec])
-
-  def __call__(self):
-    correct = total = 0
-    for batch in self.dataset:
-      c, n = self._counts(batch[0], batch[1])
-      correct += int(c)
-      total += int(n)
-    if not total:
-      raise ValueError("The dataset to score accuracy on is empty.")
-    self._progbar.add(1)
-    return correct / total
-
-
-def _labelled_specs(dataset):
-  """Specs of a batched (x, y) dataset's elements, any batch size."""
-  if not isinstance(dataset, tf.data.Dataset):
-    raise TypeError(f"dataset must be a tf.data.Dataset; got {type(dataset).__name__}.")
-  spec = dataset.element_spec
-  if not isinstance(spec, (tuple, list)) or len(spec) < 2 or not all(
-      isinstance(s, tf.TensorSpec) for s in spec[:2]):
-    raise ValueError(f"dataset elements must be batches (x, y) of images and labels to score "
-                     f"accuracy on; got elements {spec}.")
-  if spec[0].shape.rank is None or spec[0].shape.rank < 1:
-    raise ValueError(f"dataset elements must be batches (x, y); got x of shape {spec[0].shape}.")
-  return [tf.TensorSpec([None] + spec[i].shape.as_list()[1:], spec[i].dtype) for i in (0, 1)]
-
-
 def _noisy(model, hoods, name):
   """`model` with an OutputNoise layer (zero amplitude) after each hood: (model, {name: layer})."""
   layers, replacements = {}, {}
@@ -542,7 +485,7 @@ def _reset(layers, amplitudes, seed):
 def _kernels(model, layers):
   """[(layer name, kernel variable)] of the layers to perturb, in order."""
   if layers is None:
-    found = [(layer.name, graph.kernel(layer)) for layer in graph.leaf_layers(model)
+    found = [(layer.name, layer_types.kernel(layer)) for layer in layer_types.leaf_layers(model)
              if isinstance(layer, KERNEL_LAYERS)]
     if not found:
       raise ValueError(f"Model '{model.name}' has no Conv2D, DepthwiseConv2D or Dense layer to "
@@ -552,14 +495,14 @@ def _kernels(model, layers):
     layers = [layers]
   if not layers:
     raise ValueError("layers is empty; pass None for every Conv2D, DepthwiseConv2D and Dense.")
-  by_name = {layer.name: layer for layer in graph.leaf_layers(model)}
+  by_name = {layer.name: layer for layer in layer_types.leaf_layers(model)}
   found = []
   for item in layers:
     name = item if isinstance(item, str) else getattr(item, "name", None)
     if name not in by_name or (not isinstance(item, str) and by_name[name] is not item):
       raise ValueError(f"Layer {item if isinstance(item, str) else name!r} is not a layer of "
                        f"model '{model.name}'.")
-    kernel = graph.kernel(by_name[name])
+    kernel = layer_types.kernel(by_name[name])
     if kernel is None:
       raise ValueError(f"Layer '{name}' ({type(by_name[name]).__name__}) of model "
                        f"'{model.name}' has no kernel to perturb.")

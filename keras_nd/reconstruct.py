@@ -35,7 +35,7 @@ import warnings
 
 import numpy as np
 
-from keras_nd import graph
+from keras_nd import graph, layer_types
 from keras_nd import students as builders
 from keras_nd._keras import keras, tf
 
@@ -115,7 +115,7 @@ def _plan(hood, student, channels=None):
       continue
     layer = node.layer
     upstream = max((depth.get(id(t), 0) for t in node.keras_inputs), default=0)
-    if isinstance(layer, keras.Model) and any(_kind(sub) for sub in graph.leaf_layers(layer)):
+    if isinstance(layer, keras.Model) and any(_kind(sub) for sub in layer_types.leaf_layers(layer)):
       raise ValueError(
           f"Student '{student.name}' for neighbourhood '{hood.name}' holds the nested model "
           f"'{layer.name}' with weighted layers; flatten it first (nd.substitute(student, {{}}) "
@@ -186,7 +186,7 @@ def _choice(node, producers, consumers, teacher_nodes, counterpart):
     tensor = producer.keras_inputs[0]
   teacher = _counterpart(layer, teacher_nodes)
   if teacher is None or type(teacher.layer) is not type(layer) or _unsupported(layer) or \
-      graph.kernel(layer).shape[-1] >= graph.kernel(teacher.layer).shape[-1]:
+      layer_types.kernel(layer).shape[-1] >= layer_types.kernel(teacher.layer).shape[-1]:
     return None
   upstream = producer.keras_inputs[0]
   while not producers[id(upstream)].is_input:  # the teacher's input, unchanged?
@@ -237,7 +237,7 @@ def _counterpart(layer, teacher_nodes):
 
 def _features(layer):
   """The number of inputs of one output of `layer`'s system (without the intercept)."""
-  kernel = graph.kernel(layer)
+  kernel = layer_types.kernel(layer)
   if _kind(layer) == "depthwise":
     return int(np.prod(kernel.shape[:-2]))
   return int(np.prod(kernel.shape[:-1]))
@@ -330,7 +330,7 @@ def _moments(layer, x, y, subsample=1, batch=0):
   y = _sampled(y, subsample, phase)
   rows = tf.cast(tf.shape(p)[0], tf.float32)
   if kind == "depthwise":
-    channels = graph.kernel(layer).shape[-2]
+    channels = layer_types.kernel(layer).shape[-2]
     p = tf.reshape(p, [-1, p.shape[-1] // channels, channels])   # [rows, taps, c]
     y = tf.reshape(y, [-1, channels, y.shape[-1] // channels])    # [rows, c, multiplier]
     return {"G": tf.einsum("npc,nqc->cpq", p, p), "s": tf.transpose(tf.reduce_sum(p, 0)),
@@ -412,7 +412,7 @@ def _residual(stats, a, b, w):
 def _current(item):
   """The layer's weights now, in the solve's layout (intercept last, if any)."""
   layer = item.layer
-  kernel = graph.kernel(layer).numpy().astype(np.float64)
+  kernel = layer_types.kernel(layer).numpy().astype(np.float64)
   if _kind(layer) == "depthwise":
     channels = kernel.shape[-2]
     w = np.transpose(kernel.reshape(-1, channels, kernel.shape[-1]), (1, 0, 2))
@@ -429,7 +429,7 @@ def _current(item):
 
 def _assign(item, w):
   layer = item.layer
-  kernel = graph.kernel(layer)
+  kernel = layer_types.kernel(layer)
   intercept = _intercept(item)
   weights, bias = (w[..., :-1, :], w[..., -1, :]) if intercept else (w, None)
   if _kind(layer) == "depthwise":
@@ -478,16 +478,16 @@ def _check_size(items):
   for item in items:
     features = _features(item.layer)
     if item.choice is not None:  # the statistics of every channel of the teacher
-      features = features // graph.kernel(item.choice.narrowed).shape[-1] * graph.kernel(
-          item.choice.teacher).shape[-1]
+      narrowed = layer_types.kernel(item.choice.narrowed).shape[-1]
+      features = features // narrowed * layer_types.kernel(item.choice.teacher).shape[-1]
     d = features + 1
     if d > MAX_FEATURES:
       raise ValueError(
           f"Layer '{item.layer.name}' of '{item.hood.name}' has {d - 1} inputs per output "
-          f"(kernel {tuple(graph.kernel(item.layer).shape)}); reconstruct solves at most "
+          f"(kernel {tuple(layer_types.kernel(item.layer).shape)}); reconstruct solves at most "
           f"{MAX_FEATURES - 1}. Leave it to gradient distillation.")
-    groups = graph.kernel(item.layer).shape[-2] if _kind(item.layer) == "depthwise" else 1
-    total += groups * d * (d + graph.kernel(item.layer).shape[-1]) * 8
+    groups = layer_types.kernel(item.layer).shape[-2] if _kind(item.layer) == "depthwise" else 1
+    total += groups * d * (d + layer_types.kernel(item.layer).shape[-1]) * 8
   if total > MAX_STATISTICS_BYTES:
     raise ValueError(
         f"The layers solved together need {total / 2**30:.1f} GiB of statistics, more than "
@@ -677,7 +677,7 @@ def _check_blocks(layer, n):
   if _kind(layer) == "depthwise":
     raise ValueError(f"m_by_n sparsity applies to Conv1D/2D/3D and Dense layers; layer "
                      f"'{layer.name}' is a {type(layer).__name__}.")
-  channels = graph.kernel(layer).shape[-2]
+  channels = layer_types.kernel(layer).shape[-2]
   if channels % n:
     raise ValueError(f"m_by_n blocks of {n} do not fit layer '{layer.name}': its {channels} "
                      f"input channels are not a multiple of {n}.")
@@ -775,8 +775,8 @@ def _choose(item, stats, a, b, ridge):
   from their teacher counterparts at the kept channels.
   """
   choice = item.choice
-  channels = graph.kernel(choice.teacher).shape[-1]
-  width = graph.kernel(choice.narrowed).shape[-1]
+  channels = layer_types.kernel(choice.teacher).shape[-1]
+  width = layer_types.kernel(choice.narrowed).shape[-1]
   d = a.shape[-1] - int(_intercept(item))
   taps = d // channels
   weight = np.ones(b.shape[-1])

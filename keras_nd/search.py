@@ -31,7 +31,7 @@ import functools
 
 import numpy as np
 
-from keras_nd import artefacts, graph, students
+from keras_nd import artefacts, graph, layer_types, students
 from keras_nd._keras import keras
 
 COST_KEYS = ("params", "flops")
@@ -65,7 +65,7 @@ def sparsities(levels, steps=None, kind="polynomial"):
 def flops(model):
   """Multiply-accumulates of one example through `model`'s convolutions and Dense layers."""
   total = 0
-  for layer in graph.leaf_layers(model):
+  for layer in layer_types.leaf_layers(model):
     if isinstance(layer, keras.layers.DepthwiseConv2D):
       kernel = layer.depthwise_kernel.shape
       total += int(_positions(layer) * kernel[0] * kernel[1] * kernel[2] * kernel[3])

@@ -33,7 +33,7 @@ import tempfile
 import numpy as np
 import tensorflow_model_optimization as tfmot  # keras_nd/__init__ set TF_USE_LEGACY_KERAS first
 
-from keras_nd import graph
+from keras_nd import graph, layer_types
 from keras_nd._keras import keras
 
 _prune = tfmot.sparsity.keras
@@ -307,7 +307,7 @@ def strip(model):
 
 def _kernels(model):
   """[(layer name, kernel)] of the prunable layers of a (stripped) model."""
-  return [(layer.name, graph.kernel(layer)) for layer in graph.leaf_layers(model)
+  return [(layer.name, layer_types.kernel(layer)) for layer in layer_types.leaf_layers(model)
           if isinstance(layer, PRUNABLE_TYPES)]
 
 

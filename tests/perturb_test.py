@@ -10,7 +10,7 @@ import testing
 from absl.testing import parameterized
 
 import keras_nd as nd
-from keras_nd import graph, perturb
+from keras_nd import graph, metrics, perturb
 from keras_nd._keras import keras, tf
 from keras_nd.experiments import common
 
@@ -144,14 +144,14 @@ class OutputSweepTest(_TeacherTestCase):
       self.assertFalse(row["relative"])
 
   def test_accuracy_at_zero_epsilon_is_the_clean_accuracy(self):
-    clean = perturb.accuracy(self.teacher, self.data)
+    clean = metrics.accuracy(self.teacher, self.data)
     self.assertAllClose(clean, common.accuracy(common.scorable(self.teacher), self.data))
     rows = perturb.output_sweep(self.teacher, self.hoods, self.data, [0.0], mode="all",
                                 relative=True)
     self.assertEqual(rows[0]["accuracies"], [clean] * 3)
 
   def test_large_relative_noise_on_all_neighbourhoods_lowers_the_accuracy(self):
-    clean = perturb.accuracy(self.teacher, self.data)
+    clean = metrics.accuracy(self.teacher, self.data)
     self.assertGreater(clean, 0.9)  # the trained teacher fits its data
     rows = perturb.output_sweep(self.teacher, self.hoods, self.data, [3.0], mode="all",
                                 relative=True)
@@ -234,7 +234,7 @@ class WeightSweepTest(_TeacherTestCase):
     self.assertEqual([row["layers"] for row in result["cumulative"]], list(range(1, 9)))
     # The first cumulative step perturbs the first layer alone, with the same draws.
     self.assertEqual(result["cumulative"][0]["measured_drop_mean"], drops[0])
-    self.assertEqual(result["accuracy"], perturb.accuracy(self.teacher, self.data))
+    self.assertEqual(result["accuracy"], metrics.accuracy(self.teacher, self.data))
 
   def test_verbose_counts_the_clean_and_every_perturbed_evaluation(self):
     out = io.StringIO()
@@ -256,7 +256,7 @@ class WeightSweepTest(_TeacherTestCase):
   def test_restores_the_weights_when_interrupted(self):
     before = testing.weights_of(self.teacher)
     # Clean accuracy, the first perturbed one, then a failure with the next kernel perturbed.
-    with mock.patch.object(perturb._Scorer, "__call__",  # pylint: disable=protected-access
+    with mock.patch.object(metrics.Scorer, "__call__",  # pylint: disable=protected-access
                            side_effect=[0.9, 0.8, RuntimeError("interrupted")]):
       with self.assertRaisesRegex(RuntimeError, "interrupted"):
         perturb.weight_sweep(self.teacher, self.data, 10.0)
@@ -272,7 +272,7 @@ class WeightSweepTest(_TeacherTestCase):
       seen.append(kernel.numpy() - original)
       return 0.5
 
-    with mock.patch.object(perturb._Scorer, "__call__",  # pylint: disable=protected-access
+    with mock.patch.object(metrics.Scorer, "__call__",  # pylint: disable=protected-access
                            side_effect=record):
       perturb.weight_sweep(self.teacher, self.data, 0.5, layers=["stage1_unit1_conv1"],
                            seeds=(0,))
@@ -315,7 +315,7 @@ class DiagnoseTest(_TeacherTestCase):
     units = self.hoods[1:-1]
     rows = perturb.output_sweep(self.teacher, units, self.data, [0.0, 0.1, 0.3], seeds=(0,),
                                 relative=True)
-    thresholds = perturb.thresholds_from_sweep(rows, perturb.accuracy(self.teacher, self.data),
+    thresholds = perturb.thresholds_from_sweep(rows, metrics.accuracy(self.teacher, self.data),
                                                drop=0.05)
     students = {hood: nd.students.clone(hood) for hood in units}
     students[units[1]] = self._broken(units[1])

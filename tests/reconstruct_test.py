@@ -9,6 +9,7 @@ import testing
 from absl.testing import parameterized
 
 import keras_nd as nd
+from keras_nd import layer_types as nd_layer_types
 from keras_nd._keras import keras, tf
 
 L = keras.layers
@@ -16,7 +17,7 @@ _module = sys.modules["keras_nd.reconstruct"]
 
 
 def graph_kernel(layer):
-  return _module.graph.kernel(layer).numpy()
+  return nd_layer_types.kernel(layer).numpy()
 
 
 def _source(teacher, hoods, x):

@@ -17,19 +17,6 @@ PREPROCESSING = ("standardize", "none", "model")
 _IMAGE_CHANNELS = (1, 3, 4)
 
 
-def as_batches(data, batch_size=128, what="dataset"):
-  """`data` as a `tf.data.Dataset`: a dataset as it is; arrays (or a tuple `(x, y, ...)` of
-  arrays, or a `Dataset`'s split) sliced along their first axis into batches of `batch_size`."""
-  if isinstance(data, tf.data.Dataset):
-    return data
-  if isinstance(data, (np.ndarray, tf.Tensor)) or (
-      isinstance(data, tuple) and data and all(isinstance(a, (np.ndarray, tf.Tensor))
-                                               for a in data)):
-    return tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
-  raise TypeError(f"{what} must be a tf.data.Dataset, a numpy array of inputs or a tuple of "
-                  f"arrays (x, y); got {type(data).__name__}.")
-
-
 def checked_images(name, split, x):
   """`x` as images (N, H, W, C), or a ValueError naming the fix for images laid out otherwise.
 

@@ -26,7 +26,7 @@ import numbers
 import os
 import time
 
-from keras_nd import perturb
+from keras_nd import metrics, perturb
 from keras_nd.experiments import distill, plot
 from keras_nd.experiments.common import accuracy, write_results
 
@@ -171,7 +171,7 @@ def _measure(experiment, teacher, epsilons, seeds, modes, timings, prefix):
   validation = experiment.validation
   summary = {"key": experiment.key, "params": teacher.count_params(),
              "accuracy": accuracy(teacher, experiment.test),
-             "validation_accuracy": perturb.accuracy(teacher, validation)}
+             "validation_accuracy": metrics.accuracy(teacher, validation)}
   experiment.say(f"  teacher {experiment.key}: params={summary['params']} test "
                  f"accuracy={summary['accuracy']:.4f} validation "
                  f"accuracy={summary['validation_accuracy']:.4f}")
