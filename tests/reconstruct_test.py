@@ -1,6 +1,5 @@
 """Tests for keras_nd.reconstruct (closed-form solves of student layers)."""
 
-import sys
 import warnings
 from unittest import mock
 
@@ -10,10 +9,10 @@ from absl.testing import parameterized
 
 import keras_nd as nd
 from keras_nd import layer_types as nd_layer_types
+from keras_nd import least_squares, reconstruct_statistics
 from keras_nd._keras import keras, tf
 
 L = keras.layers
-_module = sys.modules["keras_nd.reconstruct"]
 
 
 def graph_kernel(layer):
@@ -46,6 +45,35 @@ def _two_layer(seed=0):
   inputs = keras.Input((6,))
   hidden = L.Dense(8, activation="relu", name="inner")(inputs)
   return keras.Model(inputs, L.Dense(5, name="outer")(hidden))
+
+
+def _one_layer(make, shape):
+  """A teacher of the one layer `make()` on inputs of `shape`, and its neighbourhood."""
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input(shape)
+  teacher = keras.Model(inputs, make()(inputs))
+  return teacher, nd.split_layers(teacher, layer_types=(type(teacher.layers[-1]),))[0]
+
+
+def _scaled_inputs(layer_index, seed):
+  """`_two_layer`, the neighbourhood of its layer `layer_index`, inputs of very different
+  scales (small weights on large inputs matter, which magnitude pruning misses and Optimal
+  Brain Surgeon sees) and their source."""
+  teacher = _two_layer()
+  hood = nd.split_layers(teacher)[layer_index]
+  rng = np.random.RandomState(seed)
+  x = (rng.normal(size=(500, 6)) * np.array([30.0, 10.0, 3.0, 1.0, 0.3, 0.1])).astype("float32")
+  return teacher, hood, x, _source(teacher, [hood], x)
+
+
+def _solved_by_each_mask(hood, source, name, **settings):
+  """{mask: (the solved kernel of layer `name`, its report)} for a clone of `hood` per mask."""
+  solved = {}
+  for mask in ("magnitude", "obs"):
+    student = nd.students.clone(hood)
+    report = nd.reconstruct({hood: student}, source, mask=mask, **settings)
+    solved[mask] = (student.get_layer(name).get_weights()[0], report[hood.name]["layers"][name])
+  return solved
 
 
 class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
@@ -81,10 +109,7 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
        (7, 7, 2)),
       ("dense_on_sequences", lambda: L.Dense(3), (5, 4)))
   def test_recovers_each_kind_of_layer(self, make, shape):
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input(shape)
-    teacher = keras.Model(inputs, make()(inputs))
-    hood = nd.split_layers(teacher, layer_types=(type(teacher.layers[-1]),))[0]
+    teacher, hood = _one_layer(make, shape)
     student = nd.students.clone(hood, init="random")
     x = np.random.RandomState(0).normal(size=(80,) + shape).astype("float32")
     nd.reconstruct({hood: student}, _source(teacher, [hood], x), ridge=1e-9, errors=False)
@@ -223,24 +248,30 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
           self.assertAllClose(a, b, atol=1e-5)
 
   @parameterized.named_parameters(
-      ("conv2d_strided_same", lambda: L.Conv2D(3, 3, strides=2, padding="same"), (7, 6, 2)),
-      ("conv1d_causal", lambda: L.Conv1D(3, 3, padding="causal", dilation_rate=2), (11, 2)),
-      ("depthwise2d", lambda: L.DepthwiseConv2D(3, padding="same"), (5, 5, 2)),
-      ("dense_on_sequences", lambda: L.Dense(3), (5, 4)))
+      ("conv2d_strided_same",
+       lambda: L.Conv2D(3, 3, strides=2, padding="same", activation="relu"), (7, 6, 2)),
+      ("conv1d_causal",
+       lambda: L.Conv1D(3, 3, padding="causal", dilation_rate=2, activation="relu"), (11, 2)),
+      ("depthwise2d", lambda: L.DepthwiseConv2D(3, padding="same", activation="relu"), (5, 5, 2)),
+      ("dense_on_sequences", lambda: L.Dense(3, activation="relu"), (5, 4)))
   def test_subsampled_statistics_visit_every_position_once(self, make, shape):
     # Over subsample ** spatial axes batches the sampled positions cover every position
-    # exactly once: the sums of the sampled statistics of one batch, repeated, are its full
-    # statistics.
-    keras.utils.set_random_seed(0)
-    layer = make()
-    x = tf.constant(np.random.RandomState(0).normal(size=(4,) + shape).astype("float32"))
-    y = layer(x)
-    full = _module._moments(layer, x, y)
-    turns = 2 ** (len(shape) - 1)
-    sampled = [_module._moments(layer, x, y, 2, tf.constant(b, tf.int64)) for b in range(turns)]
-    for key, value in full.items():
-      self.assertAllClose(sum(m[key] for m in sampled), value, rtol=1e-4, atol=1e-3)
-    self.assertLess(float(sampled[0]["n"]), float(full["n"]))
+    # exactly once: on one batch served four times, the solve from every other position is the
+    # solve from all of them; on the batch served once it is not. (The teacher's ReLU makes the
+    # fit inexact, so the solution depends on every row.)
+    teacher, hood = _one_layer(make, shape)
+    x = np.random.RandomState(0).normal(size=(16,) + shape).astype("float32")
+
+    def solved(inputs, subsample):
+      student = nd.students.clone(hood)
+      nd.reconstruct({hood: student}, _source(teacher, [hood], inputs), batch_size=len(x),
+                     errors=False, subsample=subsample)
+      return student.layers[-1].get_weights()
+
+    full = solved(x, 1)
+    for want, got in zip(full, solved(np.concatenate([x] * 4), 2)):
+      self.assertAllClose(want, got, rtol=1e-4, atol=1e-4)
+    self.assertNotAllClose(full[0], solved(x, 2)[0], atol=1e-3)
 
   def test_subsampled_solve_recovers_a_linear_toy(self):
     teacher = _linear_teacher()
@@ -295,23 +326,13 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLess(solved, 0.8 * naive)
 
   def test_an_obs_mask_beats_magnitude_where_inputs_differ_in_scale(self):
-    # Inputs of very different scales: small weights on large inputs matter, which magnitude
-    # pruning misses and Optimal Brain Surgeon sees.
-    teacher = _two_layer()
-    hood = nd.split_layers(teacher)[0]  # the inner Dense, on the raw inputs
-    rng = np.random.RandomState(7)
-    x = (rng.normal(size=(500, 6)) * np.array([30.0, 10.0, 3.0, 1.0, 0.3, 0.1])).astype("float32")
-    source = _source(teacher, [hood], x)
-    errors = {}
-    for mask in ("magnitude", "obs"):
-      student = nd.students.clone(hood)
-      report = nd.reconstruct({hood: student}, source, sparsity=0.5, mask=mask)
-      kernel = student.get_layer("inner_s").get_weights()[0]
+    _, hood, _, source = _scaled_inputs(0, seed=7)  # the inner Dense, on the raw inputs
+    solved = _solved_by_each_mask(hood, source, "inner_s", sparsity=0.5)
+    for mask, (kernel, _) in solved.items():
       self.assertEqual(int(np.sum(kernel == 0)), kernel.size // 2, mask)
-      errors[mask] = report[hood.name]["layers"]["inner_s"]["error_after"]
-    self.assertLess(errors["obs"], errors["magnitude"])
+    self.assertLess(solved["obs"][1]["error_after"], solved["magnitude"][1]["error_after"])
     with self.assertRaisesRegex(ValueError, "mask must be 'magnitude' or 'obs'"):
-      nd.reconstruct({hood: student}, source, sparsity=0.5, mask="random")
+      nd.reconstruct({hood: nd.students.clone(hood)}, source, sparsity=0.5, mask="random")
 
   def test_pruned_convolutions_and_depthwise_layers_reach_their_exact_sparsity(self):
     keras.utils.set_random_seed(0)
@@ -340,29 +361,21 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
   def test_two_by_four_blocks_along_the_input_channels(self):
     # The outer Dense has 8 inputs: two blocks of 4 per output, each with exactly 2 zeros,
     # chosen by magnitude or by OBS within the block; the survivors solved as before.
-    teacher = _two_layer()
-    hood = nd.split_layers(teacher)[1]
-    rng = np.random.RandomState(8)
-    x = (rng.normal(size=(500, 6)) * np.array([30.0, 10.0, 3.0, 1.0, 0.3, 0.1])).astype("float32")
-    source = _source(teacher, [hood], x)
-    errors = {}
-    for mask in ("magnitude", "obs"):
-      student = nd.students.clone(hood)
-      report = nd.reconstruct({hood: student}, source, m_by_n=(2, 4), mask=mask)
-      kernel = student.get_layer("outer_s").get_weights()[0]
+    teacher, hood, x, source = _scaled_inputs(1, seed=8)
+    solved = _solved_by_each_mask(hood, source, "outer_s", m_by_n=(2, 4))
+    for mask, (kernel, entry) in solved.items():
       zeros = np.count_nonzero(kernel.T.reshape(5, 2, 4) == 0, axis=-1)
       self.assertAllEqual(zeros, np.full((5, 2), 2), mask)
-      errors[mask] = report[hood.name]["layers"]["outer_s"]["error_after"]
-      self.assertEqual(report[hood.name]["layers"]["outer_s"]["sparsity"], 0.5)
+      self.assertEqual(entry["sparsity"], 0.5)
     teacher_kernel = np.abs(teacher.get_layer("outer").get_weights()[0])
-    student = nd.students.clone(hood)
-    nd.reconstruct({hood: student}, source, m_by_n=(2, 4))
-    kept = student.get_layer("outer_s").get_weights()[0] != 0
+    kept = solved["magnitude"][0] != 0
     for j in range(5):
       for block in (slice(0, 4), slice(4, 8)):  # magnitude keeps the two largest of each block
         largest = np.sort(np.argsort(teacher_kernel[block, j], kind="stable")[2:])
         self.assertAllEqual(np.flatnonzero(kept[block, j]), largest)
+    errors = {mask: entry["error_after"] for mask, (_, entry) in solved.items()}
     self.assertLessEqual(errors["obs"], errors["magnitude"] + 1e-9)
+    student = nd.students.clone(hood)
     with self.assertRaisesRegex(ValueError, "sparsity or m_by_n, not both"):
       nd.reconstruct({hood: student}, source, m_by_n=(2, 4), sparsity=0.5)
     with self.assertRaisesRegex(ValueError, r"m_by_n must be \(m, n\)"):
@@ -371,6 +384,16 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "6 input channels are not a multiple of 4"):
       nd.reconstruct({inner: nd.students.clone(inner)}, _source(teacher, [inner], x),
                      m_by_n=(2, 4))
+
+  @parameterized.named_parameters(
+      ("m_not_below_n", (4, 2)), ("zero_m", (0, 4)), ("bools", (True, 2)), ("one_number", (2,)),
+      ("floats", (2.0, 4.0)), ("a_string", "2:4"))
+  def test_check_m_by_n_names_what_it_got(self, m_by_n):
+    with self.assertRaisesRegex(ValueError, r"m_by_n must be \(m, n\) with 0 < m < n"):
+      least_squares.check_m_by_n(m_by_n)
+
+  def test_check_m_by_n_gives_a_tuple_of_ints(self):
+    self.assertEqual(least_squares.check_m_by_n([2, np.int64(4)]), (2, 4))
 
   def test_refuses_a_student_pruned_while_it_trains(self):
     from keras_nd import sparsity  # pylint: disable=g-import-not-at-top
@@ -427,7 +450,7 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
     teacher = _two_layer()
     hood = nd.split_layers(teacher)[0]
     student = nd.students.clone(hood)
-    with mock.patch.object(_module, "MAX_FEATURES", 4):
+    with mock.patch.object(reconstruct_statistics, "MAX_FEATURES", 4):
       with self.assertRaisesRegex(ValueError, "'inner_s'.*6 inputs per output.*at most 3"):
         nd.reconstruct({hood: student}, _source(teacher, [hood], np.ones((4, 6), "float32")))
 
