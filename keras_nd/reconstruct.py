@@ -79,7 +79,8 @@ def reconstruct(students, source, ridge=1e-3, batch_size=256, errors=True, chann
   errors before and after, if `errors`), so any number of examples fits in
   the same memory: `(d + 1) * (d + outputs)` float64 numbers per solved layer,
   d its inputs per output (3 * 3 * 512 = 4608 for ResNet-50's widest layer;
-  at most `MAX_FEATURES - 1`, above which a ValueError names the layer).
+  at most `reconstruct_statistics.MAX_FEATURES - 1`, above which a
+  ValueError names the layer).
 
   Args:
     students: `{Neighbourhood: student model}`, students built by keras_nd
