@@ -30,6 +30,8 @@ setuptools.setup(
     "tensorflow-datasets>=4.9.4",
     "absl-py",
     "numpy",
+    # The experiments' figures (keras_nd.experiments.plot).
+    "matplotlib>=3.6",
   ],
   extras_require={
     "test": ["pytest"],

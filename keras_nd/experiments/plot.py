@@ -1,173 +1,204 @@
-"""Line charts written as PNG files with numpy and zlib alone (no plotting library needed).
+"""The experiments' figures: line charts written as PNG files with matplotlib.
 
-Enough for the experiments' figures: axes with ticks, lines with markers, a
-title, axis labels and a legend, in a 3x5 pixel font drawn twice as large.
+Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot,
+so no global figure state and no display needed). Every chart is `size`
+pixels exactly. Its legend never covers a line or a marker: it goes where it
+was asked to if the data leaves room there, else where matplotlib finds room
+inside the axes, else to the right of the axes.
 """
 
-import struct
-import zlib
+import math
+import os
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-_GLYPHS = {
-    "0": "###,#.#,#.#,#.#,###", "1": ".#.,##.,.#.,.#.,###", "2": "###,..#,###,#..,###",
-    "3": "###,..#,.##,..#,###", "4": "#.#,#.#,###,..#,..#", "5": "###,#..,###,..#,###",
-    "6": "###,#..,###,#.#,###", "7": "###,..#,..#,.#.,.#.", "8": "###,#.#,###,#.#,###",
-    "9": "###,#.#,###,..#,###", "A": ".#.,#.#,###,#.#,#.#", "B": "##.,#.#,##.,#.#,##.",
-    "C": ".##,#..,#..,#..,.##", "D": "##.,#.#,#.#,#.#,##.", "E": "###,#..,##.,#..,###",
-    "F": "###,#..,##.,#..,#..", "G": ".##,#..,#.#,#.#,.##", "H": "#.#,#.#,###,#.#,#.#",
-    "I": "###,.#.,.#.,.#.,###", "J": "..#,..#,..#,#.#,.#.", "K": "#.#,#.#,##.,#.#,#.#",
-    "L": "#..,#..,#..,#..,###", "M": "#.#,###,###,#.#,#.#", "N": "##.,#.#,#.#,#.#,#.#",
-    "O": ".#.,#.#,#.#,#.#,.#.", "P": "##.,#.#,##.,#..,#..", "Q": ".#.,#.#,#.#,##.,.##",
-    "R": "##.,#.#,##.,#.#,#.#", "S": ".##,#..,.#.,..#,##.", "T": "###,.#.,.#.,.#.,.#.",
-    "U": "#.#,#.#,#.#,#.#,###", "V": "#.#,#.#,#.#,#.#,.#.", "W": "#.#,#.#,###,###,#.#",
-    "X": "#.#,#.#,.#.,#.#,#.#", "Y": "#.#,#.#,.#.,.#.,.#.", "Z": "###,..#,.#.,#..,###",
-    ".": "...,...,...,...,.#.", "-": "...,...,###,...,...", "%": "#.#,..#,.#.,#..,#.#",
-    "(": ".#.,#..,#..,#..,.#.", ")": ".#.,..#,..#,..#,.#.", ",": "...,...,...,.#.,#..",
-    "=": "...,###,...,###,...", ":": "...,.#.,...,.#.,...", "/": "..#,..#,.#.,#..,#..",
-    "_": "...,...,...,...,###", "+": "...,.#.,###,.#.,...", "<": "..#,.#.,#..,.#.,..#",
-    ">": "#..,.#.,..#,.#.,#..", " ": "...,...,...,...,...",
-}
-_SCALE = 2
-COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
-_INK = (30, 30, 30)
+from keras_nd import _checks
 
+__all__ = ["accuracy_against_time", "line_chart"]
 
-def text_width(text):
-  return len(text) * 4 * _SCALE
-
-
-def draw_text(canvas, text, x, y, colour=_INK):
-  """Draws `text` (upper-cased; unknown characters as blanks) with its top-left corner at x, y."""
-  for i, char in enumerate(text.upper()):
-    rows = _GLYPHS.get(char, _GLYPHS[" "]).split(",")
-    for r, row in enumerate(rows):
-      for c, bit in enumerate(row):
-        if bit == "#":
-          top, left = y + r * _SCALE, x + (4 * i + c) * _SCALE
-          canvas[max(0, top):max(0, top + _SCALE), max(0, left):max(0, left + _SCALE)] = colour
-
-
-def _line(canvas, x0, y0, x1, y1, colour, width=2):
-  steps = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-  for t in np.linspace(0.0, 1.0, steps):
-    x, y = int(round(x0 + t * (x1 - x0))), int(round(y0 + t * (y1 - y0)))
-    half, rest = width // 2, (width + 1) // 2
-    canvas[max(0, y - half):y + rest, max(0, x - half):x + rest] = colour
-
-
-def _ticks(low, high, count=5):
-  """About `count` round tick values covering [low, high]."""
-  span = (high - low) or abs(high) or 1.0
-  raw = span / count
-  step = 10 ** np.floor(np.log10(raw))
-  for factor in (1, 2, 5, 10):
-    if raw <= factor * step:
-      step *= factor
-      break
-  start = np.floor(low / step) * step
-  return [float(v) for v in np.arange(start, high + step * 1.001, step)]
-
-
-def _label(value):
-  text = f"{value:.6g}"
-  if abs(value) >= 10000:
-    text = f"{value / 1000:.0f}K" if value % 1000 == 0 else f"{value / 1000:.1f}K"
-  return text
+_LEGEND_LOCATIONS = ("best", "upper right", "upper left", "lower left", "lower right", "right",
+                    "center left", "center right", "lower center", "upper center", "center")
+_DPI = 100
+_MARKER_SIZE = 4  # points
+_LINE_STYLES = ("-", "--", ":", "-.")
+_METHODS = {"ce": "CE", "kd": "KD", "nd": "ND", "nd_ft": "ND+FT"}
 
 
 def line_chart(path, series, title, xlabel, ylabel, size=(720, 480), legend="upper left"):
-  """Writes a PNG line chart.
+  """Writes a PNG line chart, atomically (a file at `path` is always a whole chart).
 
   Args:
     path: the file to write.
-    series: [(label, xs, ys)]; each is drawn as a line with square markers,
-      in the order of `COLOURS`.
-    title, xlabel, ylabel: texts (drawn upper-case).
-    size: (width, height) in pixels.
-    legend: "upper left" or "lower right" of the plot area.
+    series: [(label, xs, ys)]; each is drawn as a line through its points
+      sorted by x, with round markers, in matplotlib's default colours.
+    title: the chart's title.
+    xlabel: the x axis's label.
+    ylabel: the y axis's label.
+    size: (width, height) of the PNG in pixels.
+    legend: where the legend goes inside the axes, a matplotlib location
+      ("upper left", "lower right", "best", "center right", ...); where it
+      would cover the data there it goes elsewhere (see the module's
+      docstring).
+
+  Raises:
+    ValueError: no series, a series with no points, with xs and ys of
+      different lengths or with values that are not finite numbers, a bad
+      size or an unknown legend location.
+
+  Example:
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "chart.png")
+    >>> line_chart(path, [("a", [0, 1, 2], [1, 4, 9])], "Squares", "x", "x squared")
+    >>> os.path.getsize(path) > 0
+    True
   """
-  if legend not in ("upper left", "lower right"):
-    raise ValueError(f"legend must be 'upper left' or 'lower right'; got {legend!r}.")
-  if not series or not any(len(xs) for _, xs, _ in series):
+  _write(path, _chart(path, series, title, xlabel, ylabel, size, legend))
+
+
+def accuracy_against_time(path, curves, target=None,
+                          title="Test accuracy against training time", size=(720, 480)):
+  """Writes a PNG of accuracy against training seconds, one line per method.
+
+  Args:
+    path: the file to write.
+    curves: {name: [(training seconds, accuracy in [0, 1])]}, as the
+      "curves" of distill.run's results ("ce@0.5", "kd@0.5",
+      "nd_ft@0.5/lookahead0", ...; pairs may be lists, as JSON reads them).
+      Names of that form are labelled "CE (k=0.5)", "ND+FT (k=0.5,
+      look-ahead 2)", ...; others are used as they are.
+    target: an accuracy in [0, 1] (as distill.run's speedup "target", the
+      accuracy KD must reach) drawn as a dashed horizontal line; None for none.
+    title: the chart's title.
+    size: (width, height) of the PNG in pixels.
+
+  Raises:
+    ValueError: no curves, a curve with no points or with points that are
+      not (seconds, accuracy) pairs, or a target that is not a number in
+      [0, 1].
+  """
+  if not curves:
+    raise ValueError(f"Nothing to plot in '{path}': no curves.")
+  series = []
+  for name, points in curves.items():
+    try:
+      pairs = np.asarray(points, float).reshape(-1, 2) if len(points) else np.zeros((0, 2))
+      if len(pairs) != len(points):
+        raise ValueError
+    except (TypeError, ValueError):
+      raise ValueError(f"Curve {name!r} for '{path}' must be a list of (seconds, accuracy) "
+                       f"pairs; got {points!r}.") from None
+    series.append((_method_label(name), pairs[:, 0], 100 * pairs[:, 1]))
+  if target is not None:
+    target = _checks.number(target, "target", 0, 1, context=f"'{path}': ")
+  figure = _chart(path, series, title, "training seconds", "test accuracy %", size, "lower right",
+                  target=None if target is None else (100 * target, f"target {100 * target:.2f}%"))
+  _write(path, figure)
+
+
+def _method_label(name):
+  """'nd_ft@0.5/lookahead2' -> 'ND+FT (k=0.5, look-ahead 2)'; other names unchanged."""
+  method, at, rest = str(name).partition("@")
+  if not at or method not in _METHODS:
+    return str(name)
+  multiplier, _, variant = rest.partition("/lookahead")
+  settings = [f"k={multiplier}"] + ([f"look-ahead {variant}"] if variant not in ("", "0") else [])
+  return f"{_METHODS[method]} ({', '.join(settings)})"
+
+
+def _points(path, series):
+  """The series as [(label, xs, ys)] of float arrays, sorted by x; ValueError naming a bad one."""
+  if not series:
     raise ValueError(f"Nothing to plot in '{path}': the series are empty.")
-  width, height = size
-  canvas = np.full((height, width, 3), 255, np.uint8)
-  left, right, top, bottom = 90, 20, 40, 70
-  xs_all = np.concatenate([np.asarray(xs, float) for _, xs, _ in series])
-  ys_all = np.concatenate([np.asarray(ys, float) for _, _, ys in series])
-  xticks, yticks = _ticks(xs_all.min(), xs_all.max()), _ticks(ys_all.min(), ys_all.max())
-  x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
-  plot_w, plot_h = width - left - right, height - top - bottom
+  checked = []
+  for entry in series:
+    if len(entry) != 3:
+      raise ValueError(f"Each series for '{path}' must be (label, xs, ys); got {entry!r}.")
+    label, xs, ys = entry
+    try:
+      xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    except (TypeError, ValueError):
+      raise ValueError(f"Series {label!r} for '{path}' must hold numbers; got xs={xs!r}, "
+                       f"ys={ys!r}.") from None
+    if xs.ndim != 1 or xs.shape != ys.shape:
+      raise ValueError(f"Series {label!r} for '{path}' needs as many ys as xs, in flat lists; "
+                       f"got xs of shape {xs.shape} and ys of shape {ys.shape}.")
+    if not xs.size:
+      raise ValueError(f"Nothing to plot in '{path}': series {label!r} is empty.")
+    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
+      raise ValueError(f"Series {label!r} for '{path}' must hold finite numbers; got xs={xs}, "
+                       f"ys={ys}.")
+    order = np.argsort(xs, kind="stable")
+    checked.append((str(label), xs[order], ys[order]))
+  return checked
 
-  def px(x, y):
-    return (left + (x - x0) / ((x1 - x0) or 1) * plot_w,
-            top + plot_h - (y - y0) / ((y1 - y0) or 1) * plot_h)
 
-  for value in xticks:
-    x, _ = px(value, y0)
-    _line(canvas, x, top, x, top + plot_h, (235, 235, 235), 1)
-    label = _label(value)
-    draw_text(canvas, label, int(x - text_width(label) / 2), top + plot_h + 8)
-  for value in yticks:
-    _, y = px(x0, value)
-    _line(canvas, left, y, left + plot_w, y, (235, 235, 235), 1)
-    label = _label(value)
-    draw_text(canvas, label, left - 8 - text_width(label), int(y - 5))
-  _line(canvas, left, top, left, top + plot_h, _INK)
-  _line(canvas, left, top + plot_h, left + plot_w, top + plot_h, _INK)
-  draw_text(canvas, title, (width - text_width(title)) // 2, 12)
-  draw_text(canvas, xlabel, left + (plot_w - text_width(xlabel)) // 2, height - 30)
-  draw_text(canvas, ylabel, 4, 16)
+def _chart(path, series, title, xlabel, ylabel, size, legend, target=None):
+  """The Figure of a line chart; `target` is (y, label) of a dashed horizontal line, or None."""
+  if legend not in _LEGEND_LOCATIONS:
+    raise ValueError(f"legend must be one of {list(_LEGEND_LOCATIONS)}; got {legend!r}.")
+  if np.ndim(size) != 1 or len(size) != 2:
+    raise ValueError(f"size must be (width, height) in pixels; got {size!r}.")
+  width, height = (_checks.integer(v, name, context=f"'{path}': ")
+                   for v, name in zip(size, ("width", "height")))
+  series = _points(path, series)
+  figure = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, layout="constrained")
+  FigureCanvasAgg(figure)
+  axes = figure.add_subplot()
   for i, (label, xs, ys) in enumerate(series):
-    colour = COLOURS[i % len(COLOURS)]
-    points = sorted(zip(xs, ys))
-    for (xa, ya), (xb, yb) in zip(points, points[1:]):
-      _line(canvas, *px(xa, ya), *px(xb, yb), colour)
-    for x, y in points:
-      cx, cy = (int(round(v)) for v in px(x, y))
-      canvas[max(0, cy - 3):cy + 4, max(0, cx - 3):cx + 4] = colour
-    if legend == "upper left":
-      lx, ly = left + 10, top + 8 + 16 * i
-    else:
-      longest = max(text_width(name) for name, _, _ in series)
-      lx, ly = left + plot_w - longest - 30, top + plot_h - 8 - 16 * (len(series) - i)
-    canvas[ly:ly + 10, lx:lx + 10] = colour
-    draw_text(canvas, label, lx + 16, ly)
-  write_png(path, canvas)
+    # Past the ten default colours, the line style tells series of one colour apart.
+    axes.plot(xs, ys, marker="o", markersize=_MARKER_SIZE, linewidth=1.5, label=label,
+              linestyle=_LINE_STYLES[i // 10 % len(_LINE_STYLES)])
+  if target is not None:
+    axes.axhline(target[0], color="0.3", linestyle="--", linewidth=1, label=target[1])
+  axes.set_title(title, fontsize=12)
+  axes.set_xlabel(xlabel, fontsize=11)
+  axes.set_ylabel(ylabel, fontsize=11)
+  axes.tick_params(labelsize=10)
+  axes.grid(True, color="0.9")
+  _place_legend(figure, axes, legend)
+  return figure
 
 
-def write_png(path, image):
-  """Writes an (height, width, 3) uint8 array as an RGB PNG."""
-  image = np.ascontiguousarray(image, np.uint8)
-  height, width, _ = image.shape
-  raw = b"".join(b"\x00" + image[row].tobytes() for row in range(height))
+def _place_legend(figure, axes, location):
+  """The legend at `location`, or matplotlib's best place, where it fits and covers no line or
+  marker; else to the right of the axes (the layout then narrows the axes to make room)."""
+  figure.canvas.draw()  # lays the axes out as they are without a legend
+  room = axes.get_window_extent().height
+  renderer = figure.canvas.get_renderer()
+  for loc in dict.fromkeys((location, "best")):
+    box = axes.legend(loc=loc, fontsize=9, framealpha=0.9)
+    if box.get_window_extent(renderer).height < room:
+      figure.canvas.draw()
+      if not _covers_data(axes, box.get_window_extent()):
+        return
+    box.remove()
+  outside = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=9)
+  box = axes.legend(**outside)
+  columns = math.ceil(box.get_window_extent(renderer).height / room)
+  if columns > 1:  # many entries (a deep teacher's units): more columns, not off the figure
+    box.remove()
+    axes.legend(ncols=columns, **outside)
 
-  def chunk(kind, data):
-    return (struct.pack(">I", len(data)) + kind + data +
-            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
 
-  with open(path, "wb") as f:
-    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0,
-                                                                0, 0)) +
-            chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+def _covers_data(axes, box):
+  """Whether the display-space Bbox `box` meets any line of `axes`, or comes within a marker."""
+  margin = _MARKER_SIZE * _DPI / 72
+  box = box.padded(margin)
+  return any(line.get_transform().transform_path(line.get_path()).intersects_bbox(box, False)
+             for line in axes.get_lines())
 
 
-def read_png(path):
-  """Reads back a PNG written by `write_png` (8-bit RGB, no filtering): an (h, w, 3) array."""
-  with open(path, "rb") as f:
-    data = f.read()
-  if data[:8] != b"\x89PNG\r\n\x1a\n":
-    raise ValueError(f"'{path}' is not a PNG file.")
-  pos, idat, width, height = 8, b"", 0, 0
-  while pos < len(data):
-    length, kind = struct.unpack(">I", data[pos:pos + 4])[0], data[pos + 4:pos + 8]
-    body = data[pos + 8:pos + 8 + length]
-    if kind == b"IHDR":
-      width, height = struct.unpack(">II", body[:8])
-    elif kind == b"IDAT":
-      idat += body
-    pos += 12 + length
-  rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + 3 * width)
-  return rows[:, 1:].reshape(height, width, 3)
+def _write(path, figure):
+  """Saves `figure` as PNG to `path` through a temporary file renamed once complete."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      figure.savefig(f, format="png", dpi=_DPI)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
