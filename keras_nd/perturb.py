@@ -40,10 +40,9 @@ from keras_nd._keras import keras, tf
 from keras_nd.activations import ActivationSource
 from keras_nd.neighbourhood import checked_hoods
 
-__all__ = ["MODES", "OutputNoise", "output_rms", "output_sweep", "weight_sweep",
-           "with_output_noise"]
+__all__ = ["OutputNoise", "output_rms", "output_sweep", "weight_sweep", "with_output_noise"]
 
-MODES = ("each", "all", "cumulative")
+_MODES = ("each", "all", "cumulative")
 
 
 class OutputNoise(keras.layers.Layer):
@@ -211,8 +210,8 @@ def output_sweep(model, hoods, dataset, epsilons, mode="each", seeds=(0, 1, 2), 
   """
   hoods = _checked_hoods(model, hoods)
   epsilons = _checked_epsilons(epsilons)
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {list(MODES)}; got {mode!r}.")
+  if mode not in _MODES:
+    raise ValueError(f"mode must be one of {list(_MODES)}; got {mode!r}.")
   seeds = _checked_seeds(seeds)
   if relative is True:
     scales = output_rms(model, hoods, dataset)
