@@ -8,10 +8,10 @@ finished. `distil` trains only the students that have no artefact and loads
 the others; jobs given different neighbourhoods (by hand, or `shard`) can
 therefore run at once, on any scheduler, into one shared directory, and
 `load` assembles their work, naming any neighbourhood that is not finished.
-A job that is killed loses at most its current epoch: training is
-checkpointed after every epoch and resumes from there when the same job is
-started again, with the same result as if it had not stopped (epoch j's
-batches depend only on the seed and j).
+A job that is killed loses at most its current epoch: training is backed
+up after every epoch (`keras.callbacks.BackupAndRestore`) and resumes from
+there when the same job is started again, with the same result as if it had
+not stopped (epoch j's batches depend only on the seed and j).
 
 ```python
 hoods = nd.split(teacher)[1:-1]
@@ -24,15 +24,16 @@ student = nd.compose(teacher, students)
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
 import time
 
-from keras_nd import files, graph
+from keras_nd import files, graph, training
 from keras_nd._keras import keras, tf
-from keras_nd.activations import teacher_fingerprint
+from keras_nd.cache import teacher_fingerprint
 from keras_nd.distiller import (
   NeighbourhoodDistiller,
   as_student_model,
@@ -40,6 +41,8 @@ from keras_nd.distiller import (
   frozen_batch_norms,
 )
 from keras_nd.reconstruct import reconstruct
+
+__all__ = ["SOLVERS", "distil", "finished", "info", "load", "path", "shard", "store"]
 
 # How a student's weights are found: gradient steps on its neighbourhood loss; the exact
 # least-squares solve of its linear layers (`keras_nd.reconstruct`); or the solve, then steps.
@@ -109,30 +112,113 @@ def _seeded(builder, seed):
   return build
 
 
-def epoch_seed(seed, epoch):
+def _epoch_seed(seed, epoch):
   """The shuffling seed of one epoch: a resumed job serves the batches it would have served."""
   return seed + 10007 * epoch
 
 
 class _EpochLog(keras.callbacks.Callback):
-  """Keeps each epoch's logs and seconds in a JSON file, so a resumed job still knows them."""
+  """Keeps each epoch's logs and seconds in a JSON file, so that a resumed job still knows them.
 
-  def __init__(self, log_path, epochs_done):
+  Listed before `BackupAndRestore`: an epoch's entry is written before its
+  backup, so a job killed between the two repeats the epoch, and the entry
+  of the resumed job's first epoch replaces it.
+  """
+
+  def __init__(self, log_path, epochs, backup, verbose):
     super().__init__()
     self.path = log_path
+    self._total, self._backup, self._verbose = epochs, backup, verbose
+    self._resumed = False
     self.epochs = []
     if os.path.exists(log_path):
       with open(log_path) as f:
-        # Written before the epoch's checkpoint: a job killed between the two repeats the epoch.
-        self.epochs = json.load(f)[:epochs_done]
+        self.epochs = json.load(f)
 
   def on_epoch_begin(self, epoch, logs=None):
+    if not self._resumed:  # the first epoch of this job: `epoch` of them are backed up
+      self._resumed = True
+      self.epochs = self.epochs[:epoch]
+      if epoch and self._verbose:
+        print(f"Resuming after epoch {epoch} of {self._total} ({self._backup}).", flush=True)
     self._start = time.perf_counter()
 
   def on_epoch_end(self, epoch, logs=None):
     self.epochs.append(dict({k: float(v) for k, v in (logs or {}).items()},
                             seconds=time.perf_counter() - self._start))
     files.write_json(self.path, self.epochs)
+
+
+class _EpochLines(keras.callbacks.Callback):
+  """Prints each epoch's line once it is backed up (listed after `BackupAndRestore`): a job
+  killed once it printed the line loses nothing of that epoch."""
+
+  def __init__(self, log, epochs):
+    super().__init__()
+    self._log, self._total = log, epochs
+
+  def on_epoch_end(self, epoch, logs=None):
+    last = self._log.epochs[-1]
+    print(epoch_line(epoch, self._total, last["loss"], last["seconds"]), flush=True)
+
+
+class _EpochData(keras.callbacks.Callback):
+  """The data of one `fit` over all epochs: epoch j serves `source.dataset` of seed (seed, j).
+
+  Keras iterates the dataset afresh every epoch. A cache's batches depend on
+  the seed, so the pipeline reads which epoch it serves from a variable when
+  an iteration starts, and builds that epoch's dataset: the variable is set
+  once `BackupAndRestore` has restored the optimizer (listed after it: its
+  step count over the steps per epoch, so a resumed job's first epoch serves
+  the batches it would have served) and after every epoch. A source in
+  another mode serves the same dataset every epoch, whatever the seed.
+  """
+
+  def __init__(self, source, batch_size, seed, epochs, steps_per_epoch, distributed):
+    super().__init__()
+    self._steps = steps_per_epoch
+    self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    if source.mode != "cached":
+      dataset = source.dataset(batch_size, seed=_epoch_seed(seed, 0))
+    else:
+      spec = source.dataset(batch_size, seed=seed).element_spec
+      # One branch per epoch, each building its dataset with a constant seed: only the chosen
+      # one runs, so an epoch's dataset is built and iterated once, as a dataset of its own.
+      branches = [functools.partial(_as_variant, source, batch_size, _epoch_seed(seed, epoch))
+                  for epoch in range(epochs)]
+      dataset = tf.data.Dataset.from_tensors(0).map(lambda _: self._epoch.read_value())
+      dataset = dataset.flat_map(lambda epoch: tf.data.experimental.from_variant(
+          tf.switch_case(tf.cast(epoch, tf.int32), branches), spec))
+      dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))
+    if distributed:  # workers split each batch (the cache is not split by files)
+      options = tf.data.Options()
+      options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+      dataset = dataset.with_options(options)
+    self.dataset = dataset
+
+  def on_train_begin(self, logs=None):
+    if self._steps:
+      self._epoch.assign(int(self.model.optimizer.iterations.numpy()) // self._steps)
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._epoch.assign(epoch + 1)
+
+
+def _as_variant(source, batch_size, seed):
+  return tf.data.experimental.to_variant(source.dataset(batch_size, seed=seed))
+
+
+class _SolveFirst(keras.callbacks.Callback):
+  """Solves the students when training starts from the beginning (listed after
+  `BackupAndRestore`: a resumed job has the solve in its backup) and records its seconds."""
+
+  def __init__(self, solve, record):
+    super().__init__()
+    self._solve, self._record = solve, record
+
+  def on_train_begin(self, logs=None):
+    if not int(self.model.optimizer.iterations.numpy()):
+      files.write_json(self._record, self._solve())
 
 
 def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_size=128,
@@ -167,9 +253,9 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
       them (an exact solve sets the statistics its BatchNorms need).
     strategy: a `tf.distribute` strategy to train under (e.g.
       `MultiWorkerMirroredStrategy`: every worker calls `distil` with the
-      same arguments; each batch is split between them; only the chief
-      writes artefacts, the other workers checkpoint into directories of
-      their own).
+      same arguments and the same, shared `directory`; each batch is split
+      between them; only the chief writes artefacts and backups, from which
+      every worker resumes).
     solver: "gradient" (Adam on each neighbourhood's loss), "lstsq" (each
       student's linear layers solved exactly by `keras_nd.reconstruct`, in a
       pass over `source`; no gradient step), or "lstsq+gradient" (the solve,
@@ -217,64 +303,45 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
   if strategy is not None:
     _check_same_teacher(strategy, teacher)
   chief = strategy is None or strategy.extended.should_checkpoint
-  if not chief:  # every worker saves (the saves are collective), the others elsewhere
-    backup += f".worker{strategy.cluster_resolver.task_id}"
-  steps = (gradient_epochs * -(-source.num_examples // batch_size)
-           if source.num_examples and gradient_epochs else None)
+  # The chief's backup is every worker's (BackupAndRestore); each worker keeps its own log of
+  # epochs, and saves its copy of the artefacts (the saves are collective) beside it.
+  own = backup if chief else f"{backup}.worker{strategy.cluster_resolver.task_id}"
+  os.makedirs(own, exist_ok=True)
+  steps_per_epoch = -(-source.num_examples // batch_size) if source.num_examples else None
+  steps = gradient_epochs * steps_per_epoch if steps_per_epoch and gradient_epochs else None
   # Gradient steps from a solve keep its BatchNorms as the solve fitted through them: frozen,
   # in inference mode (training-mode batch statistics would undo the solve).
   with contextlib.ExitStack() as frozen:
     with strategy.scope() if strategy else contextlib.nullcontext():
-      # Calibrated once after every epoch's fit, below.
+      # Calibrated once after training, below.
       distiller = NeighbourhoodDistiller(pending, lookahead=lookahead, devices=devices,
                                          calibrate_steps=0)
       if solver != "gradient":  # before compile, which fixes what fit trains
         frozen.enter_context(frozen_batch_norms(distiller.student_models))
-      rate = (keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps
-              else learning_rate)
-      distiller.compile(keras.optimizers.Adam(rate))
-      if graph.prunes(distiller):  # schedules of every epoch, not of the first fit only
+      distiller.compile(training.cosine_adam(learning_rate, steps))
+      if graph.prunes(distiller):  # the schedules of the whole training
         from keras_nd import sparsity  # pylint: disable=g-import-not-at-top  (tfmot)
         sparsity.derive_schedules(distiller, steps)
-      # Checkpointed after every epoch; epoch j is one `fit` call on batches seeded by (seed, j).
       distiller.optimizer.build(distiller.trainable_variables)
-    os.makedirs(backup, exist_ok=True)
-    checkpoint = tf.train.Checkpoint(distiller=distiller)
-    checkpoints = tf.train.CheckpointManager(checkpoint, backup, max_to_keep=1)
-    done = 0
-    if checkpoints.latest_checkpoint:
-      checkpoint.restore(checkpoints.latest_checkpoint)
-      done = int(checkpoints.latest_checkpoint.rsplit("-", 1)[1])
-      if verbose:
-        print(f"Resuming after epoch {done} of {gradient_epochs} ({backup}).", flush=True)
-    log = _EpochLog(os.path.join(backup, "epochs.json"), done)
-    solved = os.path.join(backup, "solve.json")
-    if solver != "gradient" and not done:  # a resumed job has the solve in its checkpoint
-      files.write_json(solved, _solve(distiller, source, batch_size, verbose, ridge=ridge,
-                                      channels=channels, subsample=subsample))
-    for epoch in range(done, gradient_epochs):
-      dataset = source.dataset(batch_size, seed=epoch_seed(seed, epoch))
-      if strategy is not None:  # workers split each batch (the cache is not split by files)
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA)
-        dataset = dataset.with_options(options)
-      # Keras would number this epoch out of epoch + 1: progress is reported here instead.
-      distiller.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=[log])
-      checkpoints.save(checkpoint_number=epoch + 1)
-      if verbose:  # after the checkpoint: a job killed once it printed the line loses nothing
-        print(epoch_line(epoch, gradient_epochs, log.epochs[-1]["loss"],
-                         log.epochs[-1]["seconds"]), flush=True)
+    solve = functools.partial(_solve, distiller, source, batch_size, verbose, ridge=ridge,
+                              channels=channels, subsample=subsample)
+    if gradient_epochs:
+      epoch_logs = _train(distiller, source, batch_size, seed, gradient_epochs, steps_per_epoch,
+                          backup, own, strategy, solve if solver != "gradient" else None,
+                          verbose)
+    else:
+      epoch_logs = []
+      files.write_json(os.path.join(own, "solve.json"), solve())
   start = time.perf_counter()
   if calibrate_steps:
     distiller.calibrate_batch_norm(source.dataset(batch_size, seed=seed + 1),
                                    steps=calibrate_steps)
-  seconds = sum(epoch["seconds"] for epoch in log.epochs) + time.perf_counter() - start
+  seconds = sum(epoch["seconds"] for epoch in epoch_logs) + time.perf_counter() - start
   if solver != "gradient":
-    with open(solved) as f:
+    with open(os.path.join(own, "solve.json")) as f:
       seconds += json.load(f)["seconds"]
-  if log.epochs:
-    losses = log.epochs[-1]
+  if epoch_logs:
+    losses = epoch_logs[-1]
   else:  # solved only: each neighbourhood's loss, measured once (not counted as training time)
     losses = distiller.evaluate(source.dataset(batch_size, shuffle=False), verbose=0,
                                 return_dict=True)
@@ -284,14 +351,35 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
       from keras_nd import sparsity  # pylint: disable=g-import-not-at-top
       model = sparsity.strip(model)
     # Saving is collective under a multi-worker strategy: the other workers save a copy into
-    # their own backup directory, deleted below.
-    files.save_model(path(store_dir if chief else backup, hood.name, label), model,
+    # a directory of their own, deleted below.
+    files.save_model(path(store_dir if chief else own, hood.name, label), model,
                      {"loss": loss, "epochs": gradient_epochs, "seconds": seconds,
                       "solver": solver, "trained_with": len(job),
                       "job": os.path.basename(backup)})
     trained[hood.name][label] = model
-  shutil.rmtree(backup, ignore_errors=True)
+  shutil.rmtree(own, ignore_errors=True)
+  if chief:
+    shutil.rmtree(backup, ignore_errors=True)
   return trained
+
+
+def _train(distiller, source, batch_size, seed, epochs, steps_per_epoch, backup, own, strategy,
+           solve, verbose):
+  """Trains for `epochs` in one `fit`, backed up after every epoch: the logs of its epochs.
+
+  A job started again resumes from its last backup (`BackupAndRestore`) and
+  ends with the students an uninterrupted job gives: epoch j's batches depend
+  only on the seed and j (`_EpochData`).
+  """
+  log = _EpochLog(os.path.join(own, "epochs.json"), epochs, backup, verbose)
+  data = _EpochData(source, batch_size, seed, epochs, steps_per_epoch, strategy is not None)
+  callbacks = [log, keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False), data]
+  if solve is not None:
+    callbacks.append(_SolveFirst(solve, os.path.join(own, "solve.json")))
+  if verbose:
+    callbacks.append(_EpochLines(log, epochs))
+  distiller.fit(data.dataset, epochs=epochs, verbose=0, callbacks=callbacks)
+  return log.epochs
 
 
 def _solve(distiller, source, batch_size, verbose, **settings):

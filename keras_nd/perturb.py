@@ -10,14 +10,15 @@ tolerance and checks distilled students against it:
   of neighbourhoods (each alone, all at once, or the first 1, 2, ..., n), at
   inference, through `keras_nd.substitute`;
 * `weight_sweep`: noise on the kernels, layer by layer and cumulatively,
-  against the prediction that the drops add up (Fig. 4);
-* `thresholds_from_sweep`, `diagnose` and `format_diagnosis`: each student's
-  relative error against the threshold of its neighbourhood.
+  against the prediction that the drops add up (Fig. 4).
+
+`keras_nd.tolerance` reads the thresholds off a sweep and checks each
+student's relative error against its neighbourhood's.
 
 Amplitudes. Output noise is absolute (standard deviation `epsilon`) or
 *relative*: `epsilon` times the neighbourhood's clean output RMS, i.e.
 `sqrt(mean(T_i(a)^2))` over all examples and elements (`output_rms`). A
-student's error amplitude in `diagnose` is `RMS(S_i(a) - T_i(a)) /
+student's error amplitude in `tolerance.diagnose` is `RMS(S_i(a) - T_i(a)) /
 RMS(T_i(a))`, a relative amplitude on the same scale, so thresholds from a
 relative `output_sweep` compare with it directly. Weight noise is relative to
 each kernel's own standard deviation.
@@ -25,24 +26,23 @@ each kernel's own standard deviation.
 ```python
 teacher_accuracy = metrics.accuracy(teacher, validation)
 rows = perturb.output_sweep(teacher, hoods, validation, [0.0, 0.1, 0.3, 1.0], relative=True)
-thresholds = perturb.thresholds_from_sweep(rows, teacher_accuracy, drop=0.01)
-print(perturb.format_diagnosis(perturb.diagnose(teacher, students, validation, thresholds)))
+thresholds = tolerance.thresholds_from_sweep(rows, teacher_accuracy, drop=0.01)
+print(tolerance.format_diagnosis(tolerance.diagnose(teacher, students, validation, thresholds)))
 ```
 """
 
 import math
-import numbers
 
 import numpy as np
 
-from keras_nd import graph, layer_types, metrics
+from keras_nd import _checks, graph, layer_types, metrics
 from keras_nd._keras import keras, tf
 from keras_nd.activations import ActivationSource
-from keras_nd.distiller import as_student_model
 from keras_nd.neighbourhood import checked_hoods
 
-MODES = ("each", "all", "cumulative")
-KERNEL_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+__all__ = ["OutputNoise", "output_rms", "output_sweep", "weight_sweep", "with_output_noise"]
+
+_MODES = ("each", "all", "cumulative")
 
 
 class OutputNoise(keras.layers.Layer):
@@ -159,7 +159,8 @@ def output_rms(model, hoods, dataset, steps=None, batch_size=256):
     batch_size: examples per teacher pass.
   """
   hoods = _checked_hoods(model, hoods)
-  _check_steps(steps, allow_none=True)
+  if steps is not None:
+    _checks.integer(steps, "steps")
   batches = ActivationSource(model, hoods, dataset, verbose=0).dataset(batch_size, shuffle=False)
   totals, count = np.zeros(len(hoods)), 0
   for batch in batches if steps is None else batches.take(steps):
@@ -193,7 +194,7 @@ def output_sweep(model, hoods, dataset, epsilons, mode="each", seeds=(0, 1, 2), 
       amplitude (common random numbers, so curves are smooth).
     relative: False for absolute noise; True for noise relative to each
       neighbourhood's clean output RMS on `dataset` (`output_rms`), the scale
-      `diagnose` and `thresholds_from_sweep` need; or `{hood name: scale}`.
+      `tolerance.diagnose` and `tolerance.thresholds_from_sweep` need; or `{hood name: scale}`.
     verbose: 1 shows a progress bar over the evaluations.
 
   Returns:
@@ -209,8 +210,8 @@ def output_sweep(model, hoods, dataset, epsilons, mode="each", seeds=(0, 1, 2), 
   """
   hoods = _checked_hoods(model, hoods)
   epsilons = _checked_epsilons(epsilons)
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {list(MODES)}; got {mode!r}.")
+  if mode not in _MODES:
+    raise ValueError(f"mode must be one of {list(_MODES)}; got {mode!r}.")
   seeds = _checked_seeds(seeds)
   if relative is True:
     scales = output_rms(model, hoods, dataset)
@@ -260,8 +261,9 @@ def weight_sweep(model, dataset, epsilon, layers=None, seeds=(0, 1, 2), verbose=
     dataset: a batched `tf.data.Dataset` of `(x, y)`.
     epsilon: the relative amplitude, >= 0.
     layers: the layers to perturb, in order: names or layer objects, each
-      with a kernel; default every Conv2D, DepthwiseConv2D and Dense layer
-      (nested models included), in the model's order.
+      with a kernel; default every layer of `layer_types.PRUNABLE`
+      (convolutions, DepthwiseConv2D and Dense; nested models included), in
+      the model's order.
     seeds: the seeds to average over.
     verbose: 1 shows a progress bar over the evaluations.
 
@@ -325,145 +327,6 @@ def weight_sweep(model, dataset, epsilon, layers=None, seeds=(0, 1, 2), verbose=
   }
 
 
-def thresholds_from_sweep(rows, teacher_accuracy, drop=0.01):
-  """Each neighbourhood's threshold, read off an `output_sweep(..., mode="each")`.
-
-  A neighbourhood's threshold is the largest amplitude up to which the mean
-  accuracy stays within `drop` of `teacher_accuracy`: the amplitudes are
-  taken in increasing order and the last one before the first that falls
-  below `teacher_accuracy - drop` is kept (0.0 if even the smallest fails).
-
-  Args:
-    rows: the rows of a relative "each" sweep.
-    teacher_accuracy: the clean accuracy (e.g. `accuracy(teacher, data)`).
-    drop: the tolerated accuracy drop, as a fraction (0.01 = one point).
-
-  Returns:
-    `{hood name: epsilon}`, ready for `diagnose`.
-
-  Raises:
-    ValueError: rows of several neighbourhoods at once (not an "each"
-      sweep), rows of absolute noise, or no rows.
-  """
-  if not rows:
-    raise ValueError("thresholds_from_sweep needs the rows of an output_sweep; got none.")
-  if not _is_number(teacher_accuracy):
-    raise TypeError(f"teacher_accuracy must be a number; got {teacher_accuracy!r}.")
-  if not _is_number(drop) or drop < 0:
-    raise ValueError(f"drop must be a number >= 0; got drop={drop!r}.")
-  curves = {}
-  for row in rows:
-    if len(row["hoods"]) != 1:
-      raise ValueError(f"thresholds_from_sweep needs the rows of a mode='each' sweep; a row "
-                       f"perturbs {row['hoods']} together.")
-    if not row.get("relative", True):
-      raise ValueError(
-          f"The sweep row of '{row['hoods'][0]}' at epsilon={row['epsilon']} is of absolute "
-          "noise; thresholds compare with relative errors, so sweep with relative=True.")
-    curves.setdefault(row["hoods"][0], []).append((row["epsilon"], row["accuracy_mean"]))
-  return {name: threshold(curve, teacher_accuracy, drop) for name, curve in curves.items()}
-
-
-def threshold(curve, reference, drop=0.01):
-  """The largest amplitude of `curve` before the first whose accuracy is under `reference - drop`.
-
-  Args:
-    curve: `[(epsilon, accuracy)]` points, in any order.
-    reference: the clean accuracy.
-    drop: the tolerated accuracy drop, as a fraction.
-
-  Returns:
-    That amplitude, or 0.0 if even the smallest one fails.
-  """
-  found = 0.0
-  for epsilon, value in sorted(curve):
-    if value < reference - drop:
-      break
-    found = float(epsilon)
-  return found
-
-
-def diagnose(teacher, students, dataset, thresholds=None, steps=10, batch_size=128):
-  """Each student's relative error against its neighbourhood's threshold.
-
-  A student's error amplitude is `RMS(S_i(a) - T_i(a)) / RMS(T_i(a))` over
-  the teacher's own activations `a` of the first `steps` batches of
-  `dataset` (one teacher pass per batch, through an online
-  `keras_nd.ActivationSource`); every part runs in inference mode. An error
-  above its threshold predicts that the student alone already costs
-  accuracy: distil it longer, or make it larger.
-
-  Args:
-    teacher: the functional teacher model.
-    students: `{Neighbourhood: student model}` for neighbourhoods of
-      `teacher` (as for `keras_nd.compose`).
-    dataset: a `tf.data.Dataset` of teacher inputs `x` or `(x, y, ...)`.
-    thresholds: None (nothing flagged), one relative amplitude for every
-      neighbourhood, or `{hood name: epsilon}` naming every student's
-      neighbourhood (e.g. `thresholds_from_sweep` of a relative sweep).
-    steps: batches of activations to measure on.
-    batch_size: examples per batch.
-
-  Returns:
-    A list of rows `{"hood", "error", "threshold", "flagged"}` in the
-    teacher's order; `flagged` is True when error > threshold.
-
-  Raises:
-    TypeError, ValueError: naming the bad argument: a student's
-      neighbourhood of another model, a student of the wrong shapes, a
-      threshold missing for a student or given for a neighbourhood that has
-      none.
-  """
-  graph.check_functional(teacher, "teacher")
-  pairs = _checked_students(teacher, students)
-  limits = _checked_thresholds(pairs, thresholds)
-  _check_steps(steps)
-  source = ActivationSource(teacher, [hood for hood, _ in pairs], dataset, cache_dir=None,
-                            verbose=0)
-
-  @tf.function(reduce_retracing=True)
-  def squares(batch):
-    sums = []
-    for hood, student in pairs:
-      a, t = batch[hood.name][:2]
-      s = tf.cast(student(a, training=False), tf.float64)
-      t = tf.cast(t, tf.float64)
-      sums.append((tf.reduce_sum(tf.square(s - t)), tf.reduce_sum(tf.square(t))))
-    return sums
-
-  errors, norms = np.zeros(len(pairs)), np.zeros(len(pairs))
-  for batch in source.dataset(batch_size=batch_size, shuffle=False).take(steps):
-    for i, (error, norm) in enumerate(squares(batch)):
-      errors[i] += float(error)
-      norms[i] += float(norm)
-  rows = []
-  for (hood, _), error, norm in zip(pairs, errors, norms):
-    if norm > 0:
-      amplitude = math.sqrt(error / norm)
-    else:
-      amplitude = 0.0 if error == 0 else math.inf
-    threshold = limits[hood.name]
-    rows.append({"hood": hood.name, "error": amplitude, "threshold": threshold,
-                 "flagged": threshold is not None and amplitude > threshold})
-  return rows
-
-
-def format_diagnosis(rows):
-  """A printable table of `diagnose`'s rows: one line per neighbourhood, flagged ones marked."""
-  width = max([len("neighbourhood")] + [len(row["hood"]) for row in rows])
-  lines = [f"{'neighbourhood':<{width}}  {'error':>9}  {'threshold':>9}  flagged"]
-  for row in rows:
-    threshold = "-" if row["threshold"] is None else f"{row['threshold']:9.4f}"
-    mark = "OVER" if row["flagged"] else ""
-    lines.append(f"{row['hood']:<{width}}  {row['error']:9.4f}  {threshold:>9}  {mark}".rstrip())
-  if all(row["threshold"] is None for row in rows):
-    lines.append("No thresholds given: nothing flagged.")
-  else:
-    flagged = sum(row["flagged"] for row in rows)
-    lines.append(f"{flagged} of {len(rows)} neighbourhoods over their threshold.")
-  return "\n".join(lines)
-
-
 def _noisy(model, hoods, name):
   """`model` with an OutputNoise layer (zero amplitude) after each hood: (model, {name: layer})."""
   layers, replacements = {}, {}
@@ -486,15 +349,16 @@ def _kernels(model, layers):
   """[(layer name, kernel variable)] of the layers to perturb, in order."""
   if layers is None:
     found = [(layer.name, layer_types.kernel(layer)) for layer in layer_types.leaf_layers(model)
-             if isinstance(layer, KERNEL_LAYERS)]
+             if isinstance(layer, layer_types.PRUNABLE)]
     if not found:
-      raise ValueError(f"Model '{model.name}' has no Conv2D, DepthwiseConv2D or Dense layer to "
-                       "perturb; name the layers with `layers`.")
+      raise ValueError(f"Model '{model.name}' has no convolution, DepthwiseConv2D or Dense layer "
+                       "to perturb; name the layers with `layers`.")
     return found
   if isinstance(layers, (str, keras.layers.Layer)):
     layers = [layers]
   if not layers:
-    raise ValueError("layers is empty; pass None for every Conv2D, DepthwiseConv2D and Dense.")
+    raise ValueError("layers is empty; pass None for every convolution, DepthwiseConv2D and "
+                     "Dense layer.")
   by_name = {layer.name: layer for layer in layer_types.leaf_layers(model)}
   found = []
   for item in layers:
@@ -518,34 +382,6 @@ def _checked_hoods(model, hoods):
   return checked_hoods(model, hoods)
 
 
-def _checked_students(teacher, students):
-  if not isinstance(students, dict):
-    raise TypeError(f"students must be a dict {{Neighbourhood: student model}}; got "
-                    f"{type(students).__name__}.")
-  if not students:
-    raise ValueError("students is empty; pass {Neighbourhood: student model}.")
-  hoods = _checked_hoods(teacher, list(students))
-  return [(hood, as_student_model(hood, students[hood]))
-          for hood in sorted(hoods, key=lambda h: h.index)]
-
-
-def _checked_thresholds(pairs, thresholds):
-  names = [hood.name for hood, _ in pairs]
-  if thresholds is None:
-    return dict.fromkeys(names)
-  if not isinstance(thresholds, dict):
-    return dict.fromkeys(names, _checked_epsilon(thresholds, "threshold"))
-  missing = [name for name in names if name not in thresholds]
-  if missing:
-    raise ValueError(f"thresholds has no value for the neighbourhoods {missing} of the students; "
-                     f"it has {sorted(thresholds)}.")
-  unknown = sorted(set(thresholds) - set(names))
-  if unknown:
-    raise ValueError(f"thresholds names neighbourhoods {unknown} that have no student (students "
-                     f"are missing for them); the students' neighbourhoods are {names}.")
-  return {name: _checked_epsilon(thresholds[name], f"threshold of '{name}'") for name in names}
-
-
 def _checked_scales(hoods, scales):
   if scales is None:
     return {hood.name: 1.0 for hood in hoods}
@@ -559,20 +395,12 @@ def _checked_scales(hoods, scales):
           for hood in hoods}
 
 
-def _is_number(value):
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _checked_epsilon(epsilon, what="epsilon"):
-  if not _is_number(epsilon):
-    raise TypeError(f"{what} must be a number >= 0; got {epsilon!r}.")
-  if not math.isfinite(epsilon) or epsilon < 0:
-    raise ValueError(f"{what} must be a finite number >= 0; got {epsilon!r}.")
-  return float(epsilon)
+  return _checks.number(epsilon, what, low=0)
 
 
 def _checked_epsilons(epsilons):
-  if _is_number(epsilons) or not hasattr(epsilons, "__iter__"):
+  if _checks.is_number(epsilons) or not hasattr(epsilons, "__iter__"):
     raise TypeError(f"epsilons must be a sequence of amplitudes; got {epsilons!r}.")
   epsilons = [_checked_epsilon(e, f"epsilons[{i}]") for i, e in enumerate(epsilons)]
   if not epsilons:
@@ -581,22 +409,13 @@ def _checked_epsilons(epsilons):
 
 
 def _checked_seed(seed):
-  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+  if not _checks.is_integer(seed):
     raise TypeError(f"seed must be an integer; got {seed!r}.")
   return int(seed)
 
 
 def _checked_seeds(seeds):
-  if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
-    seeds = [seeds]
-  seeds = [_checked_seed(seed) for seed in seeds]
+  seeds = [seeds] if _checks.is_integer(seeds) else list(seeds)
   if not seeds:
     raise ValueError("seeds is empty; pass at least one seed.")
-  return seeds
-
-
-def _check_steps(steps, allow_none=False):
-  if steps is None and allow_none:
-    return
-  if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-    raise ValueError(f"steps must be a positive integer; got steps={steps!r}.")
+  return [_checked_seed(seed) for seed in seeds]

@@ -10,7 +10,7 @@ import testing
 
 import keras_nd as nd
 from keras_nd import artefacts
-from keras_nd._keras import tf
+from keras_nd._keras import keras, tf
 
 _LABEL = "k0.5"
 _CANDIDATES = {_LABEL: functools.partial(nd.students.bottleneck, k=0.5)}
@@ -89,38 +89,54 @@ class ArtefactsTest(tf.test.TestCase):
                                 rf"'{self.units[1].name}'.*2 of 3 finished"):
       artefacts.load(self.teacher, self.units, _LABEL, directory)
 
+  def _distil_recording(self, directory, kill_in_epoch=None):
+    """`distil` into `directory`, recording the epochs begun and the first unit's inputs of every
+    batch served, by epoch; raises KeyboardInterrupt in the second batch of `kill_in_epoch`."""
+    fit, train_step = nd.NeighbourhoodDistiller.fit, nd.NeighbourhoodDistiller.train_step
+    epoch, served = [], {}
+
+    class Recorder(keras.callbacks.Callback):
+
+      def on_epoch_begin(self, index, logs=None):
+        epoch.append(index)
+
+      def on_train_batch_end(self, batch, logs=None):
+        if epoch[-1] == kill_in_epoch and batch == 1:
+          raise KeyboardInterrupt
+
+    def fit_recording(distiller, *args, callbacks=None, **kwargs):
+      return fit(distiller, *args, callbacks=list(callbacks or []) + [Recorder()], **kwargs)
+
+    def step_recording(distiller, data):
+      tf.py_function(lambda a: served.setdefault(epoch[-1], []).append(a.numpy()),
+                     [data[self.units[0].name][0]], [])
+      return train_step(distiller, data)
+
+    with mock.patch.object(nd.NeighbourhoodDistiller, "fit", fit_recording), \
+        mock.patch.object(nd.NeighbourhoodDistiller, "train_step", step_recording):
+      trained = artefacts.distil(self.teacher, self.units, _CANDIDATES, self._source(),
+                                 directory, **self._settings())
+    return trained, epoch, served
+
   def test_an_interrupted_job_resumes_from_its_last_epoch_with_the_same_result(self):
-    directory = self.get_temp_dir()
-    fit = nd.NeighbourhoodDistiller.fit
-    calls = []
-
-    def killed_in_the_second_epoch(distiller, *args, **kwargs):
-      calls.append(kwargs["initial_epoch"])
-      if len(calls) == 2:
-        raise KeyboardInterrupt
-      return fit(distiller, *args, **kwargs)
-
-    with mock.patch.object(nd.NeighbourhoodDistiller, "fit", killed_in_the_second_epoch):
-      with self.assertRaises(KeyboardInterrupt):
-        artefacts.distil(self.teacher, self.units, _CANDIDATES, self._source(), directory,
-                         **self._settings())
-    self.assertEqual(calls, [0, 1])
-    calls.clear()
-
-    def recorded(distiller, *args, **kwargs):
-      calls.append(kwargs["initial_epoch"])
-      return fit(distiller, *args, **kwargs)
-
-    with mock.patch.object(nd.NeighbourhoodDistiller, "fit", recorded):
-      resumed = artefacts.distil(self.teacher, self.units, _CANDIDATES, self._source(), directory,
-                                 **self._settings())
-    self.assertEqual(calls, [1, 2])  # the first epoch is not trained again
+    _, _, whole = self._distil_recording(os.path.join(self.get_temp_dir(), "whole"))
+    directory = os.path.join(self.get_temp_dir(), "killed")
+    with self.assertRaises(KeyboardInterrupt):
+      self._distil_recording(directory, kill_in_epoch=1)
+    resumed, epochs, served = self._distil_recording(directory)
+    self.assertEqual(epochs, [1, 2])  # the first epoch is not trained again
+    # Each epoch serves its own order, and a resumed epoch the batches it would have served.
+    self.assertNotAllClose(whole[0], whole[1])
+    for index in (1, 2):
+      self.assertAllClose(served[index], whole[index])
     self.assertSameStudents(resumed)
     store = artefacts.store(directory, self.teacher)
     for hood in self.units:
-      self.assertAllClose(artefacts.info(store, hood.name, _LABEL)["loss"],
-                          artefacts.info(artefacts.store(self.whole, self.teacher), hood.name,
-                                         _LABEL)["loss"], rtol=1e-5)
+      info = artefacts.info(store, hood.name, _LABEL)
+      self.assertAllClose(info["loss"], artefacts.info(artefacts.store(self.whole, self.teacher),
+                                                       hood.name, _LABEL)["loss"], rtol=1e-5)
+      self.assertGreater(info["seconds"], 0.0)
+    self.assertEqual(os.listdir(os.path.join(store, ".backup")), [])
 
   def test_solved_students_are_artefacts_no_worse_than_the_gradient_ones(self):
     # The exact solver's students: the solve's reconstruct, no gradient step, the

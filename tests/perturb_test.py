@@ -1,4 +1,4 @@
-"""Tests for keras_nd.perturb: output and weight noise, thresholds and the diagnosis of students."""
+"""Tests for keras_nd.perturb: output and weight noise on a trained model."""
 
 import contextlib
 import functools
@@ -107,7 +107,7 @@ class WithOutputNoiseTest(_TeacherTestCase):
       self.assertAllClose(rms[hood.name], np.sqrt(np.mean(self.clean(hood)**2)), rtol=1e-5)
 
   def test_rejects_a_negative_epsilon(self):
-    with self.assertRaisesRegex(ValueError, "epsilon must be a finite number >= 0; got -0.1"):
+    with self.assertRaisesRegex(ValueError, r"epsilon must be a number in \[0, inf\); got -0.1"):
       perturb.with_output_noise(self.teacher, self.hoods, -0.1)
 
   def test_rejects_neighbourhoods_of_another_model(self):
@@ -180,7 +180,7 @@ class OutputSweepTest(_TeacherTestCase):
       perturb.output_sweep(self.teacher, self.hoods, self.data, [])
 
   def test_rejects_a_negative_epsilon_naming_it(self):
-    with self.assertRaisesRegex(ValueError, r"epsilons\[1\] must be a finite number >= 0"):
+    with self.assertRaisesRegex(ValueError, r"epsilons\[1\] must be a number in \[0, inf\)"):
       perturb.output_sweep(self.teacher, self.hoods, self.data, [0.1, -1.0])
 
   def test_rejects_an_unknown_mode(self):
@@ -190,32 +190,6 @@ class OutputSweepTest(_TeacherTestCase):
   def test_rejects_a_dataset_without_labels(self):
     with self.assertRaisesRegex(ValueError, r"batches \(x, y\)"):
       perturb.output_sweep(self.teacher, self.hoods, testing.dataset(self.x), [0.1])
-
-
-class ThresholdsFromSweepTest(tf.test.TestCase):
-
-  @staticmethod
-  def _row(name, epsilon, accuracy, relative=True):
-    return {"hoods": [name], "epsilon": epsilon, "relative": relative, "accuracy_mean": accuracy}
-
-  def test_reads_the_last_amplitude_before_the_first_failure(self):
-    rows = [self._row("a", e, acc) for e, acc in ((0.0, 0.90), (0.3, 0.85), (0.1, 0.895),
-                                                  (1.0, 0.90))]
-    rows += [self._row("b", e, acc) for e, acc in ((0.1, 0.80), (0.3, 0.70))]
-    # Teacher 0.90, drop 0.01: "a" holds at 0.1 (0.895) and fails at 0.3; the recovery at 1.0
-    # does not count. "b" fails from its smallest amplitude.
-    self.assertEqual(perturb.thresholds_from_sweep(rows, 0.90, drop=0.01), {"a": 0.1, "b": 0.0})
-    # drop 0.06: every amplitude of "a" holds.
-    self.assertEqual(perturb.thresholds_from_sweep(rows, 0.90, drop=0.06)["a"], 1.0)
-
-  def test_rejects_rows_of_several_neighbourhoods(self):
-    rows = [{"hoods": ["a", "b"], "epsilon": 0.1, "accuracy_mean": 0.9}]
-    with self.assertRaisesRegex(ValueError, r"mode='each'.*\['a', 'b'\]"):
-      perturb.thresholds_from_sweep(rows, 0.9)
-
-  def test_rejects_rows_of_absolute_noise(self):
-    with self.assertRaisesRegex(ValueError, "'a' at epsilon=0.1 is of absolute noise"):
-      perturb.thresholds_from_sweep([self._row("a", 0.1, 0.9, relative=False)], 0.9)
 
 
 class WeightSweepTest(_TeacherTestCase):
@@ -289,77 +263,8 @@ class WeightSweepTest(_TeacherTestCase):
       perturb.weight_sweep(self.teacher, self.data, 0.1, layers=["stem_bn"])
 
   def test_rejects_a_negative_epsilon(self):
-    with self.assertRaisesRegex(ValueError, "epsilon must be a finite number >= 0; got -1"):
+    with self.assertRaisesRegex(ValueError, r"epsilon must be a number in \[0, inf\); got -1"):
       perturb.weight_sweep(self.teacher, self.data, -1)
-
-
-class DiagnoseTest(_TeacherTestCase):
-
-  def _broken(self, hood):
-    student = nd.students.clone(hood)
-    student.set_weights([np.zeros_like(w) for w in student.get_weights()])
-    return student
-
-  def test_copies_of_the_teacher_have_no_error(self):
-    units = self.hoods[1:-1]
-    students = {units[0]: nd.students.clone(units[0], init="teacher"),
-                units[1]: units[1].teacher, units[2]: nd.students.clone(units[2])}
-    rows = perturb.diagnose(self.teacher, students, self.data, thresholds=0.01, steps=2)
-    self.assertEqual([row["hood"] for row in rows], [h.name for h in units])
-    for row in rows:
-      self.assertAllClose(row["error"], 0.0, atol=1e-6, msg=row["hood"])
-      self.assertEqual(row["threshold"], 0.01)
-      self.assertFalse(row["flagged"])
-
-  def test_flags_a_broken_student_with_thresholds_from_a_sweep(self):
-    units = self.hoods[1:-1]
-    rows = perturb.output_sweep(self.teacher, units, self.data, [0.0, 0.1, 0.3], seeds=(0,),
-                                relative=True)
-    thresholds = perturb.thresholds_from_sweep(rows, metrics.accuracy(self.teacher, self.data),
-                                               drop=0.05)
-    students = {hood: nd.students.clone(hood) for hood in units}
-    students[units[1]] = self._broken(units[1])
-    rows = perturb.diagnose(self.teacher, students, self.data, thresholds=thresholds)
-    self.assertEqual([row["flagged"] for row in rows], [False, True, False])
-    self.assertGreater(rows[1]["error"], 0.3)
-    self.assertEqual(rows[1]["threshold"], thresholds[units[1].name])
-    table = perturb.format_diagnosis(rows)
-    self.assertRegex(table, r"stage2_unit1_out\s+\d+\.\d{4}\s+\d\.\d{4}\s+OVER")
-    self.assertIn("1 of 3 neighbourhoods over their threshold.", table)
-
-  def test_without_thresholds_nothing_is_flagged(self):
-    hood = self.hoods[2]
-    rows = perturb.diagnose(self.teacher, {hood: self._broken(hood)}, self.data, steps=1)
-    self.assertIsNone(rows[0]["threshold"])
-    self.assertFalse(rows[0]["flagged"])
-    table = perturb.format_diagnosis(rows)
-    self.assertRegex(table, r"(?m)^stage2_unit1_out\s+\d\.\d{4}\s+-$")
-    self.assertIn("No thresholds given", table)
-
-  def test_rejects_thresholds_for_a_neighbourhood_without_student(self):
-    hood = self.hoods[1]
-    with self.assertRaisesRegex(ValueError, r"\['stage2_unit1_out'\] that have no student"):
-      perturb.diagnose(self.teacher, {hood: hood.teacher}, self.data,
-                       thresholds={hood.name: 0.1, "stage2_unit1_out": 0.1})
-
-  def test_rejects_a_student_without_threshold(self):
-    students = {hood: hood.teacher for hood in self.hoods[1:3]}
-    with self.assertRaisesRegex(ValueError, r"no value for the neighbourhoods \['stage2_unit1"):
-      perturb.diagnose(self.teacher, students, self.data, thresholds={"stage1_unit1_out": 0.1})
-
-  def test_rejects_a_student_of_another_models_neighbourhood(self):
-    other = nd.split(testing.tiny_resnet(seed=1))[1]
-    with self.assertRaisesRegex(ValueError, "'stage1_unit1_out' was split from model"):
-      perturb.diagnose(self.teacher, {other: other.teacher}, self.data)
-
-  def test_rejects_a_student_of_the_wrong_shape(self):
-    hood = self.hoods[2]
-    with self.assertRaisesRegex(ValueError, "'stage2_unit1_out'"):
-      perturb.diagnose(self.teacher, {hood: self.hoods[1].teacher}, self.data)
-
-  def test_rejects_no_students(self):
-    with self.assertRaisesRegex(ValueError, "students is empty"):
-      perturb.diagnose(self.teacher, {}, self.data)
 
 
 if __name__ == "__main__":
