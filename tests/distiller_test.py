@@ -9,7 +9,7 @@ from absl.testing import parameterized
 
 import keras_nd as nd
 from keras_nd._keras import keras, tf
-from keras_nd.distiller import NonFiniteLoss
+from keras_nd.training import NonFiniteLoss
 
 _A, _B = "stage1_unit1_out", "stage2_unit1_out"  # two residual units of tiny_resnet
 
@@ -91,7 +91,7 @@ class DistillerFitTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
         self.assertLess(max(changes), 1e-5)
       else:
         self.assertGreater(max(changes), 1e-2)
-    with self.assertRaisesRegex(ValueError, "calibrate_steps must be an integer >= 0"):
+    with self.assertRaisesRegex(ValueError, "calibrate_steps must be a non-negative integer"):
       nd.NeighbourhoodDistiller(self.given, calibrate_steps=-1)
 
   def test_fit_reports_each_neighbourhoods_loss_and_it_falls(self):
