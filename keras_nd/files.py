@@ -7,6 +7,8 @@ import errno
 import json
 import os
 
+__all__ = ["disk_full", "load_model", "locked", "save_model", "writable_directory", "write_json"]
+
 try:
   import fcntl
 except ImportError:  # not POSIX: jobs sharing a directory are not serialised

@@ -6,10 +6,10 @@ from keras_nd.batch_norm import calibrate_batch_norm
 from keras_nd.batches import as_batches
 from keras_nd.training import StopOnNonFinite, Untracked, fit_arguments, with_pruning_step
 
-__all__ = ["KnowledgeDistiller", "outputs_logits"]
+__all__ = ["KnowledgeDistiller"]
 
 
-def outputs_logits(model):
+def _outputs_logits(model):
   """Whether a classifier outputs logits (False when its last layer applies a softmax)."""
   last = model.layers[-1]
   activation = getattr(last, "activation", None)
@@ -70,8 +70,8 @@ class KnowledgeDistiller(keras.Model):
     self.temperature = float(temperature)
     self.label_weight = float(label_weight)
     self.scale_soft = scale_soft
-    self._teacher_logits = outputs_logits(teacher)
-    self._student_logits = outputs_logits(student)
+    self._teacher_logits = _outputs_logits(teacher)
+    self._student_logits = _outputs_logits(student)
     self.loss_tracker = keras.metrics.Mean(name="loss")
     self.soft_tracker = keras.metrics.Mean(name="soft_loss")
     self.label_tracker = keras.metrics.Mean(name="label_loss")

@@ -33,10 +33,10 @@ from keras_nd import artefacts, graph, layer_types, metrics, sparsity, students
 from keras_nd._keras import keras
 from keras_nd.composition import compose
 
-__all__ = ["COST_KEYS", "MULTIPLIERS", "budgeted", "compose_choice", "flops", "frontier",
+__all__ = ["MULTIPLIERS", "budgeted", "compose_choice", "flops", "frontier",
            "greedy", "multipliers", "score", "sparsities"]
 
-COST_KEYS = ("params", "flops")
+_COST_KEYS = ("params", "flops")
 MULTIPLIERS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -121,8 +121,8 @@ def compose_choice(teacher, hoods, trained, choice):
 
 
 def _check_table(table, cost):
-  if cost not in COST_KEYS:
-    raise ValueError(f"cost must be one of {list(COST_KEYS)}; got {cost!r}.")
+  if cost not in _COST_KEYS:
+    raise ValueError(f"cost must be one of {list(_COST_KEYS)}; got {cost!r}.")
   if not isinstance(table, dict) or not table:
     raise ValueError(f"The candidate table must be a non-empty dict {{neighbourhood: "
                      f"[candidates]}}; got {table!r}.")

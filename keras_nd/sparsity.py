@@ -39,7 +39,7 @@ from keras_nd.neighbourhood import split_layers
 from keras_nd.students import SUFFIX
 
 __all__ = ["compressed_size", "derive_schedules", "not_skipped", "prune", "prunes",
-           "pruning_callbacks", "pruning_wrappers", "report", "schedule", "sparse_student",
+           "pruning_callbacks", "report", "schedule", "sparse_student",
            "sparse_students", "strip"]
 
 
@@ -61,7 +61,7 @@ def _prunable_depthwise():
   return PrunableDepthwiseConv2D
 
 
-def pruning_wrappers(model):
+def _pruning_wrappers(model):
   """The tfmot pruning wrappers (`PruneLowMagnitude`) in `model`.
 
   Without tfmot imported no model can hold one, so this does not import it.
@@ -74,7 +74,7 @@ def pruning_wrappers(model):
 
 def prunes(model):
   """Whether `model` (or a model inside it) holds tfmot pruning wrappers."""
-  return bool(pruning_wrappers(model))
+  return bool(_pruning_wrappers(model))
 
 
 def schedule(target, steps, kind="polynomial"):
@@ -122,7 +122,7 @@ def derive_schedules(model, steps):
     ValueError: a schedule still to be derived and `steps` unknown (None),
       or under 2.
   """
-  for wrapper in pruning_wrappers(model):
+  for wrapper in _pruning_wrappers(model):
     deferred = getattr(wrapper.pruning_schedule, "keras_nd_deferred", None)
     if deferred is None:
       continue
@@ -149,7 +149,7 @@ def _target_of(wrapper):
 def _check_finished(model):
   """A ValueError naming every layer whose mask is short of its schedule's target sparsity."""
   short = []
-  for wrapper in pruning_wrappers(model):
+  for wrapper in _pruning_wrappers(model):
     target = _target_of(wrapper)
     for _, mask, _ in wrapper.pruning_vars:
       values = mask.numpy()
@@ -300,7 +300,7 @@ def strip(model):
       (it trained fewer steps than the schedule asks), naming it.
   """
   _check_finished(model)
-  for wrapper in pruning_wrappers(model):
+  for wrapper in _pruning_wrappers(model):
     wrapper.pruning_obj.weight_mask_op()
   stripped = _prune().strip_pruning(model)
   prunable = _prunable_depthwise()
