@@ -33,8 +33,8 @@ from keras_nd import artefacts, graph, layer_types, metrics, sparsity, students
 from keras_nd._keras import keras
 from keras_nd.composition import compose
 
-__all__ = ["MULTIPLIERS", "budgeted", "compose_choice", "flops", "frontier",
-           "greedy", "multipliers", "score", "sparsities"]
+__all__ = ["MULTIPLIERS", "budgeted", "compose_choice", "flops", "frontier", "greedy",
+           "multipliers", "score", "sparsities"]
 
 _COST_KEYS = ("params", "flops")
 MULTIPLIERS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

@@ -39,12 +39,12 @@ from keras_nd.neighbourhood import split_layers
 from keras_nd.students import SUFFIX
 
 __all__ = ["compressed_size", "derive_schedules", "not_skipped", "prune", "prunes",
-           "pruning_callbacks", "report", "schedule", "sparse_student",
-           "sparse_students", "strip"]
+           "pruning_callbacks", "report", "schedule", "sparse_student", "sparse_students",
+           "strip"]
 
 
 def _prune():
-  """tfmot's Keras pruning API (tfmot is imported here, on first use)."""
+  """tfmot's Keras pruning API (tfmot is imported on first use)."""
   return tfmot().sparsity.keras
 
 
