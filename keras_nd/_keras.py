@@ -7,7 +7,9 @@ TensorFlow first touches Keras, which is why every other module takes `keras`
 """
 
 import contextlib
+import importlib
 import os
+import sys
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -37,4 +39,22 @@ with _start_up_lines_hidden():
 
 KerasTensor = type(keras.Input((1,)))
 
-__all__ = ["tf", "keras", "KerasTensor"]
+_TFMOT = "tensorflow_model_optimization"
+
+
+def tfmot(submodule="", imported_only=False):
+  """tensorflow_model_optimization (or its `submodule`, e.g. "python.core.sparsity.keras"),
+  imported on first use: tfmot takes about a second to import, which `import keras_nd` and work
+  without pruning should not pay.
+
+  Args:
+    submodule: a module inside tfmot, dotted; "" for tfmot itself.
+    imported_only: return None instead of importing when nothing has imported
+      tfmot yet (then no model can hold its pruning wrappers).
+  """
+  if imported_only and _TFMOT not in sys.modules:
+    return None
+  return importlib.import_module(f"{_TFMOT}.{submodule}" if submodule else _TFMOT)
+
+
+__all__ = ["tf", "keras", "KerasTensor", "tfmot"]

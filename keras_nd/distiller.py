@@ -1,215 +1,13 @@
 """NeighbourhoodDistiller: trains every student neighbourhood at once, independently."""
 
 import contextlib
-import time
 
-import numpy as np
-
-from keras_nd import graph, losses
+from keras_nd import _checks, batch_norm, losses
 from keras_nd._keras import keras, tf
-from keras_nd.batches import as_batches
+from keras_nd.students import as_student_model
+from keras_nd.training import StopOnNonFinite, Untracked, fit_arguments, with_pruning_step
 
-
-class _Untracked:
-  """Holds teacher parts out of Keras's sight: they add no weights, losses or metrics."""
-
-  def __init__(self, value):
-    self.value = value
-
-
-def as_student_model(hood, student):
-  """A Keras model for a student given as a model, a layer, or a builder `f(hood) -> model`."""
-  if not isinstance(student, keras.layers.Layer) and callable(student):
-    student = student(hood)
-  if not isinstance(student, keras.layers.Layer):
-    raise TypeError(
-        f"The student for neighbourhood '{hood.name}' must be a tf_keras Model or Layer, or a "
-        f"function of the neighbourhood returning one; got {type(student).__name__}.")
-  graph.check_replacement(hood, student)
-  if not isinstance(student, keras.Model):
-    inputs = keras.Input(hood.input_shape[1:])
-    student = keras.Model(inputs, student(inputs), name=f"{hood.name}_student")
-  return student
-
-
-def with_pruning_step(model, callbacks, fit_args=(), fit_kwargs=None):
-  """`callbacks`, plus tfmot's `UpdatePruningStep` if `model` prunes (so users cannot forget it);
-  pruning schedules still without a length get the steps of the fit called with `fit_args`,
-  `fit_kwargs` (`sparsity.derive_schedules`)."""
-  if not graph.prunes(model):
-    return callbacks
-  from keras_nd import sparsity  # pylint: disable=g-import-not-at-top  (tfmot only when pruning)
-  sparsity.derive_schedules(model, fit_steps(fit_args, fit_kwargs or {}))
-  return sparsity.pruning_callbacks(model, callbacks)
-
-
-def fit_arguments(args, kwargs):
-  """A Keras `fit(*args, **kwargs)` call's arguments by name (x, y, batch_size, epochs, ...)."""
-  return dict(zip(("x", "y", "batch_size", "epochs"), args), **kwargs)
-
-
-def fit_steps(args, kwargs):
-  """The training steps a Keras `fit(*args, **kwargs)` will run, or None where it cannot tell."""
-  given = fit_arguments(args, kwargs)
-  epochs = given.get("epochs", 1) - given.get("initial_epoch", 0)
-  per_epoch = given.get("steps_per_epoch")
-  x = given.get("x")
-  if per_epoch is None and isinstance(x, tf.data.Dataset):
-    cardinality = int(x.cardinality())
-    per_epoch = cardinality if cardinality >= 0 else None
-  elif per_epoch is None and hasattr(x, "shape") and len(x.shape):
-    per_epoch = -(-int(x.shape[0]) // (given.get("batch_size") or 32))
-  return None if per_epoch is None else epochs * per_epoch
-
-
-class NonFiniteLoss(FloatingPointError):
-  """A loss became NaN or infinite during training (see `StopOnNonFinite`)."""
-
-
-class StopOnNonFinite(keras.callbacks.Callback):
-  """Stops training at the first NaN or infinite loss, naming who and when; keeps good weights.
-
-  Both distillers add it to `fit`. After every step it reads the step's total
-  loss; when that is not finite it names what failed (the neighbourhoods
-  whose own loss, `<name>_loss`, is not finite, or `what`) and the epoch,
-  batch and step, puts back the weights the model had at the start of that
-  epoch (the last ones known to be good) and raises `NonFiniteLoss`.
-
-  Args:
-    weights: the variables to keep good (the students').
-    names: the students' metric names, to say which failed; None names
-      `what` instead.
-    what: how the message names the model trained.
-  """
-
-  def __init__(self, weights, names=None, what="the student"):
-    super().__init__()
-    self._weights = weights
-    self._names = names
-    self._what = what
-    self._saved = None
-    self._epoch = 0
-    self._steps = 0
-
-  def on_epoch_begin(self, epoch, logs=None):
-    self._epoch = epoch
-    self._saved = [w.numpy() for w in self._weights]
-
-  def on_train_batch_end(self, batch, logs=None):
-    self._steps += 1
-    loss = (logs or {}).get("loss")
-    if loss is None or np.isfinite(float(loss)):
-      return
-    bad = [name for name in self._names or ()
-           if not np.isfinite(float(logs.get(f"{name}_loss", np.nan)))]
-    for weight, value in zip(self._weights, self._saved):
-      weight.assign(value)
-    self.model.stop_training = True
-    raise NonFiniteLoss(
-        f"The loss of {', '.join(f'neighbourhood {n!r}' for n in bad) or self._what} became "
-        f"{float(loss)} at epoch {self._epoch + 1}, batch {batch + 1} (step {self._steps}): "
-        f"training stopped, and the weights are those of the start of epoch {self._epoch + 1}, "
-        "the last known to be good. Lower the learning rate or check the data for NaNs.")
-
-
-def epoch_line(epoch, epochs, loss, seconds):
-  """The progress line of a finished epoch (0-based `epoch`): "  epoch 3/10: loss 0.123 (41.2s)"."""
-  shown = "" if loss is None else f": loss {float(loss):.4g}"
-  return f"  epoch {epoch + 1}/{epochs}{shown} ({seconds:.1f}s)"
-
-
-class EpochLines(keras.callbacks.Callback):
-  """Prints `epoch_line` after every epoch: progress for long phases.
-
-  Keras's own (verbose=2) lists every metric, one per neighbourhood for a
-  distiller.
-  """
-
-  def on_epoch_begin(self, epoch, logs=None):
-    self._start = time.perf_counter()
-
-  def on_epoch_end(self, epoch, logs=None):
-    print(epoch_line(epoch, self.params.get("epochs"), (logs or {}).get("loss"),
-                     time.perf_counter() - self._start), flush=True)
-
-
-def _batch_norms(model):
-  return [layer for layer in model.submodules if isinstance(layer, keras.layers.BatchNormalization)]
-
-
-@contextlib.contextmanager
-def frozen_batch_norms(models):
-  """Inside the block, the trainable BatchNorms of `models` run in inference mode, untrained.
-
-  A BatchNormalization with trainable=False normalises with its moving
-  statistics even when called with training=True, and its scale and offset
-  are not trained: gradient steps then keep the statistics a solve or a
-  teacher set. They are trainable again after the block. Compile inside the
-  block: Keras's `fit` trains what was trainable when the model was compiled.
-  """
-  layers = [layer for model in models for layer in _batch_norms(model) if layer.trainable]
-  for layer in layers:
-    layer.trainable = False
-  try:
-    yield layers
-  finally:
-    for layer in layers:
-      layer.trainable = True
-
-
-def _average_batch_statistics(layers, dataset, steps, forward):
-  """Sets the moving statistics of BatchNorm `layers` to the average over `steps` batches.
-
-  `forward(batch)` runs the layers in training mode; with momentum (n-1)/n at
-  the n-th batch, moving = (n-1)/n * moving + 1/n * batch is a running mean.
-  Returns the number of batches used.
-  """
-  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-    raise ValueError(f"steps must be a positive integer; got {steps!r}.")
-  momenta = [layer.momentum for layer in layers]
-  used = 0
-  try:
-    for used, batch in enumerate(dataset.take(steps), start=1):
-      for layer in layers:
-        layer.momentum = (used - 1) / used
-      forward(batch)
-  finally:
-    for layer, momentum in zip(layers, momenta):
-      layer.momentum = momentum
-  if not used:
-    raise ValueError("The dataset for calibrate_batch_norm is empty.")
-  return used
-
-
-def calibrate_batch_norm(model, dataset, steps=100):
-  """Re-estimates a model's BatchNorm moving statistics on data, weights fixed.
-
-  A composed student keeps the teacher's BatchNorm statistics wherever a
-  neighbourhood's BatchNorm was not part of a student (one-layer
-  neighbourhoods: the convolution is the student, the BatchNorm after it is
-  the teacher's). The student's small errors shift those statistics, more so
-  deeper in the network; re-estimating them on the composed student's own
-  activations removes that shift without training any weight. Each moving
-  mean and variance becomes the plain average of the batch statistics over
-  `steps` batches (Dropout, if any, also runs in training mode meanwhile).
-
-  Args:
-    model: a Keras model (e.g. from `keras_nd.compose`); it is changed in place.
-    dataset: a `tf.data.Dataset` of batches of `x` or `(x, y, ...)` (labels
-      are not used), or a numpy array of inputs (taken in batches of 128).
-    steps: number of batches to average over (fewer if the dataset ends).
-
-  Returns:
-    The number of batches used.
-  """
-  if not isinstance(model, keras.Model):
-    raise TypeError(f"model must be a tf_keras Model; got {type(model).__name__}.")
-  dataset = as_batches(dataset)
-
-  def forward(batch):
-    model(batch[0] if isinstance(batch, (tuple, list)) else batch, training=True)
-
-  return _average_batch_statistics(_batch_norms(model), dataset, steps, forward)
+__all__ = ["NeighbourhoodDistiller"]
 
 
 def _on(device):
@@ -310,8 +108,7 @@ class NeighbourhoodDistiller(keras.Model):
     if not isinstance(students, dict) or not students:
       raise ValueError("students must be a non-empty dict {Neighbourhood: student model}; got "
                        f"{students!r}.")
-    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
-      raise ValueError(f"lookahead must be a non-negative integer; got {lookahead!r}.")
+    lookahead = _checks.integer(lookahead, "lookahead", minimum=0)
     if lookahead_weights is None:
       lookahead_weights = [1.0] * lookahead
     if len(lookahead_weights) != lookahead:
@@ -335,12 +132,9 @@ class NeighbourhoodDistiller(keras.Model):
       else:
         entries.append((hood, None, given))
     self.lookahead = lookahead
-    if isinstance(calibrate_steps, bool) or not isinstance(calibrate_steps, int) or (
-        calibrate_steps < 0):
-      raise ValueError(f"calibrate_steps must be an integer >= 0; got {calibrate_steps!r}.")
-    self.calibrate_steps = calibrate_steps
+    self.calibrate_steps = _checks.integer(calibrate_steps, "calibrate_steps", minimum=0)
     self.lookahead_weights = [float(w) for w in lookahead_weights]
-    self._hoods = _Untracked([hood for hood, _, _ in entries])
+    self._hoods = Untracked([hood for hood, _, _ in entries])
     self._labels = [label for _, label, _ in entries]
     self._devices = _placement([hood for hood, _, _ in entries], devices)
     self.student_models = []
@@ -349,7 +143,7 @@ class NeighbourhoodDistiller(keras.Model):
         self.student_models.append(as_student_model(hood, student))
     # The teacher parts are not tracked, so they are not among the trained variables; their
     # `trainable` flags are left alone, since they are the user's teacher's layers.
-    self._following = _Untracked(
+    self._following = Untracked(
         {hood.name: [nxt.teacher for nxt in hood.following(lookahead)] for hood in hoods})
     self.loss_tracker = keras.metrics.Mean(name="loss")
     self.student_names = [hood.name if label is None else f"{hood.name}_{label}"
@@ -403,7 +197,7 @@ class NeighbourhoodDistiller(keras.Model):
                           **kwargs)
     data = fit_arguments(args, kwargs).get("x")
     if self.calibrate_steps and isinstance(data, tf.data.Dataset) and any(
-        _batch_norms(model) for model in self.student_models):
+        batch_norm.batch_norms(model) for model in self.student_models):
       self.calibrate_batch_norm(data, steps=self.calibrate_steps)
     return history
 
@@ -481,7 +275,7 @@ class NeighbourhoodDistiller(keras.Model):
     Returns:
       The number of batches used.
     """
-    layers = [(hood, model, _batch_norms(model))
+    layers = [(hood, model, batch_norm.batch_norms(model))
               for hood, model in zip(self._hoods.value, self.student_models)]
 
     def forward(data):
@@ -490,5 +284,5 @@ class NeighbourhoodDistiller(keras.Model):
           with _on(device):
             model(self._item(data, hood)[0], training=True)
 
-    return _average_batch_statistics([bn for _, _, bns in layers for bn in bns], dataset,
+    return batch_norm.average_batch_statistics([bn for _, _, bns in layers for bn in bns], dataset,
                                      steps, forward)

@@ -7,6 +7,11 @@ import errno
 import json
 import os
 
+from keras_nd import models  # noqa: F401  (registers its layers, so that load_model knows them)
+from keras_nd._keras import keras
+
+__all__ = ["disk_full", "load_model", "locked", "save_model", "writable_directory", "write_json"]
+
 try:
   import fcntl
 except ImportError:  # not POSIX: jobs sharing a directory are not serialised
@@ -83,10 +88,6 @@ def load_model(path, trusted=False):
       readable model (corrupt, truncated, or from another program), naming
       the path.
   """
-  from keras_nd import models  # pylint: disable=g-import-not-at-top  (registers its layers)
-  from keras_nd._keras import keras  # pylint: disable=g-import-not-at-top
-
-  del models
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"No model at '{path}'.")

@@ -1,12 +1,16 @@
-"""Graph rewriting: `substitute`, and `compose` built on it.
+"""Graph rewriting: `substitute` and `rebuild`.
 
 Every place in keras_nd that mixes teacher and student parts, or copies part of
 a graph, goes through `_replay`: it re-executes the nodes of a functional
 model's graph on new input tensors, optionally swapping neighbourhoods for
-replacement models and layers for copies. `substitute` is its public face.
+replacement models and layers for copies. `substitute` is its public face
+(`keras_nd.compose` is built on it).
 """
 
 from keras_nd._keras import KerasTensor, keras, tf
+
+__all__ = ["check_functional", "check_replacement", "consumers", "copy_layer", "model_nodes",
+           "output_tensors", "rebuild", "shape_str", "substitute"]
 
 
 def check_functional(model, what="model"):
@@ -42,6 +46,7 @@ def model_nodes(model):
 
 
 def output_tensors(node):
+  """The tensors a node outputs, as a flat list."""
   return tf.nest.flatten(node.outputs)
 
 
@@ -166,7 +171,8 @@ def rebuild(nodes, input_tensor, output_tensor, name, layer_fn=_identity, replac
         "replacement's layers names that the rest of the model does not use.") from None
 
 
-def _shape_str(shape):
+def shape_str(shape):
+  """A shape as "(None, 32, 32, 3)"."""
   return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
 
 
@@ -181,15 +187,15 @@ def check_replacement(hood, replacement):
     if len(replacement.inputs) != 1 or not _compatible(given, hood.input_shape[1:]):
       raise ValueError(
           f"The replacement '{replacement.name}' for neighbourhood '{hood.name}' takes input "
-          f"{_shape_str((None,) + given)} but the neighbourhood's input is "
-          f"{_shape_str(hood.input_shape)}.")
+          f"{shape_str((None,) + given)} but the neighbourhood's input is "
+          f"{shape_str(hood.input_shape)}.")
   probe = keras.Input(shape=hood.input_shape[1:], dtype=hood.input_tensor.dtype)
   try:
     out = replacement(probe)
   except (ValueError, TypeError, tf.errors.InvalidArgumentError) as e:
     raise ValueError(
         f"The replacement for neighbourhood '{hood.name}' cannot take the neighbourhood's input "
-        f"{_shape_str(hood.input_shape)}: {e}") from None
+        f"{shape_str(hood.input_shape)}: {e}") from None
   if not isinstance(out, KerasTensor) and not tf.is_tensor(out):
     raise ValueError(
         f"The replacement for neighbourhood '{hood.name}' must return one tensor; it returned "
@@ -197,8 +203,8 @@ def check_replacement(hood, replacement):
   if not _compatible(tuple(out.shape[1:]), hood.output_shape[1:]):
     raise ValueError(
         f"The replacement for neighbourhood '{hood.name}' outputs shape "
-        f"{_shape_str(tuple(out.shape))} but the neighbourhood outputs "
-        f"{_shape_str(hood.output_shape)}.")
+        f"{shape_str(tuple(out.shape))} but the neighbourhood outputs "
+        f"{shape_str(hood.output_shape)}.")
 
 
 def _compatible(a, b):
@@ -264,43 +270,3 @@ def substitute(model, replacements, copy=False, name=None):
   if copy:
     copier.copy_weights()
   return result
-
-
-def compose(teacher, students, name=None):
-  """The student network: `teacher` with each distilled neighbourhood replaced by its student.
-
-  The result owns its weights (nothing is shared with the teacher or with the
-  student models), so fine-tuning it leaves both untouched.
-
-  Args:
-    teacher: the functional teacher model the neighbourhoods were split from.
-    students: dict `{Neighbourhood: student model}`, e.g.
-      `NeighbourhoodDistiller.students` after training.
-    name: the model's name (default: teacher's name + "_student").
-
-  Returns:
-    A flat functional `keras.Model`. Students holding tfmot pruning wrappers
-    (`keras_nd.sparsity`) are stripped first: the result is a plain model
-    with sparse kernels.
-  """
-  students = {hood: _without_pruning(model) for hood, model in dict(students).items()}
-  return substitute(teacher, students, copy=True, name=name or f"{teacher.name}_student")
-
-
-def pruning_wrappers(model):
-  """The tfmot pruning wrappers in `model`, found without importing tfmot."""
-  if not isinstance(model, keras.layers.Layer):
-    return []
-  return [layer for layer in model.submodules if type(layer).__name__ == "PruneLowMagnitude"]
-
-
-def prunes(model):
-  """Whether `model` holds tfmot pruning wrappers."""
-  return bool(pruning_wrappers(model))
-
-
-def _without_pruning(model):
-  if not prunes(model):
-    return model
-  from keras_nd import sparsity  # pylint: disable=g-import-not-at-top  (tfmot only when pruning)
-  return sparsity.strip(model)

@@ -1,18 +1,15 @@
 """KnowledgeDistiller: end-to-end knowledge distillation (Eq. 3)."""
 
-from keras_nd import losses
+from keras_nd import _checks, losses
 from keras_nd._keras import keras, tf
+from keras_nd.batch_norm import calibrate_batch_norm
 from keras_nd.batches import as_batches
-from keras_nd.distiller import (
-  StopOnNonFinite,
-  _Untracked,
-  calibrate_batch_norm,
-  fit_arguments,
-  with_pruning_step,
-)
+from keras_nd.training import StopOnNonFinite, Untracked, fit_arguments, with_pruning_step
+
+__all__ = ["KnowledgeDistiller"]
 
 
-def outputs_logits(model):
+def _outputs_logits(model):
   """Whether a classifier outputs logits (False when its last layer applies a softmax)."""
   last = model.layers[-1]
   activation = getattr(last, "activation", None)
@@ -63,23 +60,18 @@ class KnowledgeDistiller(keras.Model):
     if tuple(teacher.output_shape[1:]) != tuple(student.output_shape[1:]):
       raise ValueError(f"The student '{student.name}' outputs {student.output_shape} but the "
                        f"teacher '{teacher.name}' outputs {teacher.output_shape}.")
-    if not temperature > 0:
-      raise ValueError(f"temperature must be > 0; got {temperature!r}.")
-    if not label_weight >= 0:
-      raise ValueError(f"label_weight must be >= 0; got {label_weight!r}.")
-    if isinstance(calibrate_steps, bool) or not isinstance(calibrate_steps, int) or (
-        calibrate_steps < 0):
-      raise ValueError(f"calibrate_steps must be an integer >= 0; got {calibrate_steps!r}.")
-    self.calibrate_steps = calibrate_steps
+    temperature = _checks.number(temperature, "temperature", low=0, low_open=True)
+    label_weight = _checks.number(label_weight, "label_weight", low=0)
+    self.calibrate_steps = _checks.integer(calibrate_steps, "calibrate_steps", minimum=0)
     # Untracked: the teacher's weights are not this model's, so fit cannot train them, and its
     # layers' `trainable` flags (which compose would copy) stay as the user set them.
-    self._teacher = _Untracked(teacher)
+    self._teacher = Untracked(teacher)
     self.student = student
     self.temperature = float(temperature)
     self.label_weight = float(label_weight)
     self.scale_soft = scale_soft
-    self._teacher_logits = outputs_logits(teacher)
-    self._student_logits = outputs_logits(student)
+    self._teacher_logits = _outputs_logits(teacher)
+    self._student_logits = _outputs_logits(student)
     self.loss_tracker = keras.metrics.Mean(name="loss")
     self.soft_tracker = keras.metrics.Mean(name="soft_loss")
     self.label_tracker = keras.metrics.Mean(name="label_loss")

@@ -4,6 +4,8 @@ import numpy as np
 
 from keras_nd._keras import tf
 
+__all__ = ["kd_loss", "logits_of", "lookahead_loss", "neighbourhood_mse"]
+
 
 def neighbourhood_mse(target, prediction):
   """L_i,0 of the paper: `1/F E||S_i(a) - T_i(a)||^2`, F the output's feature size.

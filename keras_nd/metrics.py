@@ -54,7 +54,10 @@ class Scorer:
         labels = tf.cast(tf.reshape(y, [-1]), tf.int64)
       return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int64)), tf.size(labels)
 
-    self._counts = tf.function(counts, input_signature=[x_spec, y_spec])
+    # Traced here, once, and called as a concrete function: every Scorer traces `counts` anew
+    # (for its own model), and TensorFlow, which counts traces by the function's code, would
+    # warn of retracing when a search or a sweep makes many Scorers.
+    self._counts = tf.function(counts).get_concrete_function(x_spec, y_spec)
 
   def __call__(self):
     correct = total = 0

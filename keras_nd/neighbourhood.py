@@ -7,17 +7,16 @@ or a descendant of it. `split` finds all cuts in one pass over the edges and
 returns the sub-graphs between consecutive cuts.
 """
 
-from keras_nd import graph
+from keras_nd import _checks, graph
 from keras_nd._keras import keras
+from keras_nd.layer_types import WEIGHTED
+
+__all__ = ["Neighbourhood", "checked_hoods", "split", "split_layers"]
 
 _NORMALIZATION = tuple(
     getattr(keras.layers, name) for name in (
         "BatchNormalization", "LayerNormalization", "GroupNormalization", "UnitNormalization",
         "Normalization") if hasattr(keras.layers, name))
-
-DEFAULT_LAYER_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-                       keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
-                       keras.layers.Dense)
 
 
 class Neighbourhood:
@@ -72,7 +71,7 @@ class Neighbourhood:
 
   def __repr__(self):
     return (f"Neighbourhood({self.index}: '{self.name}', {len(self.nodes)} layers, "
-            f"{graph._shape_str(self.input_shape)} -> {graph._shape_str(self.output_shape)})")  # pylint: disable=protected-access
+            f"{graph.shape_str(self.input_shape)} -> {graph.shape_str(self.output_shape)})")
 
 
 def _edges(nodes):
@@ -84,7 +83,7 @@ def _edges(nodes):
   return children
 
 
-def cut_positions(nodes):
+def _cut_positions(nodes):
   """Positions (in `nodes`, topologically ordered) of nodes whose output is a single-tensor cut."""
   children = _edges(nodes)
   cuts = []
@@ -94,10 +93,6 @@ def cut_positions(nodes):
       cuts.append(i)
     reach = max([reach] + children[i])
   return cuts
-
-
-def _is_weighted(layers):
-  return any(layer.weights and not isinstance(layer, _NORMALIZATION) for layer in layers)
 
 
 class _Segment:
@@ -212,12 +207,11 @@ def split(model, boundaries=None, group=1):
     >>> [h.name for h in hoods]  # e.g. ['stem_relu', 'stage1_unit1_out', ..., 'head_logits']
   """
   graph.check_functional(model)
-  if isinstance(group, bool) or not isinstance(group, int) or group < 1:
-    raise ValueError(f"group must be a positive integer; got {group!r}.")
+  group = _checks.integer(group, "group")
   nodes = graph.model_nodes(model)
   if len(nodes) < 2:
     raise ValueError(f"Model '{model.name}' has no layers to split.")
-  cuts = cut_positions(nodes)
+  cuts = _cut_positions(nodes)
   if boundaries is None:
     segments = _merge_parameter_free(_segments(nodes, cuts))
   else:
@@ -231,7 +225,7 @@ def split(model, boundaries=None, group=1):
   return _to_hoods(model, grouped)
 
 
-def split_layers(model, layer_types=DEFAULT_LAYER_TYPES):
+def split_layers(model, layer_types=WEIGHTED):
   """One-layer neighbourhoods: every call of a layer of the given types (for sparsification).
 
   Unlike `split`, these need not be cuts: layers inside residual units are

@@ -29,12 +29,14 @@ student = search.compose_choice(teacher, units, trained, best["choice"])
 
 import functools
 
-import numpy as np
-
-from keras_nd import artefacts, graph, layer_types, students
+from keras_nd import artefacts, graph, layer_types, metrics, sparsity, students
 from keras_nd._keras import keras
+from keras_nd.composition import compose
 
-COST_KEYS = ("params", "flops")
+__all__ = ["MULTIPLIERS", "budgeted", "compose_choice", "flops", "frontier", "greedy",
+           "multipliers", "score", "sparsities"]
+
+_COST_KEYS = ("params", "flops")
 MULTIPLIERS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -54,8 +56,6 @@ def sparsities(levels, steps=None, kind="polynomial"):
   trains them for; see `keras_nd.sparsity.sparse_student`.
   Stored candidates are the stripped, plain sparse layers.
   """
-  from keras_nd import sparsity  # pylint: disable=g-import-not-at-top  (tfmot only when pruning)
-
   if not levels:
     raise ValueError("The list of candidate sparsities is empty.")
   return {f"s{level:g}": functools.partial(sparsity.sparse_student, target=level, steps=steps,
@@ -69,8 +69,7 @@ def flops(model):
     if isinstance(layer, keras.layers.DepthwiseConv2D):
       kernel = layer.depthwise_kernel.shape
       total += int(_positions(layer) * kernel[0] * kernel[1] * kernel[2] * kernel[3])
-    elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-                            keras.layers.Dense)):
+    elif isinstance(layer, layer_types.CONVOLUTIONS + (keras.layers.Dense,)):
       total += int(_positions(layer) * layer.kernel.shape.num_elements())
   return total
 
@@ -106,7 +105,7 @@ def score(teacher, hoods, trained, dataset, directory=None):
     rows = []
     for label, model in models.items():
       row = {"label": label, "params": int(model.count_params()), "flops": flops(model),
-             "accuracy": _accuracy(graph.substitute(teacher, {hood: model}), dataset)}
+             "accuracy": metrics.accuracy(graph.substitute(teacher, {hood: model}), dataset)}
       if directory is not None:
         row["mse"] = artefacts.info(store, name, label)["loss"]
       rows.append(row)
@@ -114,33 +113,16 @@ def score(teacher, hoods, trained, dataset, directory=None):
   return table
 
 
-def _accuracy(model, dataset):
-  """Top-1 accuracy of a logits model, called batch by batch.
-
-  Plain calls rather than `evaluate`: scoring builds one model per candidate,
-  and `evaluate` would trace a test function for each (and TensorFlow warns
-  about the retracing after the fifth).
-  """
-  correct = total = 0
-  for x, y in dataset:
-    predicted = np.argmax(model(x, training=False).numpy(), axis=-1)
-    correct += int(np.sum(predicted == np.asarray(y).reshape(-1)))
-    total += len(predicted)
-  if not total:
-    raise ValueError("The dataset to score candidates on is empty.")
-  return correct / total
-
-
 def compose_choice(teacher, hoods, trained, choice):
   """The student of a selection (`greedy`, `budgeted` or a `frontier` point's "choice")."""
   by_name = {hood.name: hood for hood in hoods}
-  return graph.compose(teacher, {by_name[name]: trained[name][candidate["label"]]
-                                 for name, candidate in choice.items()})
+  return compose(teacher, {by_name[name]: trained[name][candidate["label"]]
+                           for name, candidate in choice.items()})
 
 
 def _check_table(table, cost):
-  if cost not in COST_KEYS:
-    raise ValueError(f"cost must be one of {list(COST_KEYS)}; got {cost!r}.")
+  if cost not in _COST_KEYS:
+    raise ValueError(f"cost must be one of {list(_COST_KEYS)}; got {cost!r}.")
   if not isinstance(table, dict) or not table:
     raise ValueError(f"The candidate table must be a non-empty dict {{neighbourhood: "
                      f"[candidates]}}; got {table!r}.")

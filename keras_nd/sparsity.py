@@ -26,27 +26,55 @@ The schedule's length is the number of steps the first `fit` will run
 (epochs times steps per epoch), unless `steps` fixes it.
 """
 
+import functools
 import gzip
 import os
 import tempfile
 
 import numpy as np
-import tensorflow_model_optimization as tfmot  # keras_nd/__init__ set TF_USE_LEGACY_KERAS first
 
-from keras_nd import graph, layer_types
-from keras_nd._keras import keras
+from keras_nd import _checks, graph, layer_types
+from keras_nd._keras import keras, tfmot
+from keras_nd.neighbourhood import split_layers
+from keras_nd.students import SUFFIX
 
-_prune = tfmot.sparsity.keras
-PRUNABLE_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-                  keras.layers.DepthwiseConv2D, keras.layers.Dense)
-SUFFIX = "_s"
+__all__ = ["compressed_size", "derive_schedules", "not_skipped", "prune", "prunes",
+           "pruning_callbacks", "report", "schedule", "sparse_student", "sparse_students",
+           "strip"]
 
 
-class _PrunableDepthwiseConv2D(keras.layers.DepthwiseConv2D, _prune.PrunableLayer):
-  """DepthwiseConv2D whose kernel tfmot prunes (its registry leaves depthwise kernels dense)."""
+def _prune():
+  """tfmot's Keras pruning API (tfmot is imported on first use)."""
+  return tfmot().sparsity.keras
 
-  def get_prunable_weights(self):
-    return [self.depthwise_kernel]
+
+@functools.cache
+def _prunable_depthwise():
+  """DepthwiseConv2D whose kernel tfmot prunes (its registry leaves depthwise kernels dense);
+  made on first use, since it subclasses tfmot's `PrunableLayer`."""
+
+  class PrunableDepthwiseConv2D(keras.layers.DepthwiseConv2D, _prune().PrunableLayer):
+
+    def get_prunable_weights(self):
+      return [self.depthwise_kernel]
+
+  return PrunableDepthwiseConv2D
+
+
+def _pruning_wrappers(model):
+  """The tfmot pruning wrappers (`PruneLowMagnitude`) in `model`.
+
+  Without tfmot imported no model can hold one, so this does not import it.
+  """
+  module = tfmot("python.core.sparsity.keras.pruning_wrapper", imported_only=True)
+  if module is None or not isinstance(model, keras.layers.Layer):
+    return []
+  return [layer for layer in model.submodules if isinstance(layer, module.PruneLowMagnitude)]
+
+
+def prunes(model):
+  """Whether `model` (or a model inside it) holds tfmot pruning wrappers."""
+  return bool(_pruning_wrappers(model))
 
 
 def schedule(target, steps, kind="polynomial"):
@@ -71,16 +99,15 @@ def schedule(target, steps, kind="polynomial"):
     deferred = schedule(target, 2, kind)
     deferred.keras_nd_deferred = (target, kind)
     return deferred
-  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-    raise ValueError(f"steps must be an integer of at least 2; got {steps!r}.")
+  steps = _checks.integer(steps, "steps", minimum=2)
   ramp = steps // 2
   frequency = max(1, min(100, ramp // 8))
   end = frequency * (ramp // frequency)
   if kind == "polynomial":
-    return _prune.PolynomialDecay(initial_sparsity=0.0, final_sparsity=float(target),
+    return _prune().PolynomialDecay(initial_sparsity=0.0, final_sparsity=float(target),
                                   begin_step=0, end_step=end, frequency=frequency)
   if kind == "constant":
-    return _prune.ConstantSparsity(float(target), begin_step=0, frequency=frequency)
+    return _prune().ConstantSparsity(float(target), begin_step=0, frequency=frequency)
   raise ValueError(f"Schedule kind must be 'polynomial' or 'constant'; got {kind!r}.")
 
 
@@ -95,7 +122,7 @@ def derive_schedules(model, steps):
     ValueError: a schedule still to be derived and `steps` unknown (None),
       or under 2.
   """
-  for wrapper in graph.pruning_wrappers(model):
+  for wrapper in _pruning_wrappers(model):
     deferred = getattr(wrapper.pruning_schedule, "keras_nd_deferred", None)
     if deferred is None:
       continue
@@ -122,7 +149,7 @@ def _target_of(wrapper):
 def _check_finished(model):
   """A ValueError naming every layer whose mask is short of its schedule's target sparsity."""
   short = []
-  for wrapper in graph.pruning_wrappers(model):
+  for wrapper in _pruning_wrappers(model):
     target = _target_of(wrapper)
     for _, mask, _ in wrapper.pruning_vars:
       values = mask.numpy()
@@ -140,8 +167,7 @@ def _check_finished(model):
 
 
 def _check_target(target, where):
-  if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < 1:
-    raise ValueError(f"The target sparsity of {where} must be in [0, 1); got {target!r}.")
+  _checks.number(target, f"The target sparsity of {where}", low=0, high=1, high_open=True)
 
 
 def _layer_of(hood):
@@ -154,10 +180,10 @@ def _layer_of(hood):
         f"{len(hood.nodes)} ({[n.layer.name for n in hood.nodes]}); use "
         "keras_nd.split_layers for one-layer neighbourhoods.")
   layer = hood.nodes[0].layer
-  if not isinstance(layer, PRUNABLE_TYPES):
+  if not isinstance(layer, layer_types.PRUNABLE):
     raise ValueError(
         f"Layer '{layer.name}' of neighbourhood '{hood.name}' is a {type(layer).__name__}, which "
-        f"cannot be pruned; prunable types: {[t.__name__ for t in PRUNABLE_TYPES]}.")
+        f"cannot be pruned; prunable types: {[t.__name__ for t in layer_types.PRUNABLE]}.")
   return layer
 
 
@@ -185,7 +211,7 @@ def sparse_student(hood, target, steps=None, kind="polynomial", m_by_n=None):
   _check_target(target, f"layer '{layer.name}'")
   config = dict(layer.get_config(), name=layer.name + SUFFIX)
   if isinstance(layer, keras.layers.DepthwiseConv2D):
-    copy = _PrunableDepthwiseConv2D.from_config(config)
+    copy = _prunable_depthwise().from_config(config)
   else:
     copy = layer.__class__.from_config(config)
   options = {}
@@ -195,8 +221,8 @@ def sparse_student(hood, target, steps=None, kind="polynomial", m_by_n=None):
       raise ValueError(f"m-by-n sparsity applies to Conv2D and Dense layers; layer "
                        f"'{layer.name}' is a {type(layer).__name__}.")
     options["sparsity_m_by_n"] = tuple(m_by_n)
-  wrapper = _prune.prune_low_magnitude(copy, pruning_schedule=schedule(target, steps, kind),
-                                       **options)
+  wrapper = _prune().prune_low_magnitude(copy, pruning_schedule=schedule(target, steps, kind),
+                                         **options)
   inputs = keras.Input(hood.input_shape[1:])
   model = keras.Model(inputs, wrapper(inputs), name=f"{hood.name}_sparse")
   copy.set_weights(layer.get_weights())
@@ -254,16 +280,11 @@ def not_skipped(hoods, skip):
           if layer.name not in names and not (types and isinstance(layer, types))]
 
 
-def has_pruning(model):
-  """Whether `model` (or a model inside it) holds tfmot pruning wrappers."""
-  return graph.prunes(model)
-
-
 def pruning_callbacks(model, callbacks):
   """`callbacks` with tfmot's `UpdatePruningStep` added if `model` prunes and it is missing."""
   callbacks = list(callbacks or [])
-  if has_pruning(model) and not any(isinstance(c, _prune.UpdatePruningStep) for c in callbacks):
-    callbacks.append(_prune.UpdatePruningStep())
+  if prunes(model) and not any(isinstance(c, _prune().UpdatePruningStep) for c in callbacks):
+    callbacks.append(_prune().UpdatePruningStep())
   return callbacks
 
 
@@ -279,16 +300,17 @@ def strip(model):
       (it trained fewer steps than the schedule asks), naming it.
   """
   _check_finished(model)
-  for wrapper in graph.pruning_wrappers(model):
+  for wrapper in _pruning_wrappers(model):
     wrapper.pruning_obj.weight_mask_op()
-  stripped = _prune.strip_pruning(model)
+  stripped = _prune().strip_pruning(model)
+  prunable = _prunable_depthwise()
 
   def plain(layer):
-    if isinstance(layer, _PrunableDepthwiseConv2D):
+    if isinstance(layer, prunable):
       return keras.layers.DepthwiseConv2D.from_config(layer.get_config())
     return layer
 
-  if not any(isinstance(layer, _PrunableDepthwiseConv2D) for layer in stripped.layers):
+  if not any(isinstance(layer, prunable) for layer in stripped.layers):
     return stripped
   nodes = graph.model_nodes(stripped)
   copies = {}
@@ -308,7 +330,7 @@ def strip(model):
 def _kernels(model):
   """[(layer name, kernel)] of the prunable layers of a (stripped) model."""
   return [(layer.name, layer_types.kernel(layer)) for layer in layer_types.leaf_layers(model)
-          if isinstance(layer, PRUNABLE_TYPES)]
+          if isinstance(layer, layer_types.PRUNABLE)]
 
 
 def report(model):
@@ -320,7 +342,7 @@ def report(model):
     "params" (every parameter of the model, biases and BatchNorm included)
     and "params_sparsity" (zeros over all parameters).
   """
-  if has_pruning(model):
+  if prunes(model):
     raise ValueError(f"Model '{model.name}' still holds pruning wrappers; report on "
                      "sparsity.strip(model) (or nd.compose's result).")
   rows = []
@@ -355,14 +377,8 @@ def prune(model, targets, steps=None, kind="polynomial", m_by_n=None, skip=()):
   end to end. Arguments as for `sparse_students`; `compose`/`strip` remove
   the wrappers afterwards.
   """
-  from keras_nd.neighbourhood import split_layers  # pylint: disable=g-import-not-at-top
-
   copy = graph.substitute(model, {}, copy=True)
-  students = sparse_students(split_layers(copy, PRUNABLE_TYPES), targets, steps, kind, m_by_n,
-                             skip)
+  students = sparse_students(split_layers(copy, layer_types.PRUNABLE), targets, steps, kind,
+                             m_by_n, skip)
   return graph.substitute(copy, students)
 
-
-__all__ = ["PRUNABLE_TYPES", "compressed_size", "derive_schedules", "has_pruning", "not_skipped",
-           "prune", "pruning_callbacks", "report", "schedule", "sparse_student", "sparse_students",
-           "strip"]

@@ -1,4 +1,5 @@
-"""Student builders for neighbourhoods: `bottleneck`, `clone`; `narrowable` units for them.
+"""Student builders for neighbourhoods: `bottleneck`, `clone`; `narrowable` units for them;
+`as_student_model` for a student given as a model, a layer or a builder.
 
 A student neighbourhood is any model with the neighbourhood's input and output
 shapes. These builders rebuild the teacher neighbourhood's own graph (through
@@ -10,10 +11,14 @@ never holds two layers of one name.
 
 import numpy as np
 
-from keras_nd import graph
+from keras_nd import _checks, graph, layer_types
 from keras_nd._keras import keras
 from keras_nd.neighbourhood import split
 
+__all__ = ["CHANNEL_WISE", "SUFFIX", "bottleneck", "clone", "inner_layers", "narrowable",
+           "scaled_width", "slice_outputs"]
+
+# The suffix of every student layer's name (after its teacher layer's).
 SUFFIX = "_s"
 
 # Layers through which a tensor keeps its channel count, so a narrower producer
@@ -31,7 +36,6 @@ _CHANNEL_PRESERVING = tuple(
 # channels): a narrowed producer's kept channels pass through them unchanged.
 CHANNEL_WISE = tuple(layer for layer in _CHANNEL_PRESERVING if layer.__name__ not in (
     "DepthwiseConv2D", "DepthwiseConv1D", "Softmax", "LayerNormalization"))
-_CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 
 def scaled_width(width, k):
@@ -54,7 +58,8 @@ def scaled_width(width, k):
 
 
 def _width_key(layer):
-  if isinstance(layer, _CONV) and not isinstance(layer, keras.layers.DepthwiseConv2D):
+  if isinstance(layer, layer_types.CONVOLUTIONS) and not isinstance(
+      layer, keras.layers.DepthwiseConv2D):
     return "filters"
   if isinstance(layer, keras.layers.Dense):
     return "units"
@@ -201,7 +206,7 @@ def bottleneck(hood, k, init="teacher"):
   """
   _check_hood(hood)
   _check_init(init)
-  if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+  if not _checks.is_number(k) or not 0 < k <= 1:
     raise ValueError(f"The bottleneck multiplier k must be in (0, 1]; got {k!r} for "
                      f"neighbourhood '{hood.name}'.")
   inner = {id(layer) for layer in inner_layers(hood)}
@@ -297,3 +302,18 @@ def clone(hood, init="teacher"):
     for layer in hood.layers:
       copies[id(layer)].set_weights(layer.get_weights())
   return model
+
+
+def as_student_model(hood, student):
+  """A Keras model for a student given as a model, a layer, or a builder `f(hood) -> model`."""
+  if not isinstance(student, keras.layers.Layer) and callable(student):
+    student = student(hood)
+  if not isinstance(student, keras.layers.Layer):
+    raise TypeError(
+        f"The student for neighbourhood '{hood.name}' must be a tf_keras Model or Layer, or a "
+        f"function of the neighbourhood returning one; got {type(student).__name__}.")
+  graph.check_replacement(hood, student)
+  if not isinstance(student, keras.Model):
+    inputs = keras.Input(hood.input_shape[1:])
+    student = keras.Model(inputs, student(inputs), name=f"{hood.name}_student")
+  return student

@@ -9,7 +9,7 @@ from absl.testing import parameterized
 
 import keras_nd as nd
 from keras_nd._keras import keras, tf
-from keras_nd.distiller import NonFiniteLoss
+from keras_nd.training import NonFiniteLoss
 
 _A, _B = "stage1_unit1_out", "stage2_unit1_out"  # two residual units of tiny_resnet
 
@@ -91,7 +91,7 @@ class DistillerFitTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
         self.assertLess(max(changes), 1e-5)
       else:
         self.assertGreater(max(changes), 1e-2)
-    with self.assertRaisesRegex(ValueError, "calibrate_steps must be an integer >= 0"):
+    with self.assertRaisesRegex(ValueError, "calibrate_steps must be a non-negative integer"):
       nd.NeighbourhoodDistiller(self.given, calibrate_steps=-1)
 
   def test_fit_reports_each_neighbourhoods_loss_and_it_falls(self):
@@ -279,8 +279,16 @@ class DistillerOptionsTest(_TeacherCase, tf.test.TestCase, parameterized.TestCas
       distiller.compile(optimizer=keras.optimizers.SGD(0.1, global_clipnorm=1.0))
 
   def test_compile_accepts_per_variable_clipnorm(self):
-    distiller = nd.NeighbourhoodDistiller({self.a: nd.students.clone(self.a)})
-    distiller.compile(optimizer=keras.optimizers.SGD(0.1, clipnorm=1.0))
+    student = nd.students.clone(self.a, init="random")
+    before = [w.numpy() for w in student.trainable_weights]
+    distiller = nd.NeighbourhoodDistiller({self.a: student})
+    distiller.compile(optimizer=keras.optimizers.SGD(0.1, clipnorm=1e-3))
+    distiller.fit(self.online([self.a]).dataset(batch_size=16), epochs=1, steps_per_epoch=1,
+                  verbose=0)
+    steps = [np.linalg.norm(w.numpy() - old) for w, old in zip(student.trainable_weights, before)]
+    self.assertGreater(max(steps), 0.0)  # the step trained the student
+    for step in steps:  # each variable's gradient clipped to norm 1e-3: an SGD step of <= 1e-4
+      self.assertLessEqual(step, 1e-4 * 1.01)
 
   def test_lookahead_trains_reports_and_leaves_teacher_unchanged(self):
     before = testing.weights_of(self.teacher)

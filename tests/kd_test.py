@@ -91,7 +91,7 @@ class KnowledgeDistillerFitTest(_TeacherCase, tf.test.TestCase, parameterized.Te
     nd.calibrate_batch_norm(lagging, testing.dataset(self.x, self.y))
     self.assertGreater(max(float(np.max(np.abs(a - b))) for a, b in zip(before, moving(lagging))),
                        0.05)
-    with self.assertRaisesRegex(ValueError, "calibrate_steps must be an integer >= 0"):
+    with self.assertRaisesRegex(ValueError, "calibrate_steps must be a non-negative integer"):
       nd.KnowledgeDistiller(teacher=self.teacher, student=lagging, calibrate_steps=-1)
 
   def test_fit_leaves_teacher_weights_and_batchnorm_statistics_unchanged(self):

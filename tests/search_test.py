@@ -11,7 +11,7 @@ import testing
 from absl.testing import parameterized
 
 import keras_nd as nd
-from keras_nd import artefacts, search
+from keras_nd import artefacts, search, sparsity
 from keras_nd._keras import keras, tf
 
 
@@ -205,7 +205,7 @@ class SparseCandidatesTest(tf.test.TestCase):
                                directory, epochs=4, batch_size=16, verbose=0)
     for name, models in trained.items():
       for label, level in (("s0.25", 0.25), ("s0.75", 0.75)):
-        self.assertFalse(nd.graph.prunes(models[label]), msg=(name, label))
+        self.assertFalse(sparsity.prunes(models[label]), msg=(name, label))
         kernel = models[label].layers[-1].kernel.numpy()
         self.assertAllClose(np.mean(kernel == 0), level, atol=0.01, msg=(name, label))
     # Stored plain, so they load with safe_mode and without tfmot's scope.

@@ -7,7 +7,7 @@ import testing
 from absl.testing import parameterized
 
 import keras_nd as nd
-from keras_nd import graph, sparsity
+from keras_nd import sparsity, students
 from keras_nd._keras import keras, tf
 
 _FIRST, _LAST = "stem_conv", "head_logits"  # the layers the paper keeps dense
@@ -57,7 +57,7 @@ class ScheduleTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.named_parameters(("one", 1.0), ("negative", -0.1), ("string", "0.5"),
                                   ("bool", True))
   def test_rejects_targets_outside_0_1(self, target):
-    with self.assertRaisesRegex(ValueError, "sparsity.*must be in"):
+    with self.assertRaisesRegex(ValueError, "sparsity.*must be a number in"):
       sparsity.schedule(target, steps=10)
 
   def test_rejects_unknown_kind_and_too_few_steps(self):
@@ -122,11 +122,10 @@ class SparseNeighbourhoodDistillationTest(tf.test.TestCase, parameterized.TestCa
     self.assertLess(masks[4], masks[8])
 
   def test_the_composed_student_is_plain_with_exactly_the_requested_sparsity(self):
-    self.assertFalse(sparsity.has_pruning(self.composed))
-    self.assertFalse(graph.prunes(self.composed))
+    self.assertFalse(sparsity.prunes(self.composed))
     rows = {r["layer"]: r for r in sparsity.report(self.composed)["layers"]}
     for hood in self.students:
-      name = hood.nodes[0].layer.name + sparsity.SUFFIX
+      name = hood.nodes[0].layer.name + students.SUFFIX
       expected = self.targets.get(hood.nodes[0].layer.name, 0.7)
       self.assertAllClose(rows[name]["sparsity"], expected, atol=0.005, msg=name)
     for name in (_FIRST, _LAST):  # kept dense, straight from the teacher
@@ -199,7 +198,7 @@ class SparseStudentTest(tf.test.TestCase, parameterized.TestCase):
         {hood.name: (a, hood.teacher(a, training=False))}).batch(4).repeat()
     distiller.fit(data, epochs=1, steps_per_epoch=4, verbose=0)
     composed = nd.compose(model, {hood: student})
-    layer = composed.get_layer("dw" + sparsity.SUFFIX)
+    layer = composed.get_layer("dw" + students.SUFFIX)
     self.assertIs(type(layer), keras.layers.DepthwiseConv2D)
     self.assertAllClose(_zeros(layer.depthwise_kernel), 0.5, atol=0.005)
     composed.save(os.path.join(self.get_temp_dir(), "dw.keras"))
@@ -223,7 +222,7 @@ class SparseStudentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(student.layers[-1].pruning_schedule.end_step,
                      sparsity.schedule(0.5, 12).end_step)
     kernel = nd.compose(self.teacher, {hood: student}).get_layer(
-        "stage1_unit1_conv2" + sparsity.SUFFIX).kernel.numpy()
+        "stage1_unit1_conv2" + students.SUFFIX).kernel.numpy()
     self.assertAllClose(_zeros(kernel), 0.5, atol=0.005)
     repeated = sparsity.sparse_student(hood, 0.5)  # steps_per_epoch says it for a repeat()
     self._fit(repeated, hood, epochs=2, steps_per_epoch=5, repeat=True)
@@ -302,14 +301,14 @@ class PruneWholeModelTest(tf.test.TestCase):
     teacher = testing.trained(testing.tiny_resnet(), x, y)
     before = testing.weights_of(teacher)
     student = sparsity.prune(teacher, 0.5, steps=8, skip=(_FIRST, _LAST))
-    self.assertTrue(sparsity.has_pruning(student))
+    self.assertTrue(sparsity.prunes(student))
     kd = nd.KnowledgeDistiller(teacher=teacher, student=student, temperature=2.0)
     kd.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
     kd.fit(testing.dataset(x, y, batch_size=8).repeat(), epochs=1, steps_per_epoch=8, verbose=0)
     plain = sparsity.strip(student)
     rows = {r["layer"]: r["sparsity"] for r in sparsity.report(plain)["layers"]}
     self.assertEqual(rows[_FIRST], 0.0)
-    self.assertAllClose(rows["stage1_unit1_conv1" + sparsity.SUFFIX], 0.5, atol=0.005)
+    self.assertAllClose(rows["stage1_unit1_conv1" + students.SUFFIX], 0.5, atol=0.005)
     for weight, old in zip(testing.weights_of(teacher), before):
       self.assertAllEqual(weight, old)
 

@@ -5,8 +5,11 @@ import warnings
 
 import numpy as np
 
+from keras_nd import _checks
 from keras_nd._keras import tf
 from keras_nd.data import preprocessing
+
+__all__ = ["Dataset", "PREPROCESSING", "SPLITS", "checked_images", "checked_labels"]
 
 SPLITS = ("train", "validation", "test")
 # How a teacher expects its images: standardised with the training split's per-channel
@@ -277,8 +280,7 @@ class Dataset:
       ValueError: for a bad or empty split, or a bad batch size.
     """
     self._check_split(split)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-      raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    batch_size = _checks.integer(batch_size, "batch_size")
     examples = self._examples(split)
     if training:
       if shuffle_buffer is None:

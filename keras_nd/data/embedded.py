@@ -13,6 +13,10 @@ presence; with fewer inner channels it detects them less reliably.
 
 import numpy as np
 
+from keras_nd import _checks
+
+__all__ = ["NUM_TEST", "NUM_TRAIN", "embedded"]
+
 # Default sizes: what the main experiments train and test on.
 NUM_TRAIN, NUM_TEST = 4000, 1000
 
@@ -96,10 +100,8 @@ def embedded(num_train=NUM_TRAIN, num_test=NUM_TEST, seed=0):
       `seed` not an integer in [0, 2**32).
   """
   for arg, value in (("num_train", num_train), ("num_test", num_test)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"embedded: {arg} must be a positive integer; got {value!r}.")
-  if (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-      or not 0 <= seed < 2**32):
+    _checks.integer(value, arg, context="embedded: ")
+  if not _checks.is_integer(seed) or not 0 <= seed < 2**32:
     raise ValueError(f"embedded: seed must be an integer in [0, 2**32); got {seed!r}.")
   textons, class_textons = _world(np.random.RandomState(seed))
   return tuple(

@@ -10,12 +10,15 @@ import zipfile
 
 import numpy as np
 
+from keras_nd import _checks
 from keras_nd._keras import tf
 from keras_nd.data import preprocessing
 from keras_nd.data.dataset import SPLITS, Dataset, checked_images, checked_labels
 from keras_nd.data.embedded import NUM_TEST, NUM_TRAIN, embedded
 
-NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+__all__ = ["get", "load_npz", "load_tfds"]
+
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def get(spec="embedded", data_dir=None, seed=0, num_train=None, num_test=None, num_validation=0,
@@ -59,11 +62,11 @@ def get(spec="embedded", data_dir=None, seed=0, num_train=None, num_test=None, n
   if tfds_kwargs and (spec == "embedded" or spec.startswith("npz:")):
     raise ValueError(f"Arguments {sorted(tfds_kwargs)} apply to tensorflow-datasets datasets only, "
                      f"not to {spec!r}.")
-  _check_count("num_validation", num_validation, allow_zero=True)
+  _checks.integer(num_validation, "num_validation", minimum=0)
   if spec == "embedded":
     num_train = NUM_TRAIN if num_train is None else num_train
     num_test = NUM_TEST if num_test is None else num_test
-    _check_count("num_train", num_train)
+    _checks.integer(num_train, "num_train")
     (x, y), test = embedded(num_train + num_validation, num_test, seed=seed)
     validation = (x[:num_validation], y[:num_validation]) if num_validation else None
     return Dataset.from_arrays("embedded", (x[num_validation:], y[num_validation:]), test,
@@ -106,7 +109,7 @@ def load_npz(path, num_train=None, num_test=None, num_validation=0):
   try:
     with np.load(path, allow_pickle=False) as archive:
       present = archive.files
-      arrays = {key: archive[key] for key in NPZ_KEYS if key in present}
+      arrays = {key: archive[key] for key in _NPZ_KEYS if key in present}
   except ValueError as error:
     if "allow_pickle" not in str(error):
       raise ValueError(f"npz dataset {path!r} cannot be read: {error}") from None
@@ -117,12 +120,12 @@ def load_npz(path, num_train=None, num_test=None, num_validation=0):
                      f"np.savez.") from None
   except (zipfile.BadZipFile, OSError) as error:
     raise ValueError(f"npz dataset {path!r} is not a readable npz archive: {error}") from None
-  missing = [key for key in NPZ_KEYS if key not in arrays]
+  missing = [key for key in _NPZ_KEYS if key not in arrays]
   if missing:
     raise ValueError(f"npz dataset {path!r} lacks the keys {missing}; it must hold "
-                     f"{list(NPZ_KEYS)} (it holds {sorted(present)}).")
+                     f"{list(_NPZ_KEYS)} (it holds {sorted(present)}).")
 
-  _check_count("num_validation", num_validation, allow_zero=True)
+  _checks.integer(num_validation, "num_validation", minimum=0)
   splits = {}
   for split in ("train", "test"):
     name = f"npz:{path}"
@@ -138,7 +141,7 @@ def load_npz(path, num_train=None, num_test=None, num_validation=0):
   for split, count in (("train", num_train), ("test", num_test)):
     available = len(splits[split][0])
     if count is not None:
-      _check_count(f"num_{split}", count)
+      _checks.integer(count, f"num_{split}")
       if count > available:
         held_out = f" after {num_validation} held out for validation" if split == "train" else ""
         raise ValueError(f"npz dataset {path!r}: num_{split}={count} but its {split} split has "
@@ -211,7 +214,7 @@ def load_tfds(name, data_dir=None, num_train=None, num_test=None, num_validation
   image_shape = tuple(builder.info.features[image_key].shape)
   num_classes = builder.info.features[label_key].num_classes
   if image_size is not None:
-    _check_count("image_size", image_size)
+    _checks.integer(image_size, "image_size")
     image_shape = (image_size, image_size, image_shape[-1])
   elif None in image_shape:
     raise ValueError(f"Dataset {name!r} has images of variable size {image_shape}; pass "
@@ -222,11 +225,11 @@ def load_tfds(name, data_dir=None, num_train=None, num_test=None, num_validation
     test_split = next((s for s in ("test", "validation") if s in split_names), "test")
   if split_names and test_split not in split_names:
     raise ValueError(f"Dataset {name!r} has no split {test_split!r}; it has {split_names}.")
-  _check_count("num_validation", num_validation, allow_zero=True)
+  _checks.integer(num_validation, "num_validation", minimum=0)
   for arg, count in (("num_train", num_train), ("num_test", num_test),
                      ("stats_examples", stats_examples)):
     if count is not None:
-      _check_count(arg, count)
+      _checks.integer(count, arg)
   tfds_splits = {"train": "train", "validation": "train", "test": test_split}
   skips = {"train": num_validation, "validation": 0, "test": 0}
   counts = {"train": num_train, "validation": num_validation, "test": num_test}
@@ -295,10 +298,3 @@ def _resize_and_crop(image, size):
   new_size = tf.cast(tf.math.ceil([height * scale, width * scale]), tf.int32)
   resized = tf.image.resize(image, tf.maximum(new_size, size))
   return tf.image.resize_with_crop_or_pad(resized, size, size)
-
-
-def _check_count(arg, value, allow_zero=False):
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-      or value < (0 if allow_zero else 1)):
-    raise ValueError(f"{arg} must be a {'non-negative' if allow_zero else 'positive'} integer; "
-                     f"got {value!r}.")

@@ -11,6 +11,8 @@ import numpy as np
 
 from keras_nd._keras import tf
 
+__all__ = ["channel_stats", "random_flip", "random_translate", "standardize"]
+
 
 def channel_stats(batches):
   """Per-channel mean and standard deviation of images, in their own units.

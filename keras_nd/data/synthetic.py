@@ -2,6 +2,8 @@
 
 import numpy as np
 
+__all__ = ["synthetic_images"]
+
 
 def synthetic_images(num_train=2000, num_test=500, shape=(16, 16, 3), num_classes=10, noise=0.6,
                      seed=0):

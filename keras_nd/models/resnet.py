@@ -13,10 +13,11 @@ Every layer has a deterministic name (`stem_conv`, `stage2_unit1_conv1`, ...,
 layers by name.
 """
 
-import numbers
-
+from keras_nd import _checks
 from keras_nd._keras import keras, tf
 from keras_nd.students import scaled_width
+
+__all__ = ["ZeroPadShortcut", "resnet50_v1", "resnet_v1"]
 
 _CIFAR_STAGE_FILTERS = (16, 32, 64)
 # BatchNorm momentum of the CIFAR ResNets: 0.9, the usual choice for them, so that the moving
@@ -146,8 +147,7 @@ def resnet_v1(depth=20, multipliers=1.0, input_shape=(32, 32, 3),
       the wrong length or a value outside (0, 1], or `num_classes`,
       `weight_decay` or `unit_noise` is out of range.
   """
-  if (isinstance(depth, bool) or not isinstance(depth, numbers.Integral)
-      or depth < 8 or (depth - 2) % 6):
+  if not _checks.is_integer(depth) or depth < 8 or (depth - 2) % 6:
     raise ValueError(
         f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, ...); got "
         f"depth={depth!r}.")
@@ -268,7 +268,7 @@ def _unit_multipliers(multipliers, num_units):
     ValueError: if the sequence has the wrong length or a value is not a
       number in (0, 1].
   """
-  if _is_number(multipliers):
+  if _checks.is_number(multipliers):
     ks = [float(multipliers)] * num_units
     if not 0.0 < ks[0] <= 1.0:
       raise ValueError(
@@ -286,29 +286,22 @@ def _unit_multipliers(multipliers, num_units):
         f"multipliers must have one value per residual unit: expected length "
         f"{num_units}, got length {len(ks)}.")
   for index, k in enumerate(ks):
-    if not _is_number(k) or not 0.0 < float(k) <= 1.0:
+    if not _checks.is_number(k) or not 0.0 < float(k) <= 1.0:
       raise ValueError(
           f"multipliers must be in (0, 1]; got {k!r} for unit {index} "
           f"(counting from 0).")
   return [float(k) for k in ks]
 
 
-def _is_number(value):
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_head(num_classes, weight_decay):
-  if (isinstance(num_classes, bool)
-      or not isinstance(num_classes, numbers.Integral) or num_classes < 1):
-    raise ValueError(
-        f"num_classes must be a positive integer; got {num_classes!r}.")
-  if not _is_number(weight_decay) or weight_decay < 0:
+  _checks.integer(num_classes, "num_classes")
+  if not _checks.is_number(weight_decay) or weight_decay < 0:
     raise ValueError(
         f"weight_decay must be a number >= 0; got {weight_decay!r}.")
 
 
 def _check_unit_noise(unit_noise):
-  if not _is_number(unit_noise) or not unit_noise >= 0:
+  if not _checks.is_number(unit_noise) or not unit_noise >= 0:
     raise ValueError(
         f"unit_noise must be a number >= 0 (the stddev of the noise after each "
         f"residual unit); got unit_noise={unit_noise!r}.")
