@@ -31,16 +31,14 @@ import os
 import shutil
 import time
 
-from keras_nd import files, graph, training
+from keras_nd import files, sparsity, training
 from keras_nd._keras import keras, tf
+from keras_nd.batch_norm import frozen_batch_norms
 from keras_nd.cache import teacher_fingerprint
-from keras_nd.distiller import (
-  NeighbourhoodDistiller,
-  as_student_model,
-  epoch_line,
-  frozen_batch_norms,
-)
+from keras_nd.distiller import NeighbourhoodDistiller
 from keras_nd.reconstruct import reconstruct
+from keras_nd.students import as_student_model
+from keras_nd.training import epoch_line
 
 __all__ = ["SOLVERS", "distil", "finished", "info", "load", "path", "shard", "store"]
 
@@ -319,8 +317,7 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
       if solver != "gradient":  # before compile, which fixes what fit trains
         frozen.enter_context(frozen_batch_norms(distiller.student_models))
       distiller.compile(training.cosine_adam(learning_rate, steps))
-      if graph.prunes(distiller):  # the schedules of the whole training
-        from keras_nd import sparsity  # pylint: disable=g-import-not-at-top  (tfmot)
+      if sparsity.prunes(distiller):  # the schedules of the whole training
         sparsity.derive_schedules(distiller, steps)
       distiller.optimizer.build(distiller.trainable_variables)
     solve = functools.partial(_solve, distiller, source, batch_size, verbose, ridge=ridge,
@@ -347,8 +344,7 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
                                 return_dict=True)
   for name, hood, label, model in distiller.entries:
     loss = float(losses[f"{name}_loss"])
-    if graph.prunes(model):  # pruned students are stored as plain sparse layers
-      from keras_nd import sparsity  # pylint: disable=g-import-not-at-top
+    if sparsity.prunes(model):  # pruned students are stored as plain sparse layers
       model = sparsity.strip(model)
     # Saving is collective under a multi-worker strategy: the other workers save a copy into
     # a directory of their own, deleted below.

@@ -33,7 +33,14 @@ The plan of what is solved is `reconstruct_plan`, the pass that accumulates
 the statistics `reconstruct_statistics`, the solves `least_squares`.
 """
 
-from keras_nd import _checks, graph, least_squares, reconstruct_plan, reconstruct_statistics
+from keras_nd import (
+  _checks,
+  graph,
+  least_squares,
+  reconstruct_plan,
+  reconstruct_statistics,
+  sparsity,
+)
 from keras_nd._keras import keras
 
 __all__ = ["reconstruct"]
@@ -59,7 +66,7 @@ def _check(students, source, ridge):
           f"The student for neighbourhood '{hood.name}' must be a functional tf_keras Model "
           f"(reconstruct changes its weights in place); got {type(student).__name__}.")
     graph.check_replacement(hood, student)
-    if graph.prunes(student):
+    if sparsity.prunes(student):
       raise ValueError(
           f"The student for neighbourhood '{hood.name}' is pruned while it trains (tfmot "
           "wrappers), which reconstruct does not solve: distil it with gradient steps, or solve "

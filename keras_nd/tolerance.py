@@ -21,8 +21,8 @@ import numpy as np
 from keras_nd import _checks, graph
 from keras_nd._keras import tf
 from keras_nd.activations import ActivationSource
-from keras_nd.distiller import as_student_model
 from keras_nd.neighbourhood import checked_hoods
+from keras_nd.students import as_student_model
 
 __all__ = ["diagnose", "format_diagnosis", "threshold", "thresholds_from_sweep"]
 

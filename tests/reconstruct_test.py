@@ -9,7 +9,7 @@ from absl.testing import parameterized
 
 import keras_nd as nd
 from keras_nd import layer_types as nd_layer_types
-from keras_nd import least_squares, reconstruct_statistics
+from keras_nd import least_squares, reconstruct_statistics, sparsity
 from keras_nd._keras import keras, tf
 
 L = keras.layers
@@ -396,7 +396,6 @@ class ReconstructTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(least_squares.check_m_by_n([2, np.int64(4)]), (2, 4))
 
   def test_refuses_a_student_pruned_while_it_trains(self):
-    from keras_nd import sparsity  # pylint: disable=g-import-not-at-top
     teacher = _two_layer()
     hood = nd.split_layers(teacher)[0]
     student = sparsity.sparse_student(hood, 0.5, steps=10)
