@@ -5,7 +5,7 @@ KD and fine-tuning resume from their last epoch when a job is killed: Keras
 backs each epoch up (`keras.callbacks.BackupAndRestore`, in
 `workdir/backups/<teacher key>/<name>`), the `EpochTracker` beside it keeps
 the curve and the early-stopping state. A teacher's training resumes the same
-way (its backup is removed once it is saved).
+way (Keras removes its backup when its fit ends).
 """
 
 import dataclasses

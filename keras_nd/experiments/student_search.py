@@ -14,7 +14,7 @@ import dataclasses
 import os
 import time
 
-from keras_nd import artefacts, metrics, search
+from keras_nd import _checks, artefacts, metrics, search
 from keras_nd.experiments import plot
 from keras_nd.experiments.common import Settings, data_summary, write_results
 from keras_nd.experiments.harness import Experiment
@@ -60,7 +60,7 @@ class Config(Settings):
       raise ValueError(f"Uniform multipliers {missing} are not among the candidates "
                        f"{list(self.multipliers)}.")
     for drop in self.drops:
-      if not 0 <= drop < 1:
+      if not _checks.is_number(drop) or not 0 <= drop < 1:
         raise ValueError(f"Accepted drops are fractions in [0, 1); got {drop!r}.")
 
 

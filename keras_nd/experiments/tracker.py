@@ -72,11 +72,12 @@ class EpochTracker(keras.callbacks.Callback):
 
   def set_model(self, model):
     super().set_model(model)
-    self._stopper.set_model(model)
+    # The student's weights only are kept and restored (not a distiller's teacher's too).
+    self._stopper.set_model(self._student or model)
 
   def _evaluate(self, epoch):
     """Scores the model's weights as they are; returns the validation accuracy."""
-    scored = self._student or self.model
+    scored = self._stopper.model
     if self._scorers is None:  # one traced step each, for every evaluation
       self._scorers = (metrics.Scorer(scored, self._validation), metrics.Scorer(scored, self._test))
     if self._calibration is not None:
@@ -105,12 +106,13 @@ class EpochTracker(keras.callbacks.Callback):
 
   def on_train_begin(self, logs=None):
     self._stopper.on_train_begin(logs)
+    self._stopper.model.stop_training = False
     if self._saved is not None:
       for name, value in self._saved.items():
         setattr(self._stopper, name, value)
     elif self._evaluate_first:
       self._stopper.best = self._evaluate(-1)
-      self._stopper.best_weights = self.model.get_weights()
+      self._stopper.best_weights = self._stopper.model.get_weights()
       self._stopper.best_epoch = -1
 
   def on_epoch_begin(self, epoch, logs=None):
@@ -127,6 +129,8 @@ class EpochTracker(keras.callbacks.Callback):
     logs = logs if logs is not None else {}
     logs["val_accuracy"] = self._evaluate(epoch)
     self._stopper.on_epoch_end(epoch, logs)
+    if self._stopper.model.stop_training:  # a distiller's student: the distiller stops
+      self.model.stop_training = True
     if self._state_path:
       self._save(epoch)
 
