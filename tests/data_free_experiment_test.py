@@ -83,8 +83,7 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
     [teacher] = [f for f in os.listdir(workdir) if f.startswith("teacher-") and
                  f.endswith(".keras")]
     runner = data_free.DataFree(files.load_model(os.path.join(workdir, teacher)),
-                                (32, 32, 3), 10, None, config.epochs, 4, batch_size=16,
-                                verbose=0)
+                                (32, 32, 3), 10, None, config)
     for k in (1.0, 0.5):
       untrained = nd.NeighbourhoodDistiller(runner.students(k), calibrate_steps=0)
       untrained.compile()
@@ -146,8 +145,8 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
     teacher = files.load_model(_teacher_path())
     dataset = self._dataset()
     runner = data_free.DataFree(teacher, dataset.input_shape, dataset.num_classes,
-                                dataset.pipeline("test", 16), dict(gnd=1, ft=1, gnkd=1), 2,
-                                student_init="teacher")
+                                dataset.pipeline("test", 16),
+                                _config(student_init="teacher", verbose=1))
     student = runner.students(1.0)
     x = next(iter(dataset.pipeline("test", 16)))[0]
     for hood, model in student.items():
@@ -158,8 +157,8 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
     teacher = files.load_model(_teacher_path())
     dataset = self._dataset()
     runner = data_free.DataFree(teacher, dataset.input_shape, dataset.num_classes,
-                                dataset.pipeline("test", 16), dict(gnd=1, ft=1, gnkd=1), 3,
-                                batch_size=8)
+                                dataset.pipeline("test", 16),
+                                _config(steps_per_epoch=3, batch_size=8, verbose=1))
     keras.utils.set_random_seed(1)
     student = catalogue.build_model("resnet8", dataset.input_shape, dataset.num_classes, 0.5)
     bns = [layer for layer in student.layers

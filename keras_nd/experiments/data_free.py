@@ -74,133 +74,6 @@ def noise_images(input_shape, batch_size, steps, seed):
                                                                     step])))
 
 
-class DataFree:
-  """One teacher; methods train students of a given multiplier without data.
-
-  Args:
-    teacher: the trained teacher.
-    input_shape, num_classes: of the teacher.
-    test: the test split's batches of (image, label), for evaluation only.
-    epochs: dict of epoch budgets: gnd, ft, gnkd.
-    steps_per_epoch: noise batches per epoch.
-    noise: "teacher" or "standard" (see the module docstring).
-    student_init: how students start (`students.bottleneck`'s init).
-    solver: how G-ND finds its students (`artefacts.SOLVERS`; see `gnd`).
-    batch_size, learning_rate, nd_learning_rate, temperature, seed: training
-      settings.
-    verbose: 0 silent, 1 one line per phase, 2 Keras progress too.
-  """
-
-  def __init__(self, teacher, input_shape, num_classes, test, epochs, steps_per_epoch,
-               noise="teacher", student_init="random", batch_size=128, learning_rate=2e-3,
-               nd_learning_rate=2e-3, temperature=2.5, seed=0, solver="gradient", verbose=1):
-    if noise not in NOISES:
-      raise ValueError(f"noise must be one of {list(NOISES)}; got {noise!r}.")
-    if student_init not in ("teacher", "random"):
-      raise ValueError(f"student_init must be 'teacher' or 'random'; got {student_init!r}.")
-    if solver not in artefacts.SOLVERS:
-      raise ValueError(f"solver must be one of {list(artefacts.SOLVERS)}; got {solver!r}.")
-    self.solver = solver
-    _checks.integer(steps_per_epoch, "steps_per_epoch")
-    self.teacher = teacher
-    self.input_shape = tuple(input_shape)
-    self.num_classes = num_classes
-    self.test = test
-    self.epochs = dict(epochs)
-    self.steps_per_epoch = steps_per_epoch
-    self.noise = noise
-    self.student_init = student_init
-    self.batch_size = batch_size
-    self.learning_rate = learning_rate
-    self.nd_learning_rate = nd_learning_rate
-    self.temperature = temperature
-    self.seed = seed
-    self.verbose = verbose
-    self.units, note = nd.students.narrowable(teacher)
-    if note:
-      self.say(f"Neighbourhoods: {note}.")
-
-  def say(self, text):
-    if self.verbose:
-      print(text, flush=True)
-
-  def students(self, multiplier):
-    """The students of every unit at `multiplier`, as `student_init` starts them."""
-    keras.utils.set_random_seed(self.seed)
-    return {h: nd.students.bottleneck(h, multiplier, init=self.student_init) for h in self.units}
-
-  def _source(self, seed):
-    return nd.ActivationSource.from_noise(
-        self.teacher, self.units, self.steps_per_epoch, seed=seed,
-        mean="teacher" if self.noise == "teacher" else 0.0)
-
-  def gnd(self, multiplier):
-    """G-ND: (composed student, seconds, {unit: final loss}).
-
-    With solver="lstsq" the students are solved exactly from one epoch of
-    noise (`keras_nd.reconstruct`, the teacher's channels chosen greedily
-    for teacher-initialised students); "lstsq+gradient" then takes the G-ND
-    epochs from there, BatchNorms frozen.
-    """
-    students = self.students(multiplier)
-    distiller = nd.NeighbourhoodDistiller(students, calibrate_steps=0)  # on fresh noise, below
-    steps = self.epochs["gnd"] * self.steps_per_epoch
-    start = time.perf_counter()
-    if self.solver != "gradient":
-      nd.reconstruct(students, self._source(self.seed), errors=False,
-                     channels="greedy" if self.student_init == "teacher" else None)
-    history = None
-    # Frozen before compile, which fixes what fit trains.
-    with (frozen_batch_norms(students.values()) if self.solver == "lstsq+gradient"
-          else contextlib.nullcontext()):
-      distiller.compile(cosine_adam(self.nd_learning_rate, steps))
-      if self.solver != "lstsq":
-        history = distiller.fit(self._source(self.seed).dataset(self.batch_size),
-                                epochs=self.epochs["gnd"], **fit_progress(self.verbose))
-    if self.solver == "gradient":
-      # Fresh noise (another seed) for the statistics, as for data (see calibrate_batch_norm).
-      distiller.calibrate_batch_norm(self._source(self.seed + 1).dataset(self.batch_size),
-                                     steps=self.steps_per_epoch)
-    seconds = time.perf_counter() - start
-    if history is not None:
-      losses = {h.name: history.history[f"{h.name}_loss"][-1] for h in self.units}
-    else:  # measured once on fresh noise, not counted
-      measured = distiller.evaluate(self._source(self.seed + 1).dataset(self.batch_size),
-                                    verbose=0, return_dict=True)
-      losses = {h.name: float(measured[f"{h.name}_loss"]) for h in self.units}
-    return nd.compose(self.teacher, distiller.students), seconds, losses
-
-  def kd_on_noise(self, student, epochs, learning_rate):
-    """Trains `student` by KD from the teacher on noise images, BatchNorm frozen; seconds."""
-    with frozen_batch_norms([student]):  # inference mode: keeps their statistics
-      distiller = nd.KnowledgeDistiller(teacher=self.teacher, student=student,
-                                        temperature=self.temperature, label_weight=0.0)
-      distiller.compile(cosine_adam(learning_rate, epochs * self.steps_per_epoch))
-      images = noise_images(self.input_shape, self.batch_size, self.steps_per_epoch,
-                            self.seed + 2)
-      start = time.perf_counter()
-      distiller.fit(images, epochs=epochs, **fit_progress(self.verbose))
-    return time.perf_counter() - start
-
-  def gnkd(self, multiplier):
-    """GN-KD: (student, seconds). From scratch, or the teacher's channels as G-ND starts."""
-    if self.student_init == "random":
-      keras.utils.set_random_seed(self.seed)
-      student = from_scratch(self.teacher, self.units, multiplier)
-      learning_rate = self.learning_rate
-    else:
-      student = nd.compose(self.teacher, self.students(multiplier))
-      learning_rate = self.learning_rate / 4
-    return student, self.kd_on_noise(student, self.epochs["gnkd"], learning_rate)
-
-  def row(self, method, multiplier, student, seconds, **extra):
-    row = dict({"method": method, "multiplier": multiplier, "params": student.count_params(),
-                "accuracy": metrics.accuracy(student, self.test), "seconds": seconds}, **extra)
-    self.say(f"  {method:<6} k={multiplier:<5g} params={row['params']:<8} "
-             f"accuracy={row['accuracy']:.4f}  {seconds:.1f}s")
-    return row
-
-
 @dataclasses.dataclass
 class Config(Settings):
   """The settings of a run (written, as they are, under "config" in data_free_results.json).
@@ -215,12 +88,13 @@ class Config(Settings):
       gnkd 10.
     steps_per_epoch: noise batches per epoch (of G-ND, its fine-tuning and
       GN-KD alike).
-    solver: how G-ND finds its students (`DataFree.gnd`).
+    solver: how G-ND finds its students (`artefacts.SOLVERS`; see
+      `DataFree.gnd`).
     The rest: the `Settings` every experiment has; `teacher` None trains one
       on the training split (or reuses it from the work directory).
 
   Raises:
-    ValueError: naming an unknown method or a multiplier out of range.
+    ValueError: naming the bad setting.
   """
   multipliers: tuple = MULTIPLIERS
   methods: tuple = METHODS
@@ -235,6 +109,121 @@ class Config(Settings):
     self.methods = checked_methods(self.methods, METHODS)
     self.multipliers = checked_multipliers(self.multipliers)
     self.epochs = dict(_EPOCHS, **self.epochs)
+    if self.noise not in NOISES:
+      raise ValueError(f"noise must be one of {list(NOISES)}; got {self.noise!r}.")
+    if self.student_init not in ("teacher", "random"):
+      raise ValueError(f"student_init must be 'teacher' or 'random'; got "
+                       f"{self.student_init!r}.")
+    if self.solver not in artefacts.SOLVERS:
+      raise ValueError(f"solver must be one of {list(artefacts.SOLVERS)}; got {self.solver!r}.")
+    _checks.integer(self.steps_per_epoch, "steps_per_epoch")
+
+
+class DataFree:
+  """One teacher; methods train students of a given multiplier without data.
+
+  Args:
+    teacher: the trained teacher.
+    input_shape, num_classes: of the teacher.
+    test: the test split's batches of (image, label), for evaluation only.
+    config: the run's `Config` (its epochs, noise, students and training
+      settings).
+  """
+
+  def __init__(self, teacher, input_shape, num_classes, test, config):
+    self.teacher = teacher
+    self.input_shape = tuple(input_shape)
+    self.num_classes = num_classes
+    self.test = test
+    self.config = config
+    self.units, note = nd.students.narrowable(teacher)
+    if note:
+      self.say(f"Neighbourhoods: {note}.")
+
+  def say(self, text):
+    if self.config.verbose:
+      print(text, flush=True)
+
+  def students(self, multiplier):
+    """The students of every unit at `multiplier`, as `student_init` starts them."""
+    keras.utils.set_random_seed(self.config.seed)
+    return {h: nd.students.bottleneck(h, multiplier, init=self.config.student_init)
+            for h in self.units}
+
+  def _source(self, seed):
+    return nd.ActivationSource.from_noise(
+        self.teacher, self.units, self.config.steps_per_epoch, seed=seed,
+        mean="teacher" if self.config.noise == "teacher" else 0.0)
+
+  def _noise(self, seed):
+    """Batches of every unit's noise inputs and the teacher's outputs for them."""
+    return self._source(seed).dataset(self.config.batch_size)
+
+  def gnd(self, multiplier):
+    """G-ND: (composed student, seconds, {unit: final loss}).
+
+    With solver="lstsq" the students are solved exactly from one epoch of
+    noise (`keras_nd.reconstruct`, the teacher's channels chosen greedily
+    for teacher-initialised students); "lstsq+gradient" then takes the G-ND
+    epochs from there, BatchNorms frozen.
+    """
+    students = self.students(multiplier)
+    distiller = nd.NeighbourhoodDistiller(students, calibrate_steps=0)  # on fresh noise, below
+    steps = self.config.epochs["gnd"] * self.config.steps_per_epoch
+    start = time.perf_counter()
+    if self.config.solver != "gradient":
+      nd.reconstruct(students, self._source(self.config.seed), errors=False,
+                     channels="greedy" if self.config.student_init == "teacher" else None)
+    history = None
+    # Frozen before compile, which fixes what fit trains.
+    with (frozen_batch_norms(students.values()) if self.config.solver == "lstsq+gradient"
+          else contextlib.nullcontext()):
+      distiller.compile(cosine_adam(self.config.nd_learning_rate, steps))
+      if self.config.solver != "lstsq":
+        history = distiller.fit(self._noise(self.config.seed), epochs=self.config.epochs["gnd"],
+                                **fit_progress(self.config.verbose))
+    if self.config.solver == "gradient":
+      # Fresh noise (another seed) for the statistics, as for data (see calibrate_batch_norm).
+      distiller.calibrate_batch_norm(self._noise(self.config.seed + 1),
+                                     steps=self.config.steps_per_epoch)
+    seconds = time.perf_counter() - start
+    if history is not None:
+      losses = {h.name: history.history[f"{h.name}_loss"][-1] for h in self.units}
+    else:  # measured once on fresh noise, not counted
+      measured = distiller.evaluate(self._noise(self.config.seed + 1),
+                                    verbose=0, return_dict=True)
+      losses = {h.name: float(measured[f"{h.name}_loss"]) for h in self.units}
+    return nd.compose(self.teacher, distiller.students), seconds, losses
+
+  def kd_on_noise(self, student, epochs, learning_rate):
+    """Trains `student` by KD from the teacher on noise images, BatchNorm frozen; seconds."""
+    with frozen_batch_norms([student]):  # inference mode: keeps their statistics
+      distiller = nd.KnowledgeDistiller(teacher=self.teacher, student=student,
+                                        temperature=self.config.temperature, label_weight=0.0)
+      distiller.compile(cosine_adam(learning_rate, epochs * self.config.steps_per_epoch))
+      images = noise_images(self.input_shape, self.config.batch_size,
+                            self.config.steps_per_epoch, self.config.seed + 2)
+      start = time.perf_counter()
+      distiller.fit(images, epochs=epochs, **fit_progress(self.config.verbose))
+    return time.perf_counter() - start
+
+  def gnkd(self, multiplier):
+    """GN-KD: (student, seconds). From scratch, or the teacher's channels as G-ND starts."""
+    if self.config.student_init == "random":
+      keras.utils.set_random_seed(self.config.seed)
+      student = from_scratch(self.teacher, self.units, multiplier)
+      learning_rate = self.config.learning_rate
+    else:
+      student = nd.compose(self.teacher, self.students(multiplier))
+      learning_rate = self.config.learning_rate / 4
+    return student, self.kd_on_noise(student, self.config.epochs["gnkd"], learning_rate)
+
+  def row(self, method, multiplier, student, seconds, **extra):
+    row = dict({"method": method, "multiplier": multiplier, "params": student.count_params(),
+                "accuracy": metrics.accuracy(student, self.test), "seconds": seconds}, **extra)
+    self.say(f"  {method:<6} k={multiplier:<5g} params={row['params']:<8} "
+             f"accuracy={row['accuracy']:.4f}  {seconds:.1f}s")
+    return row
 
 
 def run(data, workdir, config=None):
@@ -269,12 +258,7 @@ def run(data, workdir, config=None):
     teacher = load_teacher(config.teacher, data, config.trusted, split="test")
     files.writable_directory(workdir, "work directory")
   test = experiment.test if experiment else data.pipeline("test", 256, training=False)
-  runner = DataFree(teacher, data.input_shape, data.num_classes, test, budget,
-                    steps_per_epoch, noise=config.noise, student_init=config.student_init,
-                    verbose=config.verbose, batch_size=config.batch_size,
-                    learning_rate=config.learning_rate,
-                    nd_learning_rate=config.nd_learning_rate, temperature=config.temperature,
-                    seed=config.seed, solver=config.solver)
+  runner = DataFree(teacher, data.input_shape, data.num_classes, test, config)
   architecture = experiment.architecture if experiment else f"given:{config.teacher}"
   teacher_row = {"architecture": architecture, "params": teacher.count_params(),
                  "accuracy": metrics.accuracy(teacher, test)}
@@ -294,7 +278,7 @@ def run(data, workdir, config=None):
         rows.append(row)
       if "gnd_ft" in methods:
         runner.say(f"G-ND+FT, k={k:g}: KD on noise images, {budget['ft']} epochs...")
-        ft_seconds = runner.kd_on_noise(student, budget["ft"], runner.learning_rate / 4)
+        ft_seconds = runner.kd_on_noise(student, budget["ft"], config.learning_rate / 4)
         timings[f"ft@{k:g}"] = ft_seconds
         rows.append(runner.row("gnd_ft", k, student, seconds + ft_seconds,
                                accuracy_before_ft=row["accuracy"]))
