@@ -48,15 +48,14 @@ flags.DEFINE_integer("gnkd_epochs", 10, "GN-KD epochs on noise images.")
 def main(argv):
   del argv
   common.quiet_logs()
-  results = data_free.run(
-      common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
+  config = data_free.Config(
       multipliers=[float(k) for k in FLAGS.multipliers], methods=FLAGS.methods,
-      teacher=FLAGS.teacher, noise=FLAGS.noise, student_init=FLAGS.student_init,
+      noise=FLAGS.noise, student_init=FLAGS.student_init,
       epochs=dict(teacher=FLAGS.teacher_epochs, ce=FLAGS.ce_epochs, gnd=FLAGS.gnd_epochs,
                   ft=FLAGS.ft_epochs, gnkd=FLAGS.gnkd_epochs),
       steps_per_epoch=FLAGS.steps_per_epoch, nd_learning_rate=FLAGS.nd_learning_rate,
-      batch_size=FLAGS.batch_size, seed=FLAGS.seed, solver=FLAGS.solver,
-      trusted=FLAGS.trusted, verbose=FLAGS.verbose)
+      solver=FLAGS.solver, **common.settings_from_flags(FLAGS))
+  results = data_free.run(common.dataset_from_flags(FLAGS), FLAGS.workdir, config)
   print(data_free.table(results))
   print(f"Results written to {common.results_path(FLAGS.workdir, 'data_free')}")
 

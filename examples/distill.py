@@ -35,7 +35,6 @@ from absl import app, flags
 # asked for: TF_CPP_MIN_LOG_LEVEL=0 shows it. Set before keras_nd imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from keras_nd._keras import tf  # noqa: E402
 from keras_nd.experiments import common, distill  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -85,18 +84,20 @@ def main(argv):
     if FLAGS.solver != "gradient":
       raise app.UsageError(f"--multi_worker all-reduces gradient steps: add --solver=gradient "
                            f"(--solver={FLAGS.solver} solves in one process, in seconds).")
+    # Imported after keras_nd, which hides TensorFlow's start-up lines and picks its Keras.
+    import tensorflow as tf
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-  results = distill.run(
-      common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
+  config = distill.Config(
       multipliers=[float(k) for k in FLAGS.multipliers], methods=FLAGS.methods,
       lookahead=FLAGS.lookahead, ablation=FLAGS.ablation,
       time_neighbourhoods=FLAGS.time_neighbourhoods,
       epochs=dict(teacher=FLAGS.teacher_epochs, ce=FLAGS.ce_epochs, kd=FLAGS.kd_epochs,
                   nd=FLAGS.nd_epochs, ft=FLAGS.ft_epochs),
-      batch_size=FLAGS.batch_size, seed=FLAGS.seed, student_init=FLAGS.student_init,
-      solver=FLAGS.solver, channels=FLAGS.channels, verbose=FLAGS.verbose,
+      student_init=FLAGS.student_init, solver=FLAGS.solver, channels=FLAGS.channels,
       neighbourhoods=FLAGS.neighbourhoods, shard=FLAGS.shard, compose=FLAGS.compose,
-      devices=FLAGS.devices, strategy=strategy, **common.teacher_from_flags(FLAGS))
+      devices=FLAGS.devices, **common.settings_from_flags(FLAGS))
+  results = distill.run(common.dataset_from_flags(FLAGS), FLAGS.workdir, config,
+                        strategy=strategy)
   if "distilled" in results:
     print(f"Distilled {', '.join(results['distilled'])}: students written to "
           f"{results['directory']}")

@@ -27,8 +27,9 @@ flags.DEFINE_integer("seed", 0, "Seed of the data and the models.")
 def main(argv):
   del argv
   common.quiet_logs()
-  quickstart.run(FLAGS.workdir, depth=FLAGS.depth, k=FLAGS.k, teacher_epochs=FLAGS.teacher_epochs,
-                 nd_epochs=FLAGS.nd_epochs, ft_epochs=FLAGS.ft_epochs, seed=FLAGS.seed)
+  quickstart.run(FLAGS.workdir, quickstart.Config(
+      depth=FLAGS.depth, k=FLAGS.k, teacher_epochs=FLAGS.teacher_epochs,
+      nd_epochs=FLAGS.nd_epochs, ft_epochs=FLAGS.ft_epochs, seed=FLAGS.seed))
 
 
 if __name__ == "__main__":

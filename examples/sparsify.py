@@ -49,15 +49,14 @@ flags.DEFINE_bool("calibrate", True, "Re-estimate the ND student's BatchNorm sta
 def main(argv):
   del argv
   common.quiet_logs()
-  results = sparsify.run(
-      common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
+  config = sparsify.Config(
       sparsities=[float(s) for s in FLAGS.sparsities], methods=FLAGS.methods,
       epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs, kd=FLAGS.kd_epochs),
       calibrate=FLAGS.calibrate, solver=FLAGS.solver, mask=FLAGS.mask,
       m_by_n=[int(v) for v in FLAGS.m_by_n] if FLAGS.m_by_n else None,
       rates=dict(nd=FLAGS.nd_learning_rate, kd=FLAGS.kd_learning_rate),
-      batch_size=FLAGS.batch_size, seed=FLAGS.seed, verbose=FLAGS.verbose,
-      **common.teacher_from_flags(FLAGS))
+      **common.settings_from_flags(FLAGS))
+  results = sparsify.run(common.dataset_from_flags(FLAGS), FLAGS.workdir, config)
   print(sparsify.table(results))
   print(f"Results written to {common.results_path(FLAGS.workdir, 'sparsify')}")
 

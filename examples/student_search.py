@@ -39,13 +39,12 @@ flags.DEFINE_integer("ft_epochs", 3, "Most fine-tuning epochs of each chosen stu
 def main(argv):
   del argv
   common.quiet_logs()
-  results = student_search.run(
-      common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
+  config = student_search.Config(
       multipliers=[float(k) for k in FLAGS.multipliers], drops=[float(d) for d in FLAGS.drops],
       uniform=[float(k) for k in FLAGS.uniform],
       epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs, ft=FLAGS.ft_epochs),
-      batch_size=FLAGS.batch_size, seed=FLAGS.seed, solver=FLAGS.solver, verbose=FLAGS.verbose,
-      **common.teacher_from_flags(FLAGS))
+      solver=FLAGS.solver, **common.settings_from_flags(FLAGS))
+  results = student_search.run(common.dataset_from_flags(FLAGS), FLAGS.workdir, config)
   print(student_search.table(results))
   print(f"Results written to {common.results_path(FLAGS.workdir, 'student_search')}")
 

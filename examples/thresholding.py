@@ -42,15 +42,13 @@ flags.DEFINE_string("figures_dir", None, "Where the PNG figures go (default: --w
 def main(argv):
   del argv
   common.quiet_logs()
-  results = thresholding.run(
-      common.dataset_from_flags(FLAGS), FLAGS.workdir, model=FLAGS.model,
+  config = thresholding.Config(
       epsilons=[float(e) for e in FLAGS.epsilons], seeds=[int(s) for s in FLAGS.seeds],
       sigma=FLAGS.sigma, multiplier=FLAGS.multiplier,
       weight_epsilons=[float(e) for e in FLAGS.weight_epsilons], drop=FLAGS.drop,
       epochs=dict(teacher=FLAGS.teacher_epochs, nd=FLAGS.nd_epochs),
-      figures_dir=FLAGS.figures_dir, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-      solver=FLAGS.solver, verbose=FLAGS.verbose,
-      **common.teacher_from_flags(FLAGS))
+      figures_dir=FLAGS.figures_dir, solver=FLAGS.solver, **common.settings_from_flags(FLAGS))
+  results = thresholding.run(common.dataset_from_flags(FLAGS), FLAGS.workdir, config)
   print(thresholding.table(results))
   print(f"Results written to {common.results_path(FLAGS.workdir, 'thresholding')}")
 

@@ -57,7 +57,8 @@ class BinariesTest(tf.test.TestCase, parameterized.TestCase):
                              f"--dataset=npz:{npz}", f"--teacher={path}", "--preprocessing=model")
     self.assertEqual([(r["method"], r["sparsity"]) for r in results["rows"]],
                      [("nd", 0.5), ("kd", 0.5)])
-    self.assertEqual(results["config"]["model"], f"given:{path}")
+    self.assertEqual(results["teacher"]["architecture"], f"given:{path}")
+    self.assertEqual(results["config"]["teacher"], path)
     self.assertIn("Table 3a", out)
 
   def test_student_search(self):
@@ -65,6 +66,9 @@ class BinariesTest(tf.test.TestCase, parameterized.TestCase):
     results, out = self._run("student_search.py", "--multipliers=0.5,1", "--drops=0.5",
                              "--uniform=", "--nd_epochs=1", "--ft_epochs=1")
     self.assertEqual([r["method"] for r in results["rows"]], ["greedy"])
+    # The configuration the flags made, as the run had it.
+    self.assertEqual({k: results["config"][k] for k in ("model", "multipliers", "uniform")},
+                     {"model": "resnet8", "multipliers": [0.5, 1.0], "uniform": []})
     self.assertIn("before FT", out)
 
   def test_data_free(self):
@@ -72,6 +76,7 @@ class BinariesTest(tf.test.TestCase, parameterized.TestCase):
                              "--gnd_epochs=1", "--gnkd_epochs=1", "--steps_per_epoch=2",
                              "--verbose=1")
     self.assertEqual([r["method"] for r in results["rows"]], ["gnd", "gnkd"])
+    self.assertEqual(results["config"]["epochs"], dict(teacher=1, ce=6, gnd=1, ft=3, gnkd=1))
     self.assertIn("Table 3b", out)
     # A line per epoch of the teacher, G-ND and GN-KD: the last two take minutes by default.
     self.assertLen(re.findall(r"(?m)^  epoch 1/1: loss \S+ \(\d+\.\ds\)$", out), 3)
@@ -83,6 +88,7 @@ class BinariesTest(tf.test.TestCase, parameterized.TestCase):
                              "--weight_epsilons=0.3", "--nd_epochs=1", f"--figures_dir={figures}",
                              "--verbose=1")
     self.assertEqual([r["teacher"] for r in results["table4"]], ["plain", "regularised"])
+    self.assertEqual(results["config"]["figures_dir"], figures)
     self.assertTrue(os.path.exists(os.path.join(figures, "figure5.png")))
     self.assertIn("Table 4", out)
     # Progress bars over the sweeps' evaluations: 3 units x 2 amplitudes alone, then the clean

@@ -1,5 +1,6 @@
 """Tests of the data-free experiment (examples/data_free.py's logic)."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -9,11 +10,17 @@ import numpy as np
 import testing
 from absl.testing import parameterized
 
+import keras_nd as nd
 from keras_nd import data, files
 from keras_nd._keras import keras, tf
-from keras_nd.experiments import data_free, distill
+from keras_nd.experiments import catalogue, data_free
 
 _TINY = dict(teacher=1, ce=1, gnd=1, ft=1, gnkd=1)
+
+
+def _config(**kwargs):
+  return data_free.Config(**dict(dict(model="resnet8", epochs=_TINY, steps_per_epoch=2,
+                                      batch_size=16, verbose=0), **kwargs))
 
 
 class _TrainingSplitRead(Exception):
@@ -49,7 +56,7 @@ def _teacher_path():
   """A resnet8 teacher trained for one epoch on the embedded data, saved once."""
   dataset = data.get("embedded", num_train=64, num_test=32, num_validation=16)
   keras.utils.set_random_seed(0)
-  teacher = distill.build_model("resnet8", dataset.input_shape, dataset.num_classes)
+  teacher = catalogue.build_model("resnet8", dataset.input_shape, dataset.num_classes)
   teacher.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   teacher.fit(dataset.pipeline("train", 16, training=True), epochs=1, verbose=0)
   path = os.path.join(tempfile.mkdtemp(), "teacher.keras")
@@ -64,10 +71,27 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_every_method_runs_and_writes_results(self):
     workdir = self.get_temp_dir()
-    results = data_free.run(self._dataset(), workdir, model="resnet8", multipliers=(1.0, 0.5),
-                            epochs=_TINY, steps_per_epoch=2, batch_size=16, verbose=0)
+    # The exact solver, its losses measured as the untrained students' below.
+    config = _config(multipliers=(1.0, 0.5), steps_per_epoch=4, solver="lstsq")
+    results = data_free.run(self._dataset(), workdir, config)
     with open(os.path.join(workdir, "data_free_results.json")) as f:
-      self.assertEqual(json.load(f)["rows"], results["rows"])
+      written = json.load(f)
+    self.assertEqual(written["rows"], results["rows"])
+    self.assertEqual(written["config"], json.loads(json.dumps(dataclasses.asdict(config))))
+    # G-ND learnt from noise alone: each unit's student is nearer its teacher unit than the
+    # same student untrained, on fresh noise.
+    [teacher] = [f for f in os.listdir(workdir) if f.startswith("teacher-") and
+                 f.endswith(".keras")]
+    runner = data_free.DataFree(files.load_model(os.path.join(workdir, teacher)),
+                                (32, 32, 3), 10, None, config)
+    for k in (1.0, 0.5):
+      untrained = nd.NeighbourhoodDistiller(runner.students(k), calibrate_steps=0)
+      untrained.compile()
+      noise = nd.ActivationSource.from_noise(runner.teacher, runner.units, 4, seed=1,
+                                             mean="teacher")
+      before = untrained.evaluate(noise.dataset(16), verbose=0, return_dict=True)
+      for unit, loss in results["timings"][f"gnd_losses@{k:g}"].items():
+        self.assertLess(loss, float(before[f"{unit}_loss"]), msg=(k, unit))
     self.assertEqual([(r["method"], r["multiplier"]) for r in results["rows"]],
                      [(m, k) for k in (1.0, 0.5) for m in data_free.METHODS])
     for row in results["rows"]:
@@ -77,7 +101,7 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
       gnd, gnd_ft = ([r for r in results["rows"] if r["method"] == m and r["multiplier"] == k][0]
                      for m in ("gnd", "gnd_ft"))
       self.assertEqual(gnd_ft["accuracy_before_ft"], gnd["accuracy"])
-    self.assertFalse(results["config"]["teacher_given"])
+    self.assertIsNone(results["config"]["teacher"])
     self.assertIn("teacher", results["timings"])
     text = data_free.table(results)
     for label in ("Table 3b", "CE (with data)", "G-ND", "G-ND+FT", "GN-KD", "teacher"):
@@ -87,23 +111,24 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
                                   ("standard_noise_teacher_students", "standard", "teacher"))
   def test_data_free_methods_never_read_the_training_split(self, noise, student_init):
     guarded = _TestSplitOnly(self._dataset())
-    results = data_free.run(guarded, self.get_temp_dir(), model="resnet8", multipliers=(0.5,),
-                            methods=("gnd", "gnd_ft", "gnkd"), teacher=_teacher_path(),
-                            noise=noise, student_init=student_init, epochs=_TINY,
-                            steps_per_epoch=2, batch_size=16, verbose=0)
+    results = data_free.run(guarded, self.get_temp_dir(),
+                            _config(multipliers=(0.5,), methods=("gnd", "gnd_ft", "gnkd"),
+                                    teacher=_teacher_path(), noise=noise,
+                                    student_init=student_init))
     self.assertEqual(set(guarded.asked), {"test"})
     self.assertLen(results["rows"], 3)
-    self.assertTrue(results["config"]["teacher_given"])
+    self.assertEqual(results["config"]["teacher"], _teacher_path())
 
   def test_students_solved_from_noise_beat_gradient_steps_on_noise(self):
     # The exact solver from one epoch of noise, no data: its students' neighbourhood losses on
     # fresh noise are below two epochs of gradient G-ND's.
     losses = {}
     for solver in ("lstsq", "gradient"):
-      results = data_free.run(self._dataset(), self.get_temp_dir(), model="resnet8",
-                              multipliers=(0.5,), methods=("gnd",), teacher=_teacher_path(),
-                              student_init="teacher", epochs=dict(_TINY, gnd=2),
-                              steps_per_epoch=4, batch_size=16, verbose=0, solver=solver)
+      results = data_free.run(self._dataset(), self.get_temp_dir(),
+                              _config(multipliers=(0.5,), methods=("gnd",),
+                                      teacher=_teacher_path(), student_init="teacher",
+                                      epochs=dict(_TINY, gnd=2), steps_per_epoch=4,
+                                      solver=solver))
       self.assertEqual(results["config"]["solver"], solver)
       losses[solver] = results["timings"]["gnd_losses@0.5"]
     self.assertLess(sum(losses["lstsq"].values()), sum(losses["gradient"].values()))
@@ -112,18 +137,17 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
     # The reference method reads the data: the guard must stop it, or it proves nothing above.
     guarded = _TestSplitOnly(self._dataset())
     with self.assertRaises(Exception) as raised:
-      data_free.run(guarded, self.get_temp_dir(), model="resnet8", multipliers=(0.5,),
-                    methods=("ce",), teacher=_teacher_path(), epochs=_TINY, batch_size=16,
-                    verbose=0)
+      data_free.run(guarded, self.get_temp_dir(),
+                    _config(multipliers=(0.5,), methods=("ce",), teacher=_teacher_path()))
     self.assertIn("split was read", str(raised.exception))
 
   def test_with_teacher_init_a_full_width_student_starts_as_the_teacher(self):
     teacher = files.load_model(_teacher_path())
     dataset = self._dataset()
     runner = data_free.DataFree(teacher, dataset.input_shape, dataset.num_classes,
-                                dataset.pipeline("test", 16), dict(gnd=1, ft=1, gnkd=1), 2,
-                                student_init="teacher")
-    student = runner._students(1.0)  # pylint: disable=protected-access
+                                dataset.pipeline("test", 16),
+                                _config(student_init="teacher", verbose=1))
+    student = runner.students(1.0)
     x = next(iter(dataset.pipeline("test", 16)))[0]
     for hood, model in student.items():
       a = keras.Model(teacher.input, hood.input_tensor)(x)
@@ -133,10 +157,10 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
     teacher = files.load_model(_teacher_path())
     dataset = self._dataset()
     runner = data_free.DataFree(teacher, dataset.input_shape, dataset.num_classes,
-                                dataset.pipeline("test", 16), dict(gnd=1, ft=1, gnkd=1), 3,
-                                batch_size=8)
+                                dataset.pipeline("test", 16),
+                                _config(steps_per_epoch=3, batch_size=8, verbose=1))
     keras.utils.set_random_seed(1)
-    student = distill.build_model("resnet8", dataset.input_shape, dataset.num_classes, 0.5)
+    student = catalogue.build_model("resnet8", dataset.input_shape, dataset.num_classes, 0.5)
     bns = [layer for layer in student.layers
            if isinstance(layer, keras.layers.BatchNormalization)]
     statistics = [(bn.moving_mean.numpy(), bn.moving_variance.numpy()) for bn in bns]
@@ -168,14 +192,13 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
       ("unknown_noise", dict(noise="uniform"), ValueError, "uniform"),
       ("unknown_init", dict(student_init="zeros"), ValueError, "zeros"),
       ("bad_steps", dict(steps_per_epoch=0), ValueError, "steps_per_epoch"),
-      ("teacher_not_a_model", dict(teacher=42), TypeError, "tf_keras Model or a path.*int"),
+      ("teacher_not_a_path", dict(teacher=42), TypeError, "path of a .keras file.*int"),
       ("teacher_missing", dict(teacher="missing/teacher.keras"), FileNotFoundError,
        "missing/teacher.keras"))
   def test_bad_arguments_are_named(self, kwargs, error, fragment):
     kwargs = dict(dict(methods=("gnd",), teacher=_teacher_path()), **kwargs)
     with self.assertRaisesRegex(error, fragment):
-      data_free.run(self._dataset(), self.get_temp_dir(), model="resnet8", epochs=_TINY,
-                    verbose=0, **kwargs)
+      data_free.run(self._dataset(), self.get_temp_dir(), _config(**kwargs))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The whole pipeline on a tiny ResNet: split, cache, distil, compose, fine-tune."""
 
+import dataclasses
 import json
 import os
 
@@ -15,8 +16,9 @@ class QuickstartTest(tf.test.TestCase):
 
   def test_quickstart_distils_composes_and_fine_tunes(self):
     workdir = self.get_temp_dir()
-    results = quickstart.run(workdir, num_train=256, num_test=64, depth=8, k=0.5,
-                             teacher_epochs=2, nd_epochs=3, ft_epochs=1, batch_size=32, verbose=0)
+    config = quickstart.Config(num_train=256, num_test=64, depth=8, k=0.5, teacher_epochs=2,
+                               nd_epochs=3, ft_epochs=1, batch_size=32, verbose=0)
+    results = quickstart.run(workdir, config)
 
     # Each neighbourhood's distillation loss fell over the ND epochs.
     self.assertLen(results["neighbourhood_loss"], 3)  # ResNet-8: three residual units
@@ -34,15 +36,15 @@ class QuickstartTest(tf.test.TestCase):
     self.assertAlmostEqual(saved, results["student"]["accuracy_nd_ft"], places=6)
     testing.assert_over_whole_split(self, results["student"]["accuracy_nd"], 64)
     with open(os.path.join(workdir, "quickstart_results.json")) as f:
-      self.assertEqual(json.load(f)["config"]["k"], 0.5)
+      self.assertEqual(json.load(f)["config"], dataclasses.asdict(config))
 
   def test_quickstart_reuses_the_trained_teacher(self):
     workdir = self.get_temp_dir()
-    kwargs = dict(num_train=64, num_test=32, depth=8, teacher_epochs=1, nd_epochs=1,
-                  ft_epochs=1, batch_size=32, verbose=0)
-    first = quickstart.run(workdir, **kwargs)
+    config = quickstart.Config(num_train=64, num_test=32, depth=8, teacher_epochs=1,
+                               nd_epochs=1, ft_epochs=1, batch_size=32, verbose=0)
+    first = quickstart.run(workdir, config)
     mtime = os.path.getmtime(os.path.join(workdir, "teacher.keras"))
-    second = quickstart.run(workdir, **kwargs)
+    second = quickstart.run(workdir, config)
     self.assertEqual(os.path.getmtime(os.path.join(workdir, "teacher.keras")), mtime)
     self.assertEqual(first["teacher"]["accuracy"], second["teacher"]["accuracy"])
 

@@ -11,7 +11,7 @@ from absl.testing import parameterized
 import keras_nd as nd
 from keras_nd import data
 from keras_nd._keras import keras, tf
-from keras_nd.experiments import data_free, distill, sparsify, student_search, thresholding
+from keras_nd.experiments import data_free, distill, harness, sparsify, student_search, thresholding
 
 L = keras.layers
 
@@ -61,12 +61,13 @@ class OwnTeacherExperimentsTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_distill_runs_every_method_on_the_own_teacher(self):
     workdir = self.get_temp_dir()
-    results = distill.run(_dataset(), workdir, epochs=dict(ce=1, kd=1, nd=1, ft=1),
-                          batch_size=32, verbose=0, teacher=_own_teacher_path())
+    results = distill.run(_dataset(), workdir, distill.Config(
+        epochs=dict(ce=1, kd=1, nd=1, ft=1), batch_size=32, verbose=0,
+        teacher=_own_teacher_path()))
     self.assertEqual([r["method"] for r in results["rows"]], ["ce", "kd", "nd", "nd_ft"])
     teacher = keras.models.load_model(_own_teacher_path())
     self.assertEqual(results["teacher"]["params"], teacher.count_params())
-    self.assertEqual(results["config"]["model"], f"given:{_own_teacher_path()}")
+    self.assertEqual(results["teacher"]["architecture"], f"given:{_own_teacher_path()}")
     self.assertEqual(results["timings"]["teacher"], 0.0)  # not trained here
     self.assertFalse([f for f in os.listdir(workdir) if f.startswith("teacher-")])
     params = {r["method"]: r["params"] for r in results["rows"]}
@@ -81,23 +82,23 @@ class OwnTeacherExperimentsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLess(abs(results["curves"]["kd@0.5"][-1][1] - kd["accuracy"]), 0.1)
 
   def test_sparsify_keeps_the_own_teachers_first_and_last_layers_dense(self):
-    results = sparsify.run(_dataset(), self.get_temp_dir(), sparsities=(0.5,),
-                           epochs=dict(kd=1), batch_size=32, solver="lstsq", verbose=0,
-                           teacher=_own_teacher_path())
-    self.assertEqual(results["config"]["skip"], ["stem_conv", "logits"])
-    self.assertNotIn("stem_conv", results["config"]["layers"])
+    results = sparsify.run(_dataset(), self.get_temp_dir(), sparsify.Config(
+        sparsities=(0.5,), epochs=dict(kd=1), batch_size=32, solver="lstsq", verbose=0,
+        teacher=_own_teacher_path()))
+    self.assertEqual(results["pruning"]["skip"], ["stem_conv", "logits"])
+    self.assertNotIn("stem_conv", results["pruning"]["layers"])
     for row in results["rows"]:
       self.assertBetween(row["measured_sparsity"], 0.4, 0.5)
 
   def test_student_search_and_thresholding_run_on_the_own_teacher(self):
     workdir = self.get_temp_dir()
-    search = student_search.run(_dataset(), workdir, multipliers=(0.5, 1.0), drops=(0.5,),
-                                uniform=(0.5,), epochs=dict(ft=1), batch_size=32, verbose=0,
-                                teacher=_own_teacher_path())
+    search = student_search.run(_dataset(), workdir, student_search.Config(
+        multipliers=(0.5, 1.0), drops=(0.5,), uniform=(0.5,), epochs=dict(ft=1), batch_size=32,
+        verbose=0, teacher=_own_teacher_path()))
     self.assertEqual(sorted(search["candidates"]), ["block1_out", "block2_out", "chain2_relu"])
-    curves = thresholding.run(_dataset(), workdir, epsilons=(0.0, 0.5), seeds=(0,),
-                              weight_epsilons=(0.1,), epochs=dict(nd=1), batch_size=32,
-                              verbose=0, teacher=_own_teacher_path())
+    curves = thresholding.run(_dataset(), workdir, thresholding.Config(
+        epsilons=(0.0, 0.5), seeds=(0,), weight_epsilons=(0.1,), epochs=dict(nd=1),
+        batch_size=32, verbose=0, teacher=_own_teacher_path()))
     self.assertIsNone(curves["regularised_teacher"])  # a given teacher has no noisy twin
     self.assertLen(curves["table4"], 1)
     self.assertIn("No noise-trained teacher", thresholding.table(curves))
@@ -109,10 +110,9 @@ class OwnTeacherExperimentsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertIn("config", json.load(f))
 
   def test_data_free_random_students_are_the_own_architecture(self):
-    results = data_free.run(_dataset(), self.get_temp_dir(), multipliers=(0.5,),
-                            methods=("gnd", "gnkd"), epochs=dict(gnd=1, gnkd=1),
-                            steps_per_epoch=2, batch_size=16, verbose=0,
-                            teacher=_own_teacher_path())
+    results = data_free.run(_dataset(), self.get_temp_dir(), data_free.Config(
+        multipliers=(0.5,), methods=("gnd", "gnkd"), epochs=dict(gnd=1, gnkd=1),
+        steps_per_epoch=2, batch_size=16, verbose=0, teacher=_own_teacher_path()))
     params = {r["method"]: r["params"] for r in results["rows"]}
     self.assertEqual(params["gnd"], params["gnkd"])
 
@@ -133,12 +133,12 @@ class OwnTeacherExperimentsTest(tf.test.TestCase, parameterized.TestCase):
     dense.set_weights([np.tile([[-1.0, 1.0]], (3, 1)) / 3, np.array([125.0, -125.0])])
     with self.assertRaisesRegex(ValueError, r"scores 50\.0%.*'standardize'.*100\.0%.*'none'.*"
                                 r"--preprocessing=none"):
-      distill.Experiment(dataset, "resnet8", self.get_temp_dir(), {}, teacher=teacher)
+      harness.Experiment(dataset, "resnet8", self.get_temp_dir(), {}, teacher=teacher)
     raw = dataset.with_preprocessing("none")
-    experiment = distill.Experiment(raw, "resnet8", self.get_temp_dir(), {}, teacher=teacher)
+    experiment = harness.Experiment(raw, "resnet8", self.get_temp_dir(), {}, teacher=teacher)
     self.assertIs(experiment.teacher(), teacher)
     with self.assertRaisesRegex(ValueError, "no Rescaling or Normalization layer"):
-      distill.Experiment(dataset.with_preprocessing("model"), "resnet8", self.get_temp_dir(), {},
+      harness.Experiment(dataset.with_preprocessing("model"), "resnet8", self.get_temp_dir(), {},
                          teacher=teacher)
 
   def test_a_teacher_whose_batchnorm_statistics_lag_is_refused_with_the_fix(self):
@@ -151,18 +151,18 @@ class OwnTeacherExperimentsTest(tf.test.TestCase, parameterized.TestCase):
     nd.calibrate_batch_norm(teacher, x[:256])
     dataset = data.Dataset.from_arrays("easy", (x[:256], y[:256]), (x[256:], y[256:]),
                                        validation=(x[256:], y[256:])).with_preprocessing("none")
-    distill.Experiment(dataset, "resnet8", self.get_temp_dir(), {}, teacher=teacher)  # accepted
+    harness.Experiment(dataset, "resnet8", self.get_temp_dir(), {}, teacher=teacher)  # accepted
     for layer in teacher.layers:
       if isinstance(layer, L.BatchNormalization):
         layer.moving_mean.assign(layer.moving_mean + 5.0 * tf.sqrt(layer.moving_variance))
     with self.assertRaisesRegex(ValueError, r"inference mode but .* own BatchNorm statistics.*"
                                 r"nd\.calibrate_batch_norm\(teacher, x_train\)"):
-      distill.Experiment(dataset, "resnet8", self.get_temp_dir(), {}, teacher=teacher)
+      harness.Experiment(dataset, "resnet8", self.get_temp_dir(), {}, teacher=teacher)
 
   def test_a_teacher_for_other_images_is_named(self):
     other = testing.own_cnn(input_shape=(16, 16, 3), num_classes=10)
     with self.assertRaisesRegex(ValueError, r"own_cnn.*\(16, 16, 3\).*\(32, 32, 3\)"):
-      distill.Experiment(_dataset(), "resnet8", self.get_temp_dir(), {}, teacher=other)
+      harness.Experiment(_dataset(), "resnet8", self.get_temp_dir(), {}, teacher=other)
 
 
 if __name__ == "__main__":

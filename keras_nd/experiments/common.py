@@ -1,17 +1,81 @@
-"""What the experiment binaries share: data and training flags, scoring, writing results."""
+"""What the experiments and their binaries share: the settings of every configuration, the data
+and training flags, writing results."""
 
+import dataclasses
 import logging as std_logging
 import os
 
 from absl import flags, logging
 
-from keras_nd import data, files
-from keras_nd._keras import keras
+from keras_nd import _checks, data, files
 from keras_nd.distiller import EpochLines
+
+__all__ = ["EMBEDDED_NUM_TRAIN", "Settings", "checked_methods", "checked_multipliers",
+           "data_summary", "dataset_from_flags", "define_flags", "fit_progress", "quiet_logs",
+           "results_path", "settings_from_flags", "write_results"]
 
 # The embedded dataset's training size in the binaries: keeps examples/distill.py, the main
 # job, within 5 minutes on 2 cores.
 EMBEDDED_NUM_TRAIN = 3000
+
+
+@dataclasses.dataclass
+class Settings:
+  """The settings every experiment's configuration has: its teacher and its training.
+
+  Attributes:
+    model: the teacher's architecture (`catalogue.build_model`'s names),
+      trained when `teacher` is None.
+    teacher: the path of your own trained teacher (a tf_keras `.keras`
+      file) instead of training one (see `Experiment`).
+    trusted: load `teacher` with safe mode off (`files.load_model`).
+    batch_size, learning_rate, nd_learning_rate, temperature, label_weight,
+      patience, seed, student_init, solver, channels: as `Experiment` takes
+      them.
+    verbose: 0 silent, 1 one line per phase, 2 Keras progress bars too.
+
+  Raises:
+    TypeError: `teacher` is not a path.
+  """
+  model: str = "resnet20"
+  teacher: str = None
+  trusted: bool = False
+  batch_size: int = 128
+  learning_rate: float = 2e-3
+  nd_learning_rate: float = 2e-3
+  temperature: float = 2.5
+  label_weight: float = 1.0
+  patience: int = 2
+  seed: int = 0
+  student_init: str = "teacher"
+  solver: str = "lstsq"
+  channels: str = "greedy"
+  verbose: int = 1
+
+  def __post_init__(self):
+    if isinstance(self.teacher, os.PathLike):
+      self.teacher = os.fspath(self.teacher)
+    # A model in memory goes to `Experiment` itself: a configuration is written as JSON.
+    if self.teacher is not None and not isinstance(self.teacher, str):
+      raise TypeError(f"teacher must be the path of a .keras file; got "
+                      f"{type(self.teacher).__name__}.")
+
+
+def checked_methods(methods, known):
+  """`methods` as a tuple, if it is a non-empty subset of `known`; else a ValueError names them."""
+  methods = tuple(methods)
+  unknown = sorted(set(methods) - set(known))
+  if unknown or not methods:
+    raise ValueError(f"Unknown methods {unknown or list(methods)}; choose from {list(known)}.")
+  return methods
+
+
+def checked_multipliers(multipliers):
+  """`multipliers` as a tuple, if each is a number in (0, 1]; else a ValueError names it."""
+  for k in multipliers:
+    if not _checks.is_number(k) or not 0 < k <= 1:
+      raise ValueError(f"Multipliers must be in (0, 1]; got {k!r}.")
+  return tuple(multipliers)
 
 
 def define_flags(workdir, teacher_epochs=15):
@@ -69,21 +133,17 @@ def dataset_from_flags(values):
   return dataset.with_preprocessing(values.preprocessing)
 
 
-def teacher_from_flags(values):
-  """The teacher settings of every experiment's `run`: {"teacher", "trusted"}."""
-  return {"teacher": values.teacher, "trusted": values.trusted}
+def settings_from_flags(values):
+  """The `Settings` that `define_flags`' flags give (`values` is absl's FLAGS), as keyword
+  arguments of a configuration."""
+  return dict(model=values.model, teacher=values.teacher, trusted=values.trusted,
+              batch_size=values.batch_size, seed=values.seed, verbose=values.verbose)
 
 
-def scorable(model):
-  """`model` compiled for evaluation only: accuracy of its logits."""
-  model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"])
-  return model
-
-
-def accuracy(model, dataset):
-  """Accuracy of a compiled model on batches of (image, label)."""
-  return float(model.evaluate(dataset, verbose=0, return_dict=True)["accuracy"])
+def data_summary(dataset):
+  """What the results say of the data a run read: its name, sizes and preprocessing."""
+  return {"name": dataset.name, "num_train": dataset.num_train,
+          "num_validation": dataset.num_validation, "preprocessing": dataset.preprocessing}
 
 
 def results_path(workdir, experiment):

@@ -36,19 +36,34 @@ keep the statistics they had instead of learning those of noise.
 """
 
 import contextlib
+import dataclasses
 import time
 
 import keras_nd as nd
-from keras_nd import artefacts, files
+from keras_nd import _checks, artefacts, files, metrics
 from keras_nd._keras import keras, tf
 from keras_nd.distiller import frozen_batch_norms
-from keras_nd.experiments import distill
-from keras_nd.experiments.common import accuracy, fit_progress, scorable, write_results
+from keras_nd.experiments.catalogue import from_scratch
+from keras_nd.experiments.common import (
+  Settings,
+  checked_methods,
+  checked_multipliers,
+  data_summary,
+  fit_progress,
+  write_results,
+)
+from keras_nd.experiments.harness import Experiment
+from keras_nd.experiments.teacher import load_teacher
+from keras_nd.training import cosine_adam
+
+__all__ = ["Config", "DataFree", "LABELS", "METHODS", "MULTIPLIERS", "NOISES", "noise_images",
+           "run", "table"]
 
 METHODS = ("ce", "gnd", "gnd_ft", "gnkd")
 MULTIPLIERS = (1.0, 0.9, 0.75, 0.5)
 NOISES = ("teacher", "standard")
 LABELS = {"ce": "CE (with data)", "gnd": "G-ND", "gnd_ft": "G-ND+FT", "gnkd": "GN-KD"}
+_EPOCHS = {"teacher": 15, "ce": 6, "gnd": 10, "ft": 3, "gnkd": 10}
 
 
 def noise_images(input_shape, batch_size, steps, seed):
@@ -59,6 +74,51 @@ def noise_images(input_shape, batch_size, steps, seed):
                                                                     step])))
 
 
+@dataclasses.dataclass
+class Config(Settings):
+  """The settings of a run (written, as they are, under "config" in data_free_results.json).
+
+  Attributes:
+    multipliers: bottleneck multipliers k, each in (0, 1].
+    methods: a subset of ("ce", "gnd", "gnd_ft", "gnkd").
+    noise: "teacher" or "standard" (see the module docstring).
+    student_init: "random" (the paper's setting) or "teacher" (the teacher's
+      strongest channels: at k = 1 the student IS the teacher).
+    epochs: epoch budgets over the defaults: teacher 15, ce 6, gnd 10, ft 3,
+      gnkd 10.
+    steps_per_epoch: noise batches per epoch (of G-ND, its fine-tuning and
+      GN-KD alike).
+    solver: how G-ND finds its students (`artefacts.SOLVERS`; see
+      `DataFree.gnd`).
+    The rest: the `Settings` every experiment has; `teacher` None trains one
+      on the training split (or reuses it from the work directory).
+
+  Raises:
+    ValueError: naming the bad setting.
+  """
+  multipliers: tuple = MULTIPLIERS
+  methods: tuple = METHODS
+  noise: str = "teacher"
+  student_init: str = "random"
+  epochs: dict = dataclasses.field(default_factory=dict)
+  steps_per_epoch: int = 100
+  solver: str = "gradient"
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.methods = checked_methods(self.methods, METHODS)
+    self.multipliers = checked_multipliers(self.multipliers)
+    self.epochs = dict(_EPOCHS, **self.epochs)
+    if self.noise not in NOISES:
+      raise ValueError(f"noise must be one of {list(NOISES)}; got {self.noise!r}.")
+    if self.student_init not in ("teacher", "random"):
+      raise ValueError(f"student_init must be 'teacher' or 'random'; got "
+                       f"{self.student_init!r}.")
+    if self.solver not in artefacts.SOLVERS:
+      raise ValueError(f"solver must be one of {list(artefacts.SOLVERS)}; got {self.solver!r}.")
+    _checks.integer(self.steps_per_epoch, "steps_per_epoch")
+
+
 class DataFree:
   """One teacher; methods train students of a given multiplier without data.
 
@@ -66,59 +126,38 @@ class DataFree:
     teacher: the trained teacher.
     input_shape, num_classes: of the teacher.
     test: the test split's batches of (image, label), for evaluation only.
-    epochs: dict of epoch budgets: gnd, ft, gnkd.
-    steps_per_epoch: noise batches per epoch.
-    noise: "teacher" or "standard" (see the module docstring).
-    student_init: how students start (`students.bottleneck`'s init).
-    solver: how G-ND finds its students (`artefacts.SOLVERS`; see `gnd`).
-    batch_size, learning_rate, nd_learning_rate, temperature, seed: training
-      settings.
-    verbose: 0 silent, 1 one line per phase, 2 Keras progress too.
+    config: the run's `Config` (its epochs, noise, students and training
+      settings).
   """
 
-  def __init__(self, teacher, input_shape, num_classes, test, epochs, steps_per_epoch,
-               noise="teacher", student_init="random", batch_size=128, learning_rate=2e-3,
-               nd_learning_rate=2e-3, temperature=2.5, seed=0, solver="gradient", verbose=1):
-    if noise not in NOISES:
-      raise ValueError(f"noise must be one of {list(NOISES)}; got {noise!r}.")
-    if student_init not in ("teacher", "random"):
-      raise ValueError(f"student_init must be 'teacher' or 'random'; got {student_init!r}.")
-    if solver not in artefacts.SOLVERS:
-      raise ValueError(f"solver must be one of {list(artefacts.SOLVERS)}; got {solver!r}.")
-    self.solver = solver
-    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or \
-        steps_per_epoch < 1:
-      raise ValueError(f"steps_per_epoch must be a positive integer; got {steps_per_epoch!r}.")
+  def __init__(self, teacher, input_shape, num_classes, test, config):
     self.teacher = teacher
     self.input_shape = tuple(input_shape)
     self.num_classes = num_classes
     self.test = test
-    self.epochs = dict(epochs)
-    self.steps_per_epoch = steps_per_epoch
-    self.noise = noise
-    self.student_init = student_init
-    self.batch_size = batch_size
-    self.learning_rate = learning_rate
-    self.nd_learning_rate = nd_learning_rate
-    self.temperature = temperature
-    self.seed = seed
-    self.verbose = verbose
+    self.config = config
     self.units, note = nd.students.narrowable(teacher)
     if note:
       self.say(f"Neighbourhoods: {note}.")
 
   def say(self, text):
-    if self.verbose:
+    if self.config.verbose:
       print(text, flush=True)
 
-  def _students(self, multiplier):
-    keras.utils.set_random_seed(self.seed)
-    return {h: nd.students.bottleneck(h, multiplier, init=self.student_init) for h in self.units}
+  def students(self, multiplier):
+    """The students of every unit at `multiplier`, as `student_init` starts them."""
+    keras.utils.set_random_seed(self.config.seed)
+    return {h: nd.students.bottleneck(h, multiplier, init=self.config.student_init)
+            for h in self.units}
 
   def _source(self, seed):
     return nd.ActivationSource.from_noise(
-        self.teacher, self.units, self.steps_per_epoch, seed=seed,
-        mean="teacher" if self.noise == "teacher" else 0.0)
+        self.teacher, self.units, self.config.steps_per_epoch, seed=seed,
+        mean="teacher" if self.config.noise == "teacher" else 0.0)
+
+  def _noise(self, seed):
+    """Batches of every unit's noise inputs and the teacher's outputs for them."""
+    return self._source(seed).dataset(self.config.batch_size)
 
   def gnd(self, multiplier):
     """G-ND: (composed student, seconds, {unit: final loss}).
@@ -128,70 +167,66 @@ class DataFree:
     for teacher-initialised students); "lstsq+gradient" then takes the G-ND
     epochs from there, BatchNorms frozen.
     """
-    students = self._students(multiplier)
+    students = self.students(multiplier)
     distiller = nd.NeighbourhoodDistiller(students, calibrate_steps=0)  # on fresh noise, below
-    steps = self.epochs["gnd"] * self.steps_per_epoch
+    steps = self.config.epochs["gnd"] * self.config.steps_per_epoch
     start = time.perf_counter()
-    if self.solver != "gradient":
-      nd.reconstruct(students, self._source(self.seed), errors=False,
-                     channels="greedy" if self.student_init == "teacher" else None)
+    if self.config.solver != "gradient":
+      nd.reconstruct(students, self._source(self.config.seed), errors=False,
+                     channels="greedy" if self.config.student_init == "teacher" else None)
     history = None
     # Frozen before compile, which fixes what fit trains.
-    with (frozen_batch_norms(students.values()) if self.solver == "lstsq+gradient"
+    with (frozen_batch_norms(students.values()) if self.config.solver == "lstsq+gradient"
           else contextlib.nullcontext()):
-      distiller.compile(keras.optimizers.Adam(
-          keras.optimizers.schedules.CosineDecay(self.nd_learning_rate, steps)))
-      if self.solver != "lstsq":
-        history = distiller.fit(self._source(self.seed).dataset(self.batch_size),
-                                epochs=self.epochs["gnd"], **fit_progress(self.verbose))
-    if self.solver == "gradient":
+      distiller.compile(cosine_adam(self.config.nd_learning_rate, steps))
+      if self.config.solver != "lstsq":
+        history = distiller.fit(self._noise(self.config.seed), epochs=self.config.epochs["gnd"],
+                                **fit_progress(self.config.verbose))
+    if self.config.solver == "gradient":
       # Fresh noise (another seed) for the statistics, as for data (see calibrate_batch_norm).
-      distiller.calibrate_batch_norm(self._source(self.seed + 1).dataset(self.batch_size),
-                                     steps=self.steps_per_epoch)
+      distiller.calibrate_batch_norm(self._noise(self.config.seed + 1),
+                                     steps=self.config.steps_per_epoch)
     seconds = time.perf_counter() - start
     if history is not None:
       losses = {h.name: history.history[f"{h.name}_loss"][-1] for h in self.units}
     else:  # measured once on fresh noise, not counted
-      measured = distiller.evaluate(self._source(self.seed + 1).dataset(self.batch_size),
+      measured = distiller.evaluate(self._noise(self.config.seed + 1),
                                     verbose=0, return_dict=True)
       losses = {h.name: float(measured[f"{h.name}_loss"]) for h in self.units}
-    return scorable(nd.compose(self.teacher, distiller.students)), seconds, losses
+    return nd.compose(self.teacher, distiller.students), seconds, losses
 
   def kd_on_noise(self, student, epochs, learning_rate):
     """Trains `student` by KD from the teacher on noise images, BatchNorm frozen; seconds."""
     with frozen_batch_norms([student]):  # inference mode: keeps their statistics
       distiller = nd.KnowledgeDistiller(teacher=self.teacher, student=student,
-                                        temperature=self.temperature, label_weight=0.0)
-      distiller.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
-          learning_rate, max(1, epochs * self.steps_per_epoch))))
-      images = noise_images(self.input_shape, self.batch_size, self.steps_per_epoch,
-                            self.seed + 2)
+                                        temperature=self.config.temperature, label_weight=0.0)
+      distiller.compile(cosine_adam(learning_rate, epochs * self.config.steps_per_epoch))
+      images = noise_images(self.input_shape, self.config.batch_size,
+                            self.config.steps_per_epoch, self.config.seed + 2)
       start = time.perf_counter()
-      distiller.fit(images, epochs=epochs, **fit_progress(self.verbose))
+      distiller.fit(images, epochs=epochs, **fit_progress(self.config.verbose))
     return time.perf_counter() - start
 
   def gnkd(self, multiplier):
     """GN-KD: (student, seconds). From scratch, or the teacher's channels as G-ND starts."""
-    if self.student_init == "random":
-      keras.utils.set_random_seed(self.seed)
-      student = distill.from_scratch(self.teacher, self.units, multiplier)
-      learning_rate = self.learning_rate
+    if self.config.student_init == "random":
+      keras.utils.set_random_seed(self.config.seed)
+      student = from_scratch(self.teacher, self.units, multiplier)
+      learning_rate = self.config.learning_rate
     else:
-      student = nd.compose(self.teacher, self._students(multiplier))
-      learning_rate = self.learning_rate / 4
-    return student, self.kd_on_noise(student, self.epochs["gnkd"], learning_rate)
+      student = nd.compose(self.teacher, self.students(multiplier))
+      learning_rate = self.config.learning_rate / 4
+    return student, self.kd_on_noise(student, self.config.epochs["gnkd"], learning_rate)
 
   def row(self, method, multiplier, student, seconds, **extra):
     row = dict({"method": method, "multiplier": multiplier, "params": student.count_params(),
-                "accuracy": accuracy(scorable(student), self.test), "seconds": seconds}, **extra)
+                "accuracy": metrics.accuracy(student, self.test), "seconds": seconds}, **extra)
     self.say(f"  {method:<6} k={multiplier:<5g} params={row['params']:<8} "
              f"accuracy={row['accuracy']:.4f}  {seconds:.1f}s")
     return row
 
 
-def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHODS, teacher=None,
-        noise="teacher", student_init="random", epochs=None, steps_per_epoch=100, verbose=1,
-        **settings):
+def run(data, workdir, config=None):
   """Runs the experiment and writes `workdir/data_free_results.json`.
 
   Args:
@@ -199,60 +234,37 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
       only; "ce" and training a teacher use its training split (and
       validation split, for the teacher's shared settings).
     workdir: output directory.
-    model: `resnet20`, ..., `resnet50` (the teacher's architecture).
-    multipliers: bottleneck multipliers k, each in (0, 1].
-    methods: a subset of ("ce", "gnd", "gnd_ft", "gnkd").
-    teacher: a trained teacher (model or `.keras` path); None trains one on
-      the training split (or reuses it from `workdir`).
-    noise: "teacher" or "standard" (see the module docstring).
-    student_init: "random" (the paper's setting) or "teacher" (the teacher's
-      strongest channels: at k = 1 the student IS the teacher).
-    epochs: dict overriding the epoch budgets: teacher, ce, gnd, ft, gnkd.
-    steps_per_epoch: noise batches per epoch (of G-ND, its fine-tuning and
-      GN-KD alike).
-    verbose: 0 silent, 1 one line per phase, 2 Keras progress bars too.
-    **settings: batch_size, learning_rate, nd_learning_rate, temperature,
-      seed, solver (and label_weight, patience for "ce" and the teacher).
+    config: a `Config` (default: `Config()`).
 
   Returns:
-    {"config", "teacher", "rows": [{"method", "multiplier", "params",
+    {"config", "data", "teacher", "rows": [{"method", "multiplier", "params",
     "accuracy", "seconds"}], "timings"}.
   """
-  unknown = sorted(set(methods) - set(METHODS))
-  if unknown or not methods:
-    raise ValueError(f"Unknown methods {unknown or list(methods)}; choose from {list(METHODS)}.")
-  for k in multipliers:
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
-      raise ValueError(f"Multipliers must be in (0, 1]; got {k!r}.")
-  budget = dict(teacher=15, ce=6, gnd=10, ft=3, gnkd=10)
-  budget.update(epochs or {})
+  config = config or Config()
+  methods, budget, steps_per_epoch = config.methods, config.epochs, config.steps_per_epoch
   experiment = None
   timings = {}
-  given = teacher is not None
-  if teacher is None or "ce" in methods:
+  given = config.teacher is not None
+  if not given or "ce" in methods:
     if not data.num_validation:
       raise ValueError(f"Dataset {data.name!r} has no validation split, which training the "
                        "teacher needs: get it with keras_nd.data.get(..., num_validation=N).")
-    experiment = distill.Experiment(data, model, workdir, budget, verbose=verbose,
-                                    teacher=teacher, **settings)
+    experiment = Experiment.from_settings(data, workdir, config, budget)
   if experiment is not None:
     teacher = experiment.teacher()
     if not given:
       timings["teacher"] = experiment.timings["teacher"]
   else:
-    teacher = distill.load_teacher(teacher, data, settings.get("trusted", False), split="test")
+    teacher = load_teacher(config.teacher, data, config.trusted, split="test")
     files.writable_directory(workdir, "work directory")
   test = experiment.test if experiment else data.pipeline("test", 256, training=False)
-  free_settings = {k: v for k, v in settings.items()
-                   if k in ("batch_size", "learning_rate", "nd_learning_rate", "temperature",
-                            "seed", "solver")}
-  runner = DataFree(teacher, data.input_shape, data.num_classes, test, budget,
-                    steps_per_epoch, noise=noise, student_init=student_init, verbose=verbose,
-                    **free_settings)
-  teacher_row = {"params": teacher.count_params(), "accuracy": accuracy(teacher, test)}
+  runner = DataFree(teacher, data.input_shape, data.num_classes, test, config)
+  architecture = experiment.architecture if experiment else f"given:{config.teacher}"
+  teacher_row = {"architecture": architecture, "params": teacher.count_params(),
+                 "accuracy": metrics.accuracy(teacher, test)}
   runner.say(f"  teacher params={teacher_row['params']} accuracy={teacher_row['accuracy']:.4f}")
   rows = []
-  for k in multipliers:
+  for k in config.multipliers:
     if "ce" in methods:
       runner.say(f"CE with data, k={k:g}: {budget['ce']} epochs...")
       rows.append(experiment.ce(k)[0])
@@ -266,7 +278,7 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
         rows.append(row)
       if "gnd_ft" in methods:
         runner.say(f"G-ND+FT, k={k:g}: KD on noise images, {budget['ft']} epochs...")
-        ft_seconds = runner.kd_on_noise(student, budget["ft"], runner.learning_rate / 4)
+        ft_seconds = runner.kd_on_noise(student, budget["ft"], config.learning_rate / 4)
         timings[f"ft@{k:g}"] = ft_seconds
         rows.append(runner.row("gnd_ft", k, student, seconds + ft_seconds,
                                accuracy_before_ft=row["accuracy"]))
@@ -275,14 +287,8 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, methods=METHOD
       student, seconds = runner.gnkd(k)
       timings[f"gnkd@{k:g}"] = seconds
       rows.append(runner.row("gnkd", k, student, seconds))
-  architecture = experiment.architecture if experiment else f"given:{teacher.name}"
-  config = dict(dataset=data.name, model=architecture, multipliers=list(multipliers),
-                methods=list(methods), noise=noise, student_init=student_init, epochs=budget,
-                steps_per_epoch=steps_per_epoch, batch_size=runner.batch_size,
-                learning_rate=runner.learning_rate, nd_learning_rate=runner.nd_learning_rate,
-                temperature=runner.temperature, seed=runner.seed, solver=runner.solver,
-                teacher_given=given)
-  results = {"config": config, "teacher": teacher_row, "rows": rows, "timings": timings}
+  results = {"config": dataclasses.asdict(config), "data": data_summary(data),
+             "teacher": teacher_row, "rows": rows, "timings": timings}
   write_results(workdir, results, "data_free")
   return results
 

@@ -1,21 +1,45 @@
 """The quick-start job: teacher, split, cache, distil, compose, fine-tune, on generated data."""
 
+import dataclasses
 import os
 import time
 
 import keras_nd as nd
-from keras_nd import data, files, models
+from keras_nd import data, files, metrics, models
 from keras_nd._keras import keras, tf
 from keras_nd.experiments.common import write_results
+from keras_nd.training import cosine_adam
+
+__all__ = ["Config", "run", "summary"]
 
 
-def _accuracy(model, x, y):
-  logits = model.predict(x, batch_size=256, verbose=0)
-  return float((logits.argmax(-1) == y).mean())
+@dataclasses.dataclass
+class Config:
+  """The settings of the quick-start job (written, as they are, under "config" in
+  quickstart_results.json).
+
+  Attributes:
+    num_train, num_test: sizes of the generated dataset.
+    depth: ResNet depth (6n+2).
+    k: bottleneck multiplier of the students.
+    teacher_epochs, nd_epochs, ft_epochs: training lengths.
+    batch_size: batch size everywhere.
+    seed: seed of the data and the models.
+    verbose: 0 silent, 1 progress and a summary table.
+  """
+  num_train: int = 2000
+  num_test: int = 500
+  depth: int = 8
+  k: float = 0.5
+  teacher_epochs: int = 8
+  nd_epochs: int = 4
+  ft_epochs: int = 2
+  batch_size: int = 64
+  seed: int = 0
+  verbose: int = 1
 
 
-def run(workdir, num_train=2000, num_test=500, depth=8, k=0.5, teacher_epochs=8, nd_epochs=4,
-        ft_epochs=2, batch_size=64, seed=0, verbose=1):
+def run(workdir, config=None):
   """Runs neighbourhood distillation end to end and writes `quickstart_results.json` in `workdir`.
 
   Trains a ResNet teacher on `keras_nd.data.synthetic_images` (or reuses the
@@ -26,21 +50,15 @@ def run(workdir, num_train=2000, num_test=500, depth=8, k=0.5, teacher_epochs=8,
   Args:
     workdir: directory for the teacher, the activation cache, the student
       and quickstart_results.json.
-    num_train, num_test: sizes of the generated dataset.
-    depth: ResNet depth (6n+2).
-    k: bottleneck multiplier of the students.
-    teacher_epochs, nd_epochs, ft_epochs: training lengths.
-    batch_size: batch size everywhere.
-    seed: seed of the data and the models.
-    verbose: 0 silent, 1 progress and a summary table.
+    config: a `Config` (default: `Config()`).
 
   Returns:
     The results dict written to quickstart_results.json.
   """
+  config = config or Config()
+  num_train, num_test, depth, k = config.num_train, config.num_test, config.depth, config.k
+  batch_size, seed, verbose = config.batch_size, config.seed, config.verbose
   files.writable_directory(workdir, "work directory")
-  config = dict(num_train=num_train, num_test=num_test, depth=depth, k=k,
-                teacher_epochs=teacher_epochs, nd_epochs=nd_epochs, ft_epochs=ft_epochs,
-                batch_size=batch_size, seed=seed)
   keras.utils.set_random_seed(seed)
   (x_train, y_train), (x_test, y_test) = data.synthetic_images(num_train, num_test, seed=seed)
   fit_verbose = 2 if verbose else 0
@@ -52,10 +70,10 @@ def run(workdir, num_train=2000, num_test=500, depth=8, k=0.5, teacher_epochs=8,
     teacher = files.load_model(teacher_path)
   else:
     teacher = models.resnet_v1(depth=depth, input_shape=x_train.shape[1:], num_classes=10)
-    teacher.compile(keras.optimizers.Adam(2e-3),
+    teacher.compile(cosine_adam(2e-3),
                     keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                     metrics=["accuracy"])
-    teacher.fit(x_train, y_train, batch_size=batch_size, epochs=teacher_epochs,
+    teacher.fit(x_train, y_train, batch_size=batch_size, epochs=config.teacher_epochs,
                 verbose=fit_verbose)
     files.save_model(teacher_path, teacher)
   seconds["teacher"] = time.time() - start
@@ -69,26 +87,28 @@ def run(workdir, num_train=2000, num_test=500, depth=8, k=0.5, teacher_epochs=8,
 
   start = time.time()
   distiller = nd.NeighbourhoodDistiller({h: nd.students.bottleneck(h, k) for h in units})
-  distiller.compile(keras.optimizers.Adam(2e-3))
-  history = distiller.fit(source.dataset(batch_size, seed=seed), epochs=nd_epochs,
+  distiller.compile(cosine_adam(2e-3))
+  history = distiller.fit(source.dataset(batch_size, seed=seed), epochs=config.nd_epochs,
                           verbose=fit_verbose)
   seconds["nd"] = time.time() - start
   student = nd.compose(teacher, distiller.students)
-  accuracy_nd = _accuracy(student, x_test, y_test)
+  accuracy_nd = metrics.accuracy(student, (x_test, y_test))
 
   start = time.time()
   kd = nd.KnowledgeDistiller(teacher=teacher, student=student, temperature=2.5, label_weight=1.0)
-  kd.compile(keras.optimizers.Adam(5e-4), metrics=["accuracy"])
-  kd.fit(x_train, y_train, batch_size=batch_size, epochs=ft_epochs, verbose=fit_verbose)
+  kd.compile(cosine_adam(5e-4), metrics=["accuracy"])
+  kd.fit(x_train, y_train, batch_size=batch_size, epochs=config.ft_epochs, verbose=fit_verbose)
   seconds["fine_tune"] = time.time() - start
   student_path = os.path.join(workdir, "student.keras")
   kd.save(student_path)
 
   results = {
-      "config": config,
-      "teacher": {"params": teacher.count_params(), "accuracy": _accuracy(teacher, x_test, y_test)},
+      "config": dataclasses.asdict(config),
+      "teacher": {"params": teacher.count_params(),
+                  "accuracy": metrics.accuracy(teacher, (x_test, y_test))},
       "student": {"params": student.count_params(), "accuracy_nd": accuracy_nd,
-                  "accuracy_nd_ft": _accuracy(student, x_test, y_test), "path": student_path},
+                  "accuracy_nd_ft": metrics.accuracy(student, (x_test, y_test)),
+                  "path": student_path},
       "neighbourhood_loss": {h.name: [float(v) for v in history.history[f"{h.name}_loss"]]
                              for h in units},
       "seconds": seconds,

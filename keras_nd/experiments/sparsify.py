@@ -22,14 +22,18 @@ the measured sparsity is that of the composed, stripped student's pruned
 kernels, and the seconds are training time (ND's include the cache build).
 """
 
+import dataclasses
 import os
 import time
 
 import keras_nd as nd
-from keras_nd import sparsity
+from keras_nd import _checks, layer_types, metrics, sparsity
 from keras_nd._keras import keras
-from keras_nd.experiments import distill
-from keras_nd.experiments.common import accuracy, scorable, write_results
+from keras_nd.experiments.common import Settings, checked_methods, data_summary, write_results
+from keras_nd.experiments.harness import Experiment
+from keras_nd.training import cosine_adam
+
+__all__ = ["Config", "EPOCHS", "METHODS", "RATES", "SPARSITIES", "run", "table"]
 
 METHODS = ("nd", "kd")
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -40,29 +44,22 @@ EPOCHS = {"teacher": 60, "nd": 3, "kd": 3}
 RATES = {"nd": 1e-2, "kd": 5e-3}
 
 
-def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS, epochs=None,
-        skip=None, calibrate=True, rates=None, solver="gradient",
-        mask="magnitude", m_by_n=None, verbose=1, **settings):
-  """Runs the experiment and writes `workdir/sparsify_results.json`.
+@dataclasses.dataclass
+class Config(Settings):
+  """The settings of a run (written, as they are, under "config" in sparsify_results.json).
 
-  Args:
-    data: a `keras_nd.data` dataset with a validation split (see
-      `distill.Experiment`, whose teacher this reuses).
-    workdir: output directory (the teacher is reused from it).
-    model: `resnet20`, ..., `resnet50`.
-    sparsities: target sparsities, each in [0, 1).
+  Attributes:
+    sparsities: target sparsities, each in [0, 1); with `m_by_n`, (m / n,).
     methods: a subset of ("nd", "kd").
-    epochs: dict overriding the epoch budgets of `EPOCHS`: teacher (60),
-      nd (3), kd (3).
-    skip: layers kept dense (names or classes); None keeps the teacher's first
-      and last prunable layers dense, as the paper (for the ResNets,
+    epochs: epoch budgets over `EPOCHS`: teacher (60), nd (3), kd (3).
+    skip: names of the layers kept dense; None keeps the teacher's first and
+      last prunable layers dense, as the paper (for the ResNets,
       "stem_conv" and "head_logits").
     calibrate: re-estimate the ND student's BatchNorm statistics after
       composing (its rows keep the accuracy before, `accuracy_uncalibrated`).
-    rates: dict overriding the peak learning rates (Adam, cosine decay) of
-      the sparse students, `RATES`: nd 1e-2 and kd 5e-3 (of 2e-3, 5e-3, 1e-2
-      and 2e-2, the best for each method on the embedded dataset; see the
-      README).
+    rates: peak learning rates (Adam, cosine decay) of the sparse students
+      over `RATES`: nd 1e-2 and kd 5e-3 (of 2e-3, 5e-3, 1e-2 and 2e-2, the
+      best for each method on the embedded dataset; see the README).
     solver: how ND's sparse students are found: "gradient" (tfmot magnitude
       pruning while each layer learns, from the activation cache) or "lstsq"
       (`reconstruct(sparsity=...)`: the teacher's entries of least magnitude
@@ -74,49 +71,83 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
       `sparsities`, m zeros in every n consecutive input-channel weights of
       every pruned layer, for ND and KD alike (tfmot's `sparsity_m_by_n`;
       `reconstruct`'s `m_by_n`); the rows are those of sparsity m / n.
-    verbose: 0 silent, 1 one line per run, 2 Keras progress bars too.
-    **settings: passed to `distill.Experiment` (batch_size, temperature,
-      label_weight, seed, ...; its learning_rate is the teacher's).
+    The rest: the `Settings` every experiment has (`learning_rate` is the
+      teacher's).
+
+  Raises:
+    ValueError: naming the bad setting.
+  """
+  sparsities: tuple = SPARSITIES
+  methods: tuple = METHODS
+  epochs: dict = dataclasses.field(default_factory=dict)
+  skip: tuple = None
+  calibrate: bool = True
+  rates: dict = dataclasses.field(default_factory=dict)
+  solver: str = "gradient"
+  mask: str = "magnitude"
+  m_by_n: tuple = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.methods = checked_methods(self.methods, METHODS)
+    self.epochs = dict(EPOCHS, **self.epochs)
+    for s in self.sparsities:
+      if not _checks.is_number(s) or not 0 <= s < 1:
+        raise ValueError(f"Sparsities must be in [0, 1); got {s!r}.")
+    if self.m_by_n is not None:
+      m_by_n = tuple(self.m_by_n)
+      if (len(m_by_n) != 2 or not all(_checks.is_integer(v) for v in m_by_n) or
+          not 0 < m_by_n[0] < m_by_n[1]):
+        raise ValueError(f"m_by_n must be (m, n) with 0 < m < n; got {self.m_by_n!r}.")
+      self.m_by_n = m_by_n
+      self.sparsities = (m_by_n[0] / m_by_n[1],)
+    self.sparsities = tuple(self.sparsities)
+    if self.solver not in ("gradient", "lstsq"):
+      raise ValueError(f"solver must be 'gradient' or 'lstsq' for sparse students; got "
+                       f"{self.solver!r}.")
+    self.rates = dict(RATES, **self.rates)
+    for method, rate in self.rates.items():
+      if method not in METHODS or not _checks.is_number(rate) or not rate > 0:
+        raise ValueError(f"rates must map 'nd' and 'kd' to positive learning rates; got "
+                         f"{method!r}: {rate!r}.")
+    if self.skip is not None:
+      self.skip = tuple(self.skip)
+      if not all(isinstance(name, str) for name in self.skip):
+        raise ValueError(f"skip must be names of layers; got {self.skip!r}.")
+
+
+def run(data, workdir, config=None):
+  """Runs the experiment and writes `workdir/sparsify_results.json`.
+
+  Args:
+    data: a `keras_nd.data` dataset with a validation split (see
+      `harness.Experiment`, whose teacher this reuses).
+    workdir: output directory (the teacher is reused from it).
+    config: a `Config` (default: `Config()`).
 
   Returns:
-    {"config", "teacher", "rows": [{"method", "sparsity", "accuracy",
-    "seconds", "measured_sparsity", "compressed_bytes"[,
-    "accuracy_uncalibrated"]}], "timings"}.
+    {"config", "data", "teacher", "pruning": {"skip", "layers", "nd_steps",
+    "kd_steps"}, "rows": [{"method", "sparsity", "accuracy", "seconds",
+    "measured_sparsity", "compressed_bytes"[, "accuracy_uncalibrated"]}],
+    "timings"}.
   """
-  unknown = sorted(set(methods) - set(METHODS))
-  if unknown or not methods:
-    raise ValueError(f"Unknown methods {unknown or list(methods)}; choose from {list(METHODS)}.")
-  for s in sparsities:
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
-      raise ValueError(f"Sparsities must be in [0, 1); got {s!r}.")
+  config = config or Config()
   if not data.num_validation:
     raise ValueError(f"Dataset {data.name!r} has no validation split; get it with "
                      "keras_nd.data.get(..., num_validation=N) (the teacher is trained by "
-                     "distill.Experiment, which needs one).")
-  if m_by_n is not None:
-    if (len(m_by_n) != 2 or not all(isinstance(v, int) for v in m_by_n) or
-        not 0 < m_by_n[0] < m_by_n[1]):
-      raise ValueError(f"m_by_n must be (m, n) with 0 < m < n; got {m_by_n!r}.")
-    m_by_n = tuple(m_by_n)
-    sparsities = [m_by_n[0] / m_by_n[1]]
-  if solver not in ("gradient", "lstsq"):
-    raise ValueError(f"solver must be 'gradient' or 'lstsq' for sparse students; got {solver!r}.")
-  rates = dict(RATES, **(rates or {}))
-  for method, rate in rates.items():
-    number = isinstance(rate, (int, float)) and not isinstance(rate, bool)
-    if method not in METHODS or not number or not rate > 0:
-      raise ValueError(f"rates must map 'nd' and 'kd' to positive learning rates; got "
-                       f"{method!r}: {rate!r}.")
-  budget = dict(EPOCHS)
-  budget.update(epochs or {})
-  experiment = distill.Experiment(data, model, workdir, budget, verbose=verbose, **settings)
+                     "harness.Experiment, which needs one).")
+  methods, solver, m_by_n, rates = config.methods, config.solver, config.m_by_n, config.rates
+  budget = config.epochs
+  experiment = Experiment.from_settings(data, workdir, config, budget)
   say = experiment.say
   teacher = experiment.teacher()
   test = experiment.test
-  teacher_row = {"params": teacher.count_params(), "accuracy": accuracy(teacher, test),
+  teacher_row = {"architecture": experiment.architecture, "params": teacher.count_params(),
+                 "accuracy": metrics.accuracy(teacher, test),
                  "compressed_bytes": sparsity.compressed_size(teacher)}
   say(f"  teacher params={teacher_row['params']} accuracy={teacher_row['accuracy']:.4f}")
-  hoods = nd.split_layers(teacher, sparsity.PRUNABLE_TYPES)
+  hoods = nd.split_layers(teacher, layer_types.PRUNABLE)
+  skip = config.skip
   if skip is None:
     skip = (hoods[0].nodes[0].layer.name, hoods[-1].nodes[0].layer.name)
   trained = sparsity.not_skipped(hoods, skip)
@@ -130,35 +161,34 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
     start = time.perf_counter()
     source = nd.ActivationSource(teacher, trained, experiment.train_plain,
                                  cache_dir=os.path.join(workdir, f"cache-layers-{experiment.key}"),
-                                 verbose=int(verbose > 1))
+                                 verbose=int(config.verbose > 1))
     timings["cache"] = source.manifest.get("build_seconds", time.perf_counter() - start)
   nd_steps = budget["nd"] * -(-((source and source.num_examples) or data.num_train) //
                               experiment.batch_size)
   kd_steps = budget["kd"] * experiment.steps_per_epoch
-  fit_verbose = 2 if verbose > 1 else 0
-  for target in sparsities:
+  fit_verbose = 2 if config.verbose > 1 else 0
+  for target in config.sparsities:
     if "nd" in methods and solver == "lstsq":
       students = {h: nd.students.clone(h) for h in trained}
       start = time.perf_counter()
-      nd.reconstruct(students, source, errors=False, mask=mask,
+      nd.reconstruct(students, source, errors=False, mask=config.mask,
                      **({"m_by_n": m_by_n} if m_by_n else {"sparsity": target}))
       seconds = time.perf_counter() - start
-      student = scorable(nd.compose(teacher, students))
+      student = nd.compose(teacher, students)
     elif "nd" in methods:
       keras.utils.set_random_seed(experiment.seed)
       distiller = nd.NeighbourhoodDistiller(
           sparsity.sparse_students(trained, target, steps=nd_steps, m_by_n=m_by_n))
-      distiller.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
-          rates["nd"], nd_steps)))
+      distiller.compile(cosine_adam(rates["nd"], nd_steps))
       start = time.perf_counter()
       distiller.fit(source.dataset(experiment.batch_size, seed=experiment.seed),
                     epochs=budget["nd"], verbose=fit_verbose)
       seconds = time.perf_counter() - start
-      student = scorable(nd.compose(teacher, distiller.students))
+      student = nd.compose(teacher, distiller.students)
     if "nd" in methods:
       extra = {}
-      if calibrate:
-        extra["accuracy_uncalibrated"] = accuracy(student, test)  # not timed
+      if config.calibrate:
+        extra["accuracy_uncalibrated"] = metrics.accuracy(student, test)  # not timed
         start = time.perf_counter()
         nd.calibrate_batch_norm(student, experiment.train_plain,
                                 steps=experiment.steps_per_epoch)
@@ -172,28 +202,23 @@ def run(data, workdir, model="resnet20", sparsities=SPARSITIES, methods=METHODS,
       kd = nd.KnowledgeDistiller(teacher=teacher, student=student,
                                  temperature=experiment.temperature,
                                  label_weight=experiment.label_weight)
-      kd.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
-          rates["kd"], kd_steps)), metrics=["accuracy"])
+      kd.compile(cosine_adam(rates["kd"], kd_steps), metrics=["accuracy"])
       start = time.perf_counter()
       kd.fit(experiment.train, epochs=budget["kd"], verbose=fit_verbose)
       seconds = time.perf_counter() - start
       timings[f"kd@{target:g}"] = seconds
       rows.append(_row("kd", target, sparsity.strip(student), test, seconds, say))
-  config = dict(dataset=data.name, model=experiment.architecture, sparsities=list(sparsities),
-                methods=list(methods), epochs=budget, skip=[str(s) for s in skip],
-                calibrate=calibrate, solver=solver, mask=mask,
-                m_by_n=list(m_by_n) if m_by_n else None,
-                batch_size=experiment.batch_size, rates=rates, seed=experiment.seed,
-                num_train=data.num_train, nd_steps=nd_steps, kd_steps=kd_steps,
-                layers=[h.name for h in trained])
-  results = {"config": config, "teacher": teacher_row, "rows": rows, "timings": timings}
+  pruning = {"skip": [str(s) for s in skip], "layers": [h.name for h in trained],
+             "nd_steps": nd_steps, "kd_steps": kd_steps}
+  results = {"config": dataclasses.asdict(config), "data": data_summary(data),
+             "teacher": teacher_row, "pruning": pruning, "rows": rows, "timings": timings}
   write_results(workdir, results, "sparsify")
   return results
 
 
 def _row(method, target, student, test, seconds, say):
   report = sparsity.report(student)
-  row = {"method": method, "sparsity": target, "accuracy": accuracy(scorable(student), test),
+  row = {"method": method, "sparsity": target, "accuracy": metrics.accuracy(student, test),
          "seconds": seconds, "measured_sparsity": report["total"]["sparsity"],
          "compressed_bytes": sparsity.compressed_size(student)}
   say(f"  {method:<3} sparsity={target:<4g} measured={row['measured_sparsity']:.4f} "

@@ -10,71 +10,97 @@ after KD fine-tuning, beside students of uniform k built from the same
 candidates.
 """
 
+import dataclasses
 import os
 import time
 
-from keras_nd import artefacts, search
-from keras_nd.experiments import distill, plot
-from keras_nd.experiments.common import accuracy, scorable, write_results
+from keras_nd import _checks, artefacts, metrics, search
+from keras_nd.experiments import plot
+from keras_nd.experiments.common import Settings, data_summary, write_results
+from keras_nd.experiments.harness import Experiment
+
+__all__ = ["Config", "DROPS", "MULTIPLIERS", "UNIFORM", "figures", "run", "table"]
 
 MULTIPLIERS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DROPS = (0.005, 0.01, 0.02, 0.05)
 UNIFORM = (0.3, 0.5, 0.7)
+_EPOCHS = {"teacher": 15, "nd": 3, "ft": 3}
 
 
-def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, uniform=UNIFORM,
-        epochs=None, verbose=1, **settings):
-  """Runs the search and writes `workdir/student_search_results.json`.
+@dataclasses.dataclass
+class Config(Settings):
+  """The settings of a search (written, as they are, under "config" in
+  student_search_results.json).
 
-  Args:
-    data: a `keras_nd.data` dataset with a validation split.
-    workdir: output directory (teacher, cache and candidates are reused).
-    model: `resnet20`, ..., `resnet50`.
+  Attributes:
     multipliers: the candidate bottleneck multipliers of every unit.
     drops: accepted accuracy drops (fractions) of the greedy rule.
     uniform: multipliers of the uniform students compared against; the
       budgeted selection is run at their parameter counts. Each must be
       among `multipliers`.
-    epochs: dict overriding the epoch budgets: teacher, nd (candidates), ft.
-    verbose: 0 silent, 1 a line per student, 2 Keras progress bars too.
-    **settings: passed to `distill.Experiment`.
+    epochs: epoch budgets over the defaults: teacher 15, nd (candidates) 3,
+      ft 3.
+    The rest: the `Settings` every experiment has.
+
+  Raises:
+    ValueError: a uniform multiplier is not a candidate, or a drop is not a
+      fraction.
+  """
+  multipliers: tuple = MULTIPLIERS
+  drops: tuple = DROPS
+  uniform: tuple = UNIFORM
+  epochs: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.multipliers, self.drops = tuple(self.multipliers), tuple(self.drops)
+    self.uniform, self.epochs = tuple(self.uniform), dict(_EPOCHS, **self.epochs)
+    missing = [k for k in self.uniform if k not in self.multipliers]
+    if missing:
+      raise ValueError(f"Uniform multipliers {missing} are not among the candidates "
+                       f"{list(self.multipliers)}.")
+    for drop in self.drops:
+      if not _checks.is_number(drop) or not 0 <= drop < 1:
+        raise ValueError(f"Accepted drops are fractions in [0, 1); got {drop!r}.")
+
+
+def run(data, workdir, config=None):
+  """Runs the search and writes `workdir/student_search_results.json`.
+
+  Args:
+    data: a `keras_nd.data` dataset with a validation split.
+    workdir: output directory (teacher, cache and candidates are reused).
+    config: a `Config` (default: `Config()`).
 
   Returns:
-    {"config", "teacher", "candidates": the quality table, "rows": [{"method",
-    "setting", "params", "predicted_drop", "accuracy_before_ft",
+    {"config", "data", "teacher", "candidates": the quality table, "rows":
+    [{"method", "setting", "params", "predicted_drop", "accuracy_before_ft",
     "accuracy"}], "timings", "figures": the paths of the two PNG plots}.
   """
-  labels = {k: f"k{k:g}" for k in multipliers}
-  missing = [k for k in uniform if k not in labels]
-  if missing:
-    raise ValueError(f"Uniform multipliers {missing} are not among the candidates "
-                     f"{list(multipliers)}.")
-  for drop in drops:
-    if not 0 <= drop < 1:
-      raise ValueError(f"Accepted drops are fractions in [0, 1); got {drop!r}.")
-  budget = dict(teacher=15, nd=3, ft=3)
-  budget.update(epochs or {})
-  experiment = distill.Experiment(data, model, workdir, dict(budget, kd=0, ce=0),
-                                  verbose=verbose, **settings)
+  config = config or Config()
+  labels = {k: f"k{k:g}" for k in config.multipliers}
+  budget = config.epochs
+  experiment = Experiment.from_settings(data, workdir, config, dict(budget, kd=0, ce=0))
   teacher = experiment.teacher()
-  teacher_accuracy = accuracy(teacher, experiment.validation)
+  teacher_accuracy = metrics.accuracy(teacher, experiment.validation)
   units, source = experiment.source(teacher, 0)
   start = time.perf_counter()
   # One directory of candidates per solver (their labels are their multipliers).
   candidates = os.path.join(workdir, "candidates" if experiment.solver == "gradient" else
                             f"candidates-{experiment.solver}")
-  trained = artefacts.distil(teacher, units,
-                             search.multipliers(multipliers, init=experiment.student_init), source,
-                             candidates, verbose=verbose, **experiment.distil_settings())
+  builders = search.multipliers(config.multipliers, init=experiment.student_init)
+  trained = artefacts.distil(teacher, units, builders, source, candidates, verbose=config.verbose,
+                             **experiment.distil_settings())
   timings = {"teacher": experiment.timings["teacher"], "cache": experiment.timings["cache"],
              "candidates": time.perf_counter() - start}
   start = time.perf_counter()
   table = search.score(teacher, units, trained, experiment.validation, candidates)
   timings["scoring"] = time.perf_counter() - start
 
-  choices = [("greedy", drop, search.greedy(table, teacher_accuracy, drop)) for drop in drops]
+  choices = [("greedy", drop, search.greedy(table, teacher_accuracy, drop))
+             for drop in config.drops]
   points = search.frontier(table, teacher_accuracy)
-  for k in uniform:
+  for k in config.uniform:
     choice = {name: next(c for c in rows if c["label"] == labels[k])
               for name, rows in table.items()}
     choices.append(("uniform", k, choice))
@@ -82,24 +108,21 @@ def run(data, workdir, model="resnet20", multipliers=MULTIPLIERS, drops=DROPS, u
     choices.append(("budgeted", cost, search.budgeted(table, teacher_accuracy, cost)["choice"]))
   rows = []
   for method, setting, choice in choices:
-    student = scorable(search.compose_choice(teacher, units, trained, choice))
-    before = accuracy(student, experiment.test)
+    student = search.compose_choice(teacher, units, trained, choice)
+    before = metrics.accuracy(student, experiment.test)
     tracker = experiment.fine_tune(teacher, student, budget["ft"], experiment.learning_rate / 4)
     row = {"method": method, "setting": setting, "params": student.count_params(),
            "predicted_drop": sum(teacher_accuracy - c["accuracy"] for c in choice.values()),
            "choice": {name: c["label"] for name, c in choice.items()},
-           "accuracy_before_ft": before, "accuracy": accuracy(scorable(student), experiment.test),
+           "accuracy_before_ft": before, "accuracy": metrics.accuracy(student, experiment.test),
            "ft_seconds": tracker.seconds}
     experiment.say(f"  {method:<8} {setting:<8g} params={row['params']:<8} before FT "
                     f"{row['accuracy_before_ft']:.4f} after {row['accuracy']:.4f}")
     rows.append(row)
-  results = {"config": dict(dataset=data.name, model=experiment.architecture,
-                            multipliers=list(multipliers),
-                            drops=list(drops), uniform=list(uniform), epochs=budget,
-                            seed=experiment.seed, solver=experiment.solver,
-                            num_train=data.num_train),
-             "teacher": {"params": teacher.count_params(),
-                         "accuracy": accuracy(teacher, experiment.test),
+  results = {"config": dataclasses.asdict(config), "data": data_summary(data),
+             "teacher": {"architecture": experiment.architecture,
+                         "params": teacher.count_params(),
+                         "accuracy": metrics.accuracy(teacher, experiment.test),
                          "validation_accuracy": teacher_accuracy},
              "candidates": table, "frontier": [{"cost": p["cost"], "drop": p["drop"]}
                                                for p in points],

@@ -21,33 +21,32 @@ students' relative errors, are on one scale. Every curve is a mean over
 `seeds`. The results go to `workdir/thresholding_results.json`, the figures to PNG files.
 """
 
+import dataclasses
 import math
-import numbers
 import os
 import time
 
-from keras_nd import metrics, perturb
-from keras_nd.experiments import distill, plot
-from keras_nd.experiments.common import accuracy, write_results
+from keras_nd import _checks, metrics, perturb
+from keras_nd.experiments import plot
+from keras_nd.experiments.common import Settings, data_summary, write_results
+from keras_nd.experiments.harness import Experiment
+
+__all__ = ["Config", "EPSILONS", "WEIGHT_EPSILONS", "figures", "run", "table"]
 
 EPSILONS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 # Relative kernel noise of Figure 4: a small amplitude (drops that add up sub-linearly) and a
 # larger one (super-linearly).
 WEIGHT_EPSILONS = (0.1, 0.3)
+_EPOCHS = {"teacher": 15, "nd": 3}
 # Cumulative curves drawn in Figure 1 (all of them are in thresholding_results.json).
 _MAX_CUMULATIVE_CURVES = 4
 
 
-def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sigma=0.1,
-        multiplier=0.5, weight_epsilons=WEIGHT_EPSILONS, drop=0.01, epochs=None,
-        figures_dir=None, verbose=1, **settings):
-  """Runs the experiment, writes `workdir/thresholding_results.json` and the figures.
+@dataclasses.dataclass
+class Config(Settings):
+  """The settings of a run (written, as they are, under "config" in thresholding_results.json).
 
-  Args:
-    data: a `keras_nd.data` dataset with a validation split.
-    workdir: output directory; both teachers and their activation caches are
-      reused from it.
-    model: `resnet20`, ..., `resnet50`.
+  Attributes:
     epsilons: relative output-noise amplitudes (numbers >= 0).
     seeds: noise seeds every point is averaged over.
     sigma: standard deviation of the training noise after every unit of the
@@ -57,51 +56,77 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
     weight_epsilons: relative kernel-noise amplitudes of Figure 4.
     drop: accuracy drop (a fraction) that defines a threshold: the largest
       amplitude whose mean accuracy stays within `drop` of the clean one.
-    epochs: dict overriding the epoch budgets: teacher (both teachers), nd.
-    figures_dir: where the PNG figures go (default `workdir`).
-    verbose: 0 silent, 1 a line per phase, 2 Keras progress bars too.
-    **settings: passed to both teachers' `distill.Experiment` (batch_size,
-      learning_rate, seed, solver, ...). The solver defaults to "lstsq" (the
-      exact solve measured 71.3% / 64.3% for Table 4's two teachers, against
-      59.6% / 53.5% for 3 epochs of the paper's gradient ND).
+    epochs: epoch budgets over the defaults: teacher (both teachers) 15, nd 3.
+    figures_dir: where the PNG figures go (default the work directory).
+    The rest: the `Settings` every experiment has, for both teachers. The
+      solver defaults to "lstsq" (the exact solve measured 71.3% / 64.3% for
+      Table 4's two teachers, against 59.6% / 53.5% for 3 epochs of the
+      paper's gradient ND).
+
+  Raises:
+    ValueError, TypeError: naming the bad setting (a negative or empty
+      epsilon list, no seeds, sigma <= 0, a multiplier outside (0, 1], a
+      drop outside [0, 1)).
+  """
+  epsilons: tuple = EPSILONS
+  seeds: tuple = (0, 1, 2)
+  sigma: float = 0.1
+  multiplier: float = 0.5
+  weight_epsilons: tuple = WEIGHT_EPSILONS
+  drop: float = 0.01
+  epochs: dict = dataclasses.field(default_factory=dict)
+  figures_dir: str = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.epsilons = _amplitudes(self.epsilons, "epsilons")
+    self.weight_epsilons = _amplitudes(self.weight_epsilons, "weight_epsilons")
+    self.seeds = tuple(self.seeds)
+    if not self.seeds or not all(_checks.is_integer(s) for s in self.seeds):
+      raise ValueError(f"seeds must be a non-empty list of integers; got {list(self.seeds)!r}.")
+    self.seeds = tuple(int(s) for s in self.seeds)
+    if not _checks.is_number(self.sigma) or not self.sigma > 0:
+      raise ValueError(f"sigma (the regularised teacher's unit noise) must be a number > 0; "
+                       f"got sigma={self.sigma!r}.")
+    if not _checks.is_number(self.multiplier) or not 0 < self.multiplier <= 1:
+      raise ValueError(f"multiplier must be in (0, 1]; got multiplier={self.multiplier!r}.")
+    if not _checks.is_number(self.drop) or not 0 <= self.drop < 1:
+      raise ValueError(f"drop must be a fraction in [0, 1); got drop={self.drop!r}.")
+    # The teachers' budgets; no student of this experiment trains by CE, KD or fine-tuning.
+    self.epochs = dict(_EPOCHS, **self.epochs, ce=0, kd=0, ft=0)
+    if isinstance(self.figures_dir, os.PathLike):
+      self.figures_dir = os.fspath(self.figures_dir)
+
+
+def run(data, workdir, config=None):
+  """Runs the experiment, writes `workdir/thresholding_results.json` and the figures.
+
+  Args:
+    data: a `keras_nd.data` dataset with a validation split.
+    workdir: output directory; both teachers and their activation caches are
+      reused from it.
+    config: a `Config` (default: `Config()`).
 
   Returns:
-    {"config", "teacher", "regularised_teacher", "sweeps": {"each", "all",
-    "cumulative", "regularised_all": `perturb.output_sweep` rows},
+    {"config", "data", "teacher", "regularised_teacher", "sweeps": {"each",
+    "all", "cumulative", "regularised_all": `perturb.output_sweep` rows},
     "thresholds", "weight_sweeps": `perturb.weight_sweep` results, "table4",
     "diagnosis": `perturb.diagnose` rows, "timings", "figures": PNG paths}.
 
   Raises:
-    ValueError, TypeError: naming the bad argument (a negative or empty
-      epsilon list, no seeds, sigma <= 0, a multiplier outside (0, 1], a
-      dataset without a validation split, an unknown model).
+    ValueError: a dataset without a validation split, an unknown model.
   """
-  epsilons = _amplitudes(epsilons, "epsilons")
-  weight_epsilons = _amplitudes(weight_epsilons, "weight_epsilons")
-  seeds = list(seeds)
-  if not seeds or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
-                          for s in seeds):
-    raise ValueError(f"seeds must be a non-empty list of integers; got {seeds!r}.")
-  if not _is_number(sigma) or not sigma > 0:
-    raise ValueError(f"sigma (the regularised teacher's unit noise) must be a number > 0; got "
-                     f"sigma={sigma!r}.")
-  if not _is_number(multiplier) or not 0 < multiplier <= 1:
-    raise ValueError(f"multiplier must be in (0, 1]; got multiplier={multiplier!r}.")
-  if not _is_number(drop) or not 0 <= drop < 1:
-    raise ValueError(f"drop must be a fraction in [0, 1); got drop={drop!r}.")
+  config = config or Config()
   if not data.num_validation:
     raise ValueError(f"Dataset {data.name!r} has no validation split, which the noise sweeps "
                      "run on: get it with keras_nd.data.get(..., num_validation=N).")
-  budget = dict(teacher=15, nd=3)
-  budget.update(epochs or {})
-  budget = dict(budget, ce=0, kd=0, ft=0)
-  figures_dir = figures_dir or workdir
-  settings = dict({"solver": "lstsq"}, **settings)
-  plain = distill.Experiment(data, model, workdir, budget, verbose=verbose, **settings)
+  epsilons, seeds, multiplier, drop = (config.epsilons, config.seeds, config.multiplier,
+                                       config.drop)
+  budget = config.epochs
+  plain = Experiment.from_settings(data, workdir, config, budget)
   regular = None
   if plain.given is None:
-    regular = distill.Experiment(data, model, workdir, budget, verbose=verbose,
-                                 unit_noise=sigma, **settings)
+    regular = Experiment.from_settings(data, workdir, config, budget, unit_noise=config.sigma)
   else:
     plain.say("A given teacher has no noise-trained twin: Figure 5 and Table 4 show it alone.")
   timings = {}
@@ -112,7 +137,7 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
                              timings, "")
   summary["unit_noise"] = 0.0
   weight_sweeps = []
-  for epsilon in weight_epsilons:
+  for epsilon in config.weight_epsilons:
     plain.say(f"Kernel noise sweep, epsilon={epsilon:g}...")
     start = time.perf_counter()
     weight_sweeps.append(perturb.weight_sweep(teacher, plain.validation, epsilon, seeds=seeds,
@@ -136,19 +161,14 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
     timings["regularised_teacher"] = regular.timings["teacher"]
     regular_summary, regular_sweeps = _measure(regular, regularised, epsilons, seeds, ("all",),
                                                timings, "regularised_")
-    regular_summary["unit_noise"] = sigma
+    regular_summary["unit_noise"] = config.sigma
     sweeps["regularised_all"] = regular_sweeps["all"]
-    table4.append(_nd_row("regularised", sigma, regular, regularised, regular_summary,
+    table4.append(_nd_row("regularised", config.sigma, regular, regularised, regular_summary,
                           multiplier, timings, suffix="_regularised"))
 
   results = {
-      "config": dict(dataset=data.name, model=plain.architecture, epsilons=epsilons, seeds=seeds,
-                     sigma=sigma, multiplier=multiplier, weight_epsilons=weight_epsilons,
-                     drop=drop, epochs=budget, batch_size=plain.batch_size,
-                     learning_rate=plain.learning_rate, nd_learning_rate=plain.nd_learning_rate,
-                     seed=plain.seed, student_init=plain.student_init, solver=plain.solver,
-                     num_train=data.num_train, num_validation=data.num_validation,
-                     relative=True),
+      "config": dataclasses.asdict(config),
+      "data": data_summary(data),
       "teacher": summary,
       "regularised_teacher": regular_summary,
       "sweeps": sweeps,
@@ -160,7 +180,7 @@ def run(data, workdir, model="resnet20", epsilons=EPSILONS, seeds=(0, 1, 2), sig
       "diagnosis": diagnosis,
       "timings": timings,
   }
-  results["figures"] = figures(results, figures_dir)
+  results["figures"] = figures(results, config.figures_dir or workdir)
   write_results(workdir, results, "thresholding")
   return results
 
@@ -169,8 +189,9 @@ def _measure(experiment, teacher, epsilons, seeds, modes, timings, prefix):
   """The teacher's accuracies and unit output RMS, and its relative output sweeps by mode."""
   units = experiment.units(teacher)
   validation = experiment.validation
-  summary = {"key": experiment.key, "params": teacher.count_params(),
-             "accuracy": accuracy(teacher, experiment.test),
+  summary = {"key": experiment.key, "architecture": experiment.architecture,
+             "params": teacher.count_params(),
+             "accuracy": metrics.accuracy(teacher, experiment.test),
              "validation_accuracy": metrics.accuracy(teacher, validation)}
   experiment.say(f"  teacher {experiment.key}: params={summary['params']} test "
                  f"accuracy={summary['accuracy']:.4f} validation "
@@ -290,7 +311,7 @@ def table(results):
   """The results as text: thresholds by mode, kernel-noise accumulation, Table 4, diagnosis."""
   config, teacher = results["config"], results["teacher"]
   regular, thresholds = results["regularised_teacher"], results["thresholds"]
-  lines = [f"Teacher ({config['model']}): {100 * teacher['accuracy']:.2f}% test, "
+  lines = [f"Teacher ({teacher['architecture']}): {100 * teacher['accuracy']:.2f}% test, "
            f"{100 * teacher['validation_accuracy']:.2f}% validation, {teacher['params']:,} "
            "params",
            (f"Noise-trained teacher (sigma={regular['unit_noise']:g}): "
@@ -332,18 +353,15 @@ def table(results):
   return "\n".join(lines)
 
 
-def _is_number(value):
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _amplitudes(values, what):
   """`values` as a list of finite floats >= 0; errors name `what` and the bad value."""
-  if _is_number(values) or isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+  if (_checks.is_number(values) or isinstance(values, (str, bytes)) or
+      not hasattr(values, "__iter__")):
     raise TypeError(f"{what} must be a sequence of amplitudes; got {values!r}.")
   values = list(values)
   if not values:
     raise ValueError(f"{what} is empty; pass the amplitudes to try, e.g. [0.0, 0.1, 0.5].")
   for i, value in enumerate(values):
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
+    if not _checks.is_number(value) or not math.isfinite(value) or value < 0:
       raise ValueError(f"{what} must be finite numbers >= 0; got {what}[{i}]={value!r}.")
   return [float(value) for value in values]
