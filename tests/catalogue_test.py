@@ -15,9 +15,9 @@ import testing
 from absl.testing import parameterized
 
 import keras_nd as nd
-from keras_nd import activations, artefacts, data, files, sparsity
+from keras_nd import artefacts, cache, data, files, sparsity
 from keras_nd._keras import keras, tf
-from keras_nd.experiments import distill
+from keras_nd.experiments import distill, harness
 
 L = keras.layers
 
@@ -134,7 +134,8 @@ def _not_a_directory(tmp):
   with open(path, "w") as f:
     f.write("x")
   dataset = data.get("embedded", num_train=32, num_test=16, num_validation=16)
-  return lambda: distill.run(dataset, os.path.join(path, "workdir"), model="resnet8", verbose=0)
+  return lambda: distill.run(dataset, os.path.join(path, "workdir"),
+                             distill.Config(model="resnet8", verbose=0))
 
 
 def _shape_mismatch():
@@ -147,7 +148,7 @@ def _too_little_disk(tmp):
   from unittest import mock  # pylint: disable=g-import-not-at-top
 
   def build():
-    with mock.patch.object(activations, "free_bytes", return_value=10):
+    with mock.patch.object(cache, "free_bytes", return_value=10):
       _source(testing.dataset(_teacher()[1]), cache_dir=os.path.join(tmp, "small"))
 
   return build
@@ -176,7 +177,7 @@ def _disk_full_while_writing(tmp):
 
   def build():
     full = OSError(errno.ENOSPC, "No space left on device")
-    with mock.patch.object(activations._ShardWriter, "_write_record", side_effect=full):  # pylint: disable=protected-access
+    with mock.patch.object(cache._ShardWriter, "_write_record", side_effect=full):  # pylint: disable=protected-access
       _source(testing.dataset(_teacher()[1]), cache_dir=os.path.join(tmp, "full"))
 
   return build
@@ -211,7 +212,7 @@ def _teacher_for_raw_images(tmp):
   dense = L.Dense(2)
   teacher = keras.Model(inputs, dense(L.GlobalAveragePooling2D()(inputs)))
   dense.set_weights([np.tile([[-1.0, 1.0]], (3, 1)) / 3, np.array([125.0, -125.0])])
-  return lambda: distill.Experiment(dataset, "resnet8", tmp, {}, teacher=teacher)
+  return lambda: harness.Experiment(dataset, "resnet8", tmp, {}, teacher=teacher)
 
 
 # name: (make(tmp) -> zero-argument callable that must raise, exception types, regex the
@@ -329,12 +330,12 @@ CASES = {
     "h5_model_untrusted": (lambda tmp: _h5_model(tmp), ValueError, r"model\.h5.*trusted=True"),
     "lambda_layer_untrusted": (lambda tmp: _lambda_model(tmp), ValueError,
                                r"lambda_model\.keras.*Lambda.*trusted=True"),
-    "teacher_for_other_images": (lambda tmp: lambda: distill.Experiment(
+    "teacher_for_other_images": (lambda tmp: lambda: harness.Experiment(
         data.get("embedded", num_train=32, num_test=16, num_validation=16), "resnet8", tmp, {},
         teacher=testing.own_cnn()), ValueError, r"own_cnn.*\(8, 8, 3\).*\(32, 32, 3\)"),
     "teacher_trained_on_raw_images": (lambda tmp: _teacher_for_raw_images(tmp), ValueError,
                                       r"'standardize'.*--preprocessing=none"),
-    "teacher_of_no_kind": (lambda tmp: lambda: distill.Experiment(
+    "teacher_of_no_kind": (lambda tmp: lambda: harness.Experiment(
         data.get("embedded", num_train=32, num_test=16, num_validation=16), "resnet8", tmp, {},
         teacher=3.5), TypeError, "tf_keras Model or a path.*float"),
     "unknown_preprocessing": (lambda tmp: lambda: data.get("embedded", num_train=32, num_test=16)
@@ -351,10 +352,7 @@ CASES = {
         lambda tmp: lambda: artefacts.load(_teacher()[0], [_unit()], "k0.5", tmp),
         FileNotFoundError, "stage1_unit1_out.*0 of 1 finished"),
     "bad_shard_spec": (lambda tmp: lambda: artefacts.shard(_hoods(), "3/2"), ValueError, "3/2"),
-    "unknown_method": (
-        lambda tmp: lambda: distill.run(data.get("embedded", num_train=32, num_test=16,
-                                                 num_validation=16), tmp, methods=("dk",)),
-        ValueError, "dk"),
+    "unknown_method": (lambda tmp: lambda: distill.Config(methods=("dk",)), ValueError, "dk"),
 }
 
 

@@ -72,6 +72,12 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
       self.assertIn(key, timings)
     self.assertLen(timings["nd_each@0.5"], 3)  # ResNet-8 has three residual units
     self.assertIn("0.5/lookahead0", results["speedup"])
+    # One figure of the three curves, at the requested size.
+    self.assertEqual([os.path.basename(p) for p in results["figures"]],
+                     ["accuracy_vs_time_k0.5.png"])
+    png = tf.io.decode_png(tf.io.read_file(results["figures"][0]), channels=3).numpy()
+    self.assertEqual(png.shape, (480, 720, 3))
+    self.assertGreater(len(np.unique(png.reshape(-1, 3), axis=0)), 8)  # lines, not a blank page
     text = distill.table(results)
     for label in ("CE", "KD", "ND", "ND+FT", "before FT", "Seconds (Table 6)"):
       self.assertIn(label, text)

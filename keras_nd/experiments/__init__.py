@@ -1,1 +1,3 @@
 """The logic of the experiment binaries in examples/, as testable functions."""
+
+__all__ = []

@@ -8,7 +8,7 @@ import os
 from absl import flags, logging
 
 from keras_nd import _checks, data, files
-from keras_nd.distiller import EpochLines
+from keras_nd.training import EpochLines
 
 __all__ = ["EMBEDDED_NUM_TRAIN", "Settings", "checked_methods", "checked_multipliers",
            "data_summary", "dataset_from_flags", "define_flags", "fit_progress", "quiet_logs",

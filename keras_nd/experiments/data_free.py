@@ -3,7 +3,7 @@
 For each bottleneck multiplier k:
 
   ce:      reference WITH data: the student trained from scratch by
-           cross-entropy on the training split (`distill.Experiment.ce`);
+           cross-entropy on the training split (`harness.Experiment.ce`);
   gnd:     G-ND: every residual unit distilled from Gaussian-noise inputs
            (`ActivationSource.from_noise`), then composed, no fine-tuning;
   gnd_ft:  G-ND, then fine-tuned by knowledge distillation on Gaussian-noise
@@ -16,7 +16,7 @@ The data-free methods read nothing of the dataset but its test split, for
 evaluation: given `teacher` (a model or a `.keras` path) and without "ce",
 the training split is never opened (tested with a dataset that raises when
 read). Without `teacher`, one is trained on the training split, or reused
-from `workdir` (`distill.Experiment.teacher`): the teacher is trained on
+from `workdir` (`harness.Experiment.teacher`): the teacher is trained on
 data, the students are not.
 
 Noise. Images are standardised per channel by the data pipeline, so
@@ -42,7 +42,7 @@ import time
 import keras_nd as nd
 from keras_nd import _checks, artefacts, files, metrics
 from keras_nd._keras import keras, tf
-from keras_nd.distiller import frozen_batch_norms
+from keras_nd.batch_norm import frozen_batch_norms
 from keras_nd.experiments.catalogue import from_scratch
 from keras_nd.experiments.common import (
   Settings,

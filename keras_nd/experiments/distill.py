@@ -39,7 +39,8 @@ import time
 import keras_nd as nd
 from keras_nd import metrics
 from keras_nd._keras import keras
-from keras_nd.distiller import frozen_batch_norms
+from keras_nd.batch_norm import frozen_batch_norms
+from keras_nd.experiments import plot
 from keras_nd.experiments.common import (
   Settings,
   checked_methods,
@@ -51,7 +52,7 @@ from keras_nd.experiments.harness import Experiment, select
 from keras_nd.experiments.tracker import time_to
 from keras_nd.training import cosine_adam
 
-__all__ = ["Config", "METHODS", "run", "table"]
+__all__ = ["Config", "METHODS", "figures", "run", "table"]
 
 METHODS = ("ce", "kd", "nd", "nd_ft")
 _EPOCHS = {"teacher": 15, "ce": 6, "kd": 6, "nd": 3, "ft": 3}
@@ -181,7 +182,7 @@ def run(data, workdir, config=None, strategy=None):
       timings[f"nd_all_sequential@{k:g}"] = sum(each.values())
   results = {"config": dataclasses.asdict(config), "data": data_summary(data),
              "teacher": teacher_row, "rows": rows, "timings": timings, "speedup": speedup,
-             "curves": curves}
+             "curves": curves, "figures": figures(curves, speedup, config, workdir)}
   write_results(workdir, results, "distill")
   # The run is complete: a later one starts KD and fine-tuning afresh (ND students are kept).
   shutil.rmtree(os.path.join(workdir, "backups"), ignore_errors=True)
@@ -211,6 +212,23 @@ def _time_each_neighbourhood(experiment, teacher, multiplier):
                                      steps=experiment.calibrate_steps())
     seconds[hood.name] = time.perf_counter() - start
   return seconds
+
+
+def figures(curves, speedup, config, directory):
+  """Draws accuracy against training seconds for each multiplier (CE, KD, ND+FT, with KD's
+  target of the speed-up dashed) as `accuracy_vs_time_k<k>.png`; returns the files' paths."""
+  paths = []
+  for k in config.multipliers:
+    mine = {name: curve for name, curve in curves.items()
+            if name.split("@", 1)[1].split("/", 1)[0] == f"{k:g}" and curve}
+    if not mine:
+      continue
+    target = speedup.get(f"{k:g}/lookahead{config.lookahead}", {}).get("target")
+    path = os.path.join(directory, f"accuracy_vs_time_k{k:g}.png")
+    plot.accuracy_against_time(path, mine, target=target,
+                               title=f"Test accuracy against training time (k = {k:g})")
+    paths.append(path)
+  return paths
 
 
 def _speedup(kd_curve, nd_ft_curve):

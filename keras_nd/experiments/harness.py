@@ -16,7 +16,7 @@ import os
 import time
 
 import keras_nd as nd
-from keras_nd import activations, artefacts, files, metrics
+from keras_nd import artefacts, cache, files, metrics
 from keras_nd._keras import keras
 from keras_nd.experiments.catalogue import build_model, from_scratch
 from keras_nd.experiments.common import Settings, fit_progress
@@ -85,7 +85,7 @@ class Experiment:
 
   Attributes:
     students: `{Neighbourhood: student}` of the latest `nd` call, as
-      `keras_nd.compose` and `perturb.diagnose` take them (None before).
+      `keras_nd.compose` and `tolerance.diagnose` take them (None before).
   """
 
   def __init__(self, data, model, workdir, epochs, batch_size=128, learning_rate=2e-3,
@@ -149,7 +149,7 @@ class Experiment:
     how its path is spelled) and the training settings."""
     if self.given is not None:
       spec = {"data": self.data.fingerprint(),
-              "teacher": activations.teacher_fingerprint(self.given)}
+              "teacher": cache.teacher_fingerprint(self.given)}
     else:
       spec = {"data": self.data.fingerprint(), "num_train": self.data.num_train,
               "model": self.model, "epochs": self.epochs["teacher"],

@@ -27,7 +27,7 @@ import os
 import time
 
 import keras_nd as nd
-from keras_nd import _checks, layer_types, metrics, sparsity
+from keras_nd import _checks, layer_types, least_squares, metrics, sparsity
 from keras_nd._keras import keras
 from keras_nd.experiments.common import Settings, checked_methods, data_summary, write_results
 from keras_nd.experiments.harness import Experiment
@@ -95,10 +95,7 @@ class Config(Settings):
       if not _checks.is_number(s) or not 0 <= s < 1:
         raise ValueError(f"Sparsities must be in [0, 1); got {s!r}.")
     if self.m_by_n is not None:
-      m_by_n = tuple(self.m_by_n)
-      if (len(m_by_n) != 2 or not all(_checks.is_integer(v) for v in m_by_n) or
-          not 0 < m_by_n[0] < m_by_n[1]):
-        raise ValueError(f"m_by_n must be (m, n) with 0 < m < n; got {self.m_by_n!r}.")
+      m_by_n = least_squares.check_m_by_n(self.m_by_n)
       self.m_by_n = m_by_n
       self.sparsities = (m_by_n[0] / m_by_n[1],)
     self.sparsities = tuple(self.sparsities)

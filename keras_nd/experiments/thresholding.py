@@ -26,7 +26,7 @@ import math
 import os
 import time
 
-from keras_nd import _checks, metrics, perturb
+from keras_nd import _checks, metrics, perturb, tolerance
 from keras_nd.experiments import plot
 from keras_nd.experiments.common import Settings, data_summary, write_results
 from keras_nd.experiments.harness import Experiment
@@ -111,7 +111,7 @@ def run(data, workdir, config=None):
     {"config", "data", "teacher", "regularised_teacher", "sweeps": {"each",
     "all", "cumulative", "regularised_all": `perturb.output_sweep` rows},
     "thresholds", "weight_sweeps": `perturb.weight_sweep` results, "table4",
-    "diagnosis": `perturb.diagnose` rows, "timings", "figures": PNG paths}.
+    "diagnosis": `tolerance.diagnose` rows, "timings", "figures": PNG paths}.
 
   Raises:
     ValueError: a dataset without a validation split, an unknown model.
@@ -146,14 +146,14 @@ def run(data, workdir, config=None):
   table4 = [_nd_row("plain", 0.0, plain, teacher, summary, multiplier, timings)]
   students = plain.students
 
-  thresholds = perturb.thresholds_from_sweep(sweeps["each"], summary["validation_accuracy"],
+  thresholds = tolerance.thresholds_from_sweep(sweeps["each"], summary["validation_accuracy"],
                                              drop)
   start = time.perf_counter()
-  diagnosis = perturb.diagnose(teacher, students, plain.validation, thresholds,
+  diagnosis = tolerance.diagnose(teacher, students, plain.validation, thresholds,
                                steps=-(-data.num_validation // plain.batch_size),
                                batch_size=plain.batch_size)
   timings["diagnosis"] = time.perf_counter() - start
-  plain.say(perturb.format_diagnosis(diagnosis))
+  plain.say(tolerance.format_diagnosis(diagnosis))
 
   regular_summary = None
   if regular is not None:
@@ -249,10 +249,10 @@ def _thresholds(sweeps, each, reference, regular_reference, drop):
   (None without a regularised teacher)."""
   return {"drop": drop, "each": each, "each_min": min(each.values()),
           "each_mean": sum(each.values()) / len(each),
-          "all": perturb.threshold(_curve(sweeps["all"]), reference, drop),
-          "cumulative": {str(k): perturb.threshold(curve, reference, drop)
+          "all": tolerance.threshold(_curve(sweeps["all"]), reference, drop),
+          "cumulative": {str(k): tolerance.threshold(curve, reference, drop)
                          for k, curve in _cumulative_curves(sweeps["cumulative"]).items()},
-          "regularised_all": None if regular_reference is None else perturb.threshold(
+          "regularised_all": None if regular_reference is None else tolerance.threshold(
               _curve(sweeps["regularised_all"]), regular_reference, drop)}
 
 
@@ -349,7 +349,7 @@ def table(results):
   lines.append("")
   lines.append("Diagnosis: each ND student's relative error against its unit's threshold "
                "(plain teacher)")
-  lines.append(perturb.format_diagnosis(results["diagnosis"]))
+  lines.append(tolerance.format_diagnosis(results["diagnosis"]))
   return "\n".join(lines)
 
 
