@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 
-from keras_nd import files, sparsity, training
+from keras_nd import _checks, files, sparsity, training
 from keras_nd._keras import keras, tf
 from keras_nd.batch_norm import frozen_batch_norms
 from keras_nd.cache import teacher_fingerprint
@@ -273,8 +273,7 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
   if solver != "gradient" and strategy is not None:
     raise ValueError(f"solver={solver!r} solves in one process: distil without a strategy "
                      "(the solve is a pass or two over the data), or use solver='gradient'.")
-  if solver != "lstsq" and (isinstance(epochs, bool) or not isinstance(epochs, int) or
-                            epochs < 1):
+  if solver != "lstsq" and not (_checks.is_integer(epochs) and epochs >= 1):
     raise ValueError(f"solver={solver!r} trains for `epochs` gradient epochs: pass a positive "
                      f"integer; got epochs={epochs!r}.")
   gradient_epochs = 0 if solver == "lstsq" else epochs

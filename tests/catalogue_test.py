@@ -212,7 +212,7 @@ def _teacher_for_raw_images(tmp):
   dense = L.Dense(2)
   teacher = keras.Model(inputs, dense(L.GlobalAveragePooling2D()(inputs)))
   dense.set_weights([np.tile([[-1.0, 1.0]], (3, 1)) / 3, np.array([125.0, -125.0])])
-  return lambda: harness.Experiment(dataset, "resnet8", tmp, {}, teacher=teacher)
+  return lambda: harness.Experiment(dataset, tmp, teacher=teacher)
 
 
 # name: (make(tmp) -> zero-argument callable that must raise, exception types, regex the
@@ -331,12 +331,12 @@ CASES = {
     "lambda_layer_untrusted": (lambda tmp: _lambda_model(tmp), ValueError,
                                r"lambda_model\.keras.*Lambda.*trusted=True"),
     "teacher_for_other_images": (lambda tmp: lambda: harness.Experiment(
-        data.get("embedded", num_train=32, num_test=16, num_validation=16), "resnet8", tmp, {},
+        data.get("embedded", num_train=32, num_test=16, num_validation=16), tmp,
         teacher=testing.own_cnn()), ValueError, r"own_cnn.*\(8, 8, 3\).*\(32, 32, 3\)"),
     "teacher_trained_on_raw_images": (lambda tmp: _teacher_for_raw_images(tmp), ValueError,
                                       r"'standardize'.*--preprocessing=none"),
     "teacher_of_no_kind": (lambda tmp: lambda: harness.Experiment(
-        data.get("embedded", num_train=32, num_test=16, num_validation=16), "resnet8", tmp, {},
+        data.get("embedded", num_train=32, num_test=16, num_validation=16), tmp,
         teacher=3.5), TypeError, "tf_keras Model or a path.*float"),
     "unknown_preprocessing": (lambda tmp: lambda: data.get("embedded", num_train=32, num_test=16)
                               .with_preprocessing("minmax"), ValueError, "minmax"),

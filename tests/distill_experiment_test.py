@@ -13,7 +13,7 @@ from absl.testing import parameterized
 import keras_nd as nd
 from keras_nd import data, models
 from keras_nd._keras import keras, tf
-from keras_nd.experiments import catalogue, distill, harness, tracker
+from keras_nd.experiments import catalogue, common, distill, harness, tracker
 
 _TINY = dict(teacher=1, ce=1, kd=2, nd=1, ft=1)
 
@@ -83,8 +83,9 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
       self.assertIn(label, text)
 
   def test_kd_killed_after_an_epoch_goes_on_from_there_with_its_curve(self):
-    experiment = harness.Experiment(_easy_task(), "resnet8", self.get_temp_dir(),
-                                    dict(teacher=1, kd=3), batch_size=32, patience=5, verbose=0)
+    settings = common.Settings(model="resnet8", batch_size=32, patience=5, verbose=0)
+    experiment = harness.Experiment(_easy_task(), self.get_temp_dir(), settings,
+                                    dict(teacher=1, kd=3))
     teacher = experiment.teacher()
     backed_up = keras.callbacks.BackupAndRestore.on_epoch_end
 
@@ -171,8 +172,8 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
     np.savez(path, **arrays)
 
     def key(spec):
-      return harness.Experiment(data.get(spec, num_validation=8), "resnet8", directory,
-                                dict(teacher=1), verbose=0).key
+      return harness.Experiment(data.get(spec, num_validation=8), directory,
+                                common.Settings(model="resnet8", verbose=0), dict(teacher=1)).key
 
     absolute = key(f"npz:{path}")
     self.assertEqual(key(f"npz:{os.path.relpath(path)}"), absolute)

@@ -133,12 +133,12 @@ class OwnTeacherExperimentsTest(tf.test.TestCase, parameterized.TestCase):
     dense.set_weights([np.tile([[-1.0, 1.0]], (3, 1)) / 3, np.array([125.0, -125.0])])
     with self.assertRaisesRegex(ValueError, r"scores 50\.0%.*'standardize'.*100\.0%.*'none'.*"
                                 r"--preprocessing=none"):
-      harness.Experiment(dataset, "resnet8", self.get_temp_dir(), {}, teacher=teacher)
+      harness.Experiment(dataset, self.get_temp_dir(), teacher=teacher)
     raw = dataset.with_preprocessing("none")
-    experiment = harness.Experiment(raw, "resnet8", self.get_temp_dir(), {}, teacher=teacher)
+    experiment = harness.Experiment(raw, self.get_temp_dir(), teacher=teacher)
     self.assertIs(experiment.teacher(), teacher)
     with self.assertRaisesRegex(ValueError, "no Rescaling or Normalization layer"):
-      harness.Experiment(dataset.with_preprocessing("model"), "resnet8", self.get_temp_dir(), {},
+      harness.Experiment(dataset.with_preprocessing("model"), self.get_temp_dir(),
                          teacher=teacher)
 
   def test_a_teacher_whose_batchnorm_statistics_lag_is_refused_with_the_fix(self):
@@ -151,18 +151,18 @@ class OwnTeacherExperimentsTest(tf.test.TestCase, parameterized.TestCase):
     nd.calibrate_batch_norm(teacher, x[:256])
     dataset = data.Dataset.from_arrays("easy", (x[:256], y[:256]), (x[256:], y[256:]),
                                        validation=(x[256:], y[256:])).with_preprocessing("none")
-    harness.Experiment(dataset, "resnet8", self.get_temp_dir(), {}, teacher=teacher)  # accepted
+    harness.Experiment(dataset, self.get_temp_dir(), teacher=teacher)  # accepted
     for layer in teacher.layers:
       if isinstance(layer, L.BatchNormalization):
         layer.moving_mean.assign(layer.moving_mean + 5.0 * tf.sqrt(layer.moving_variance))
     with self.assertRaisesRegex(ValueError, r"inference mode but .* own BatchNorm statistics.*"
                                 r"nd\.calibrate_batch_norm\(teacher, x_train\)"):
-      harness.Experiment(dataset, "resnet8", self.get_temp_dir(), {}, teacher=teacher)
+      harness.Experiment(dataset, self.get_temp_dir(), teacher=teacher)
 
   def test_a_teacher_for_other_images_is_named(self):
     other = testing.own_cnn(input_shape=(16, 16, 3), num_classes=10)
     with self.assertRaisesRegex(ValueError, r"own_cnn.*\(16, 16, 3\).*\(32, 32, 3\)"):
-      harness.Experiment(_dataset(), "resnet8", self.get_temp_dir(), {}, teacher=other)
+      harness.Experiment(_dataset(), self.get_temp_dir(), teacher=other)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from absl.testing import parameterized
 
 from keras_nd import data
 from keras_nd._keras import tf
-from keras_nd.experiments import harness, thresholding
+from keras_nd.experiments import common, harness, thresholding
 
 _UNITS = [f"stage{s}_unit1_out" for s in (1, 2, 3)]  # ResNet-8's three residual units
 
@@ -125,8 +125,9 @@ class ThresholdingExperimentTest(tf.test.TestCase, parameterized.TestCase):
     dataset = data.get("embedded", num_train=32, num_test=16, num_validation=16)
 
     def experiment(**kwargs):
-      return harness.Experiment(dataset, "resnet8", self.get_temp_dir(), dict(teacher=1),
-                                verbose=0, **kwargs)
+      return harness.Experiment(dataset, self.get_temp_dir(),
+                                common.Settings(model="resnet8", verbose=0), dict(teacher=1),
+                                **kwargs)
 
     plain, zero, noisy = experiment(), experiment(unit_noise=0.0), experiment(unit_noise=0.1)
     self.assertEqual(zero.key, plain.key)

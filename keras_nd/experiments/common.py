@@ -7,7 +7,7 @@ import os
 
 from absl import flags, logging
 
-from keras_nd import _checks, data, files
+from keras_nd import _checks, artefacts, data, files
 from keras_nd.training import EpochLines
 
 __all__ = ["EMBEDDED_NUM_TRAIN", "Settings", "checked_methods", "checked_multipliers",
@@ -36,6 +36,7 @@ class Settings:
 
   Raises:
     TypeError: `teacher` is not a path.
+    ValueError: an unknown `student_init`, `solver` or `channels`.
   """
   model: str = "resnet20"
   teacher: str = None
@@ -59,6 +60,13 @@ class Settings:
     if self.teacher is not None and not isinstance(self.teacher, str):
       raise TypeError(f"teacher must be the path of a .keras file; got "
                       f"{type(self.teacher).__name__}.")
+    if self.student_init not in ("teacher", "random"):
+      raise ValueError(f"student_init must be 'teacher' or 'random'; got "
+                       f"{self.student_init!r}.")
+    if self.solver not in artefacts.SOLVERS:
+      raise ValueError(f"solver must be one of {list(artefacts.SOLVERS)}; got {self.solver!r}.")
+    if self.channels not in ("greedy", "l1"):
+      raise ValueError(f"channels must be 'greedy' or 'l1'; got {self.channels!r}.")
 
 
 def checked_methods(methods, known):

@@ -40,7 +40,7 @@ import dataclasses
 import time
 
 import keras_nd as nd
-from keras_nd import _checks, artefacts, files, metrics
+from keras_nd import _checks, files, metrics
 from keras_nd._keras import keras, tf
 from keras_nd.batch_norm import frozen_batch_norms
 from keras_nd.experiments.catalogue import from_scratch
@@ -111,11 +111,6 @@ class Config(Settings):
     self.epochs = dict(_EPOCHS, **self.epochs)
     if self.noise not in NOISES:
       raise ValueError(f"noise must be one of {list(NOISES)}; got {self.noise!r}.")
-    if self.student_init not in ("teacher", "random"):
-      raise ValueError(f"student_init must be 'teacher' or 'random'; got "
-                       f"{self.student_init!r}.")
-    if self.solver not in artefacts.SOLVERS:
-      raise ValueError(f"solver must be one of {list(artefacts.SOLVERS)}; got {self.solver!r}.")
     _checks.integer(self.steps_per_epoch, "steps_per_epoch")
 
 
@@ -249,7 +244,7 @@ def run(data, workdir, config=None):
     if not data.num_validation:
       raise ValueError(f"Dataset {data.name!r} has no validation split, which training the "
                        "teacher needs: get it with keras_nd.data.get(..., num_validation=N).")
-    experiment = Experiment.from_settings(data, workdir, config, budget)
+    experiment = Experiment(data, workdir, config, budget)
   if experiment is not None:
     teacher = experiment.teacher()
     if not given:

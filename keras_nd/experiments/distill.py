@@ -130,7 +130,7 @@ def run(data, workdir, config=None, strategy=None):
     raise ValueError(f"Dataset {data.name!r} has no validation split, which early stopping "
                      "needs: get it with keras_nd.data.get(..., num_validation=N).")
   lookahead, methods = config.lookahead, config.methods
-  experiment = Experiment.from_settings(
+  experiment = Experiment(
       data, workdir, config, config.epochs, devices=config.devices, strategy=strategy,
       max_lookahead=max(lookahead, 2 if config.ablation else 0))
   if experiment.solver == "lstsq" and (lookahead or config.ablation):

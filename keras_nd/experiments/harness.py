@@ -44,27 +44,15 @@ class Experiment:
   Args:
     data: a `keras_nd.data` dataset with `pipeline(split, batch_size,
       training)`, `input_shape`, `num_classes`, `num_train`.
-    model: model name for `build_model`.
     workdir: where the teacher, caches and results go.
+    settings: the `common.Settings` of the run (an experiment's `Config`
+      is one); default `Settings()`. Each of its fields is an attribute of
+      the experiment (`experiment.batch_size`, ...).
     epochs: dict of epoch budgets: teacher, ce, kd, nd, ft.
-    batch_size, learning_rate, temperature, label_weight, patience, seed:
-      training settings shared by all methods.
+    teacher: your own trained teacher, a tf_keras model or a `.keras` path,
+      in place of `settings.teacher` (a configuration holds paths only).
     max_lookahead: the largest look-ahead any ND run will use (the
       activation cache is built once, for it).
-    student_init: how the KD and ND students start (`students.bottleneck`'s
-      init): "teacher" (the teacher's strongest inner channels) or "random"
-      (the paper's setting). CE students always start from scratch.
-    solver: how ND finds the students' weights (`artefacts.SOLVERS`):
-      "lstsq" solves each unit's layers exactly from the teacher's
-      activations (`keras_nd.reconstruct`) with no gradient step, from an
-      online source (a teacher pass per solve, no cache); "gradient" takes
-      the ND epochs of Adam steps from the activation cache; "lstsq+gradient"
-      both.
-    channels: which teacher channels teacher-initialised ND students keep
-      with the exact solver: "greedy" (chosen by reconstruction error in the
-      solve, `reconstruct(channels="greedy")`) or "l1" (largest L1 norm, as
-      gradient ND and KD's students).
-    verbose: 0 silent, 1 one line per phase, 2 Keras progress too.
     unit_noise: standard deviation of the Gaussian noise after every residual
       unit of the teacher while it trains (App. B.1); 0, the default, for the
       plain teacher. It enters the teacher key only when non-zero, so plain
@@ -73,62 +61,46 @@ class Experiment:
       for ND (None: the default device).
     strategy: a `tf.distribute` strategy for ND (e.g. multi-worker); None for
       the default.
-    teacher: your own trained teacher, a tf_keras model or a `.keras` path,
-      instead of training one (`model` then names nothing): it must take the
-      dataset's images as `data` gives them (`Dataset.with_preprocessing`;
-      a teacher that scores far better on the images given the other way is
-      refused, naming the preprocessing to pass) and give its classes.
-      Students of its architecture replace its `students.narrowable`
-      neighbourhoods; CE's (and random KD's) are those students freshly
-      initialised.
-    trusted: load a `teacher` path with safe mode off (`files.load_model`).
+
+  A given teacher (`teacher`, or `settings.teacher`) is used instead of
+  training one (`settings.model` then names nothing): it must take the
+  dataset's images as `data` gives them (`Dataset.with_preprocessing`; a
+  teacher that scores far better on the images given the other way is
+  refused, naming the preprocessing to pass) and give its classes. Students
+  of its architecture replace its `students.narrowable` neighbourhoods; CE's
+  (and random KD's) are those students freshly initialised.
 
   Attributes:
     students: `{Neighbourhood: student}` of the latest `nd` call, as
       `keras_nd.compose` and `tolerance.diagnose` take them (None before).
   """
 
-  def __init__(self, data, model, workdir, epochs, batch_size=128, learning_rate=2e-3,
-               nd_learning_rate=2e-3, temperature=2.5, label_weight=1.0, patience=2, seed=0,
-               max_lookahead=0, student_init="teacher", verbose=1, unit_noise=0.0, devices=None,
-               strategy=None, solver="lstsq", channels="greedy", teacher=None, trusted=False):
+  def __init__(self, data, workdir, settings=None, epochs=None, teacher=None, max_lookahead=0,
+               unit_noise=0.0, devices=None, strategy=None):
+    settings = Settings() if settings is None else settings
+    for field in dataclasses.fields(Settings):
+      if field.name != "teacher":  # `teacher()` gives the model itself
+        setattr(self, field.name, getattr(settings, field.name))
+    teacher = settings.teacher if teacher is None else teacher
     self.data = data
-    self.model = model
     self.workdir = workdir
-    self.epochs = dict(epochs)
-    self.batch_size = batch_size
-    self.learning_rate = learning_rate
-    self.nd_learning_rate = nd_learning_rate
-    self.temperature = temperature
-    self.label_weight = label_weight
-    self.patience = patience
-    self.seed = seed
-    if student_init not in ("teacher", "random"):
-      raise ValueError(f"student_init must be 'teacher' or 'random'; got {student_init!r}.")
-    self.student_init = student_init
-    if solver not in artefacts.SOLVERS:
-      raise ValueError(f"solver must be one of {list(artefacts.SOLVERS)}; got {solver!r}.")
-    if channels not in ("greedy", "l1"):
-      raise ValueError(f"channels must be 'greedy' or 'l1'; got {channels!r}.")
-    self.solver = solver
-    self.channels = channels
-    self.verbose = verbose
+    self.epochs = dict(epochs or {})
     self.unit_noise = unit_noise
     self.devices = devices
     self.strategy = strategy
     self.students = None
     self.timings = {}
-    self.train = data.pipeline("train", batch_size, training=True, seed=seed)
-    self.train_plain = data.pipeline("train", batch_size, training=False)
+    self.train = data.pipeline("train", self.batch_size, training=True, seed=self.seed)
+    self.train_plain = data.pipeline("train", self.batch_size, training=False)
     self.validation = data.pipeline("validation", 256, training=False)
     self.test = data.pipeline("test", 256, training=False)
-    self.steps_per_epoch = -(-data.num_train // batch_size)
+    self.steps_per_epoch = -(-data.num_train // self.batch_size)
     self.max_lookahead = max_lookahead
     self._sources = {}  # lookahead -> (units, ActivationSource)
     files.writable_directory(workdir, "work directory")
-    self.given = None if teacher is None else load_teacher(teacher, data, trusted)
+    self.given = None if teacher is None else load_teacher(teacher, data, self.trusted)
     # What the results call the teacher's architecture.
-    self.architecture = model if teacher is None else (
+    self.architecture = self.model if teacher is None else (
         f"given:{os.fspath(teacher)}" if isinstance(teacher, (str, os.PathLike))
         else f"given:{self.given.name}")
     self._units = None
@@ -136,13 +108,6 @@ class Experiment:
     # One cache per teacher and look-ahead: a retrained teacher never meets another's cache.
     self.cache_dir = os.path.join(workdir, f"cache-{self.key}-lookahead{max_lookahead}")
     self.students_dir = os.path.join(workdir, "students")
-
-  @classmethod
-  def from_settings(cls, data, workdir, settings, epochs, **extra):
-    """The experiment of a configuration's shared `Settings` (and `extra` arguments)."""
-    shared = {f.name: getattr(settings, f.name) for f in dataclasses.fields(Settings)}
-    model = shared.pop("model")
-    return cls(data, model, workdir, epochs, **dict(shared, **extra))
 
   def _teacher_key(self):
     """A digest of everything the teacher depends on: the data's content (not its name, nor
@@ -216,11 +181,10 @@ class Experiment:
     teacher = _compiled(self._new(1.0, self.unit_noise), self.learning_rate,
                         self.epochs["teacher"] * self.steps_per_epoch)
     self.say(f"Training the teacher ({self.model}, {self.epochs['teacher']} epochs)...")
-    # A killed job's successor goes on from the last epoch (the backup goes once fit ends).
-    backup = keras.callbacks.BackupAndRestore(
-        os.path.join(self.workdir, "backups", self.key, "teacher"))
+    # Not backed up: a save each epoch costs the main job's 15-epoch teacher 40-50 s (a killed
+    # job trains its teacher again; KD and fine-tuning go on from their backups).
     start = time.perf_counter()
-    teacher.fit(self.train, epochs=self.epochs["teacher"], **self._fit_args(backup))
+    teacher.fit(self.train, epochs=self.epochs["teacher"], **self._fit_args())
     self.timings["teacher"] = time.perf_counter() - start
     # Written under a temporary name and renamed, so an interrupted save is never reused.
     files.save_model(path, teacher, dict(self.teacher_spec, seconds=self.timings["teacher"]))

@@ -135,7 +135,7 @@ def run(data, workdir, config=None):
                      "harness.Experiment, which needs one).")
   methods, solver, m_by_n, rates = config.methods, config.solver, config.m_by_n, config.rates
   budget = config.epochs
-  experiment = Experiment.from_settings(data, workdir, config, budget)
+  experiment = Experiment(data, workdir, config, budget)
   say = experiment.say
   teacher = experiment.teacher()
   test = experiment.test

@@ -80,7 +80,7 @@ def run(data, workdir, config=None):
   config = config or Config()
   labels = {k: f"k{k:g}" for k in config.multipliers}
   budget = config.epochs
-  experiment = Experiment.from_settings(data, workdir, config, dict(budget, kd=0, ce=0))
+  experiment = Experiment(data, workdir, config, dict(budget, kd=0, ce=0))
   teacher = experiment.teacher()
   teacher_accuracy = metrics.accuracy(teacher, experiment.validation)
   units, source = experiment.source(teacher, 0)

@@ -123,10 +123,10 @@ def run(data, workdir, config=None):
   epsilons, seeds, multiplier, drop = (config.epsilons, config.seeds, config.multiplier,
                                        config.drop)
   budget = config.epochs
-  plain = Experiment.from_settings(data, workdir, config, budget)
+  plain = Experiment(data, workdir, config, budget)
   regular = None
   if plain.given is None:
-    regular = Experiment.from_settings(data, workdir, config, budget, unit_noise=config.sigma)
+    regular = Experiment(data, workdir, config, budget, unit_noise=config.sigma)
   else:
     plain.say("A given teacher has no noise-trained twin: Figure 5 and Table 4 show it alone.")
   timings = {}
