@@ -1,9 +1,10 @@
 """Top-1 accuracy: the one way keras_nd scores a model on labelled batches.
 
-Each model is called in inference mode inside one traced step per
-`Scorer`, batch by batch; nothing is compiled, so scoring many models (a
-Student Search's candidates, a noise sweep's perturbed teachers) traces no
-Keras test function per model.
+Each model is called in inference mode, batch by batch; nothing is compiled,
+so scoring many models (a Student Search's candidates, a noise sweep's
+perturbed teachers) builds no Keras test function per model. A one-off score
+(`accuracy`) calls the model eagerly; a `Scorer`, made to score one model
+many times (after each change of its weights), traces its step once.
 """
 
 from keras_nd._keras import keras, tf
@@ -28,17 +29,19 @@ def accuracy(model, dataset, batch_size=256):
   Raises:
     ValueError: if the dataset is empty or its elements are not `(x, y)`.
   """
-  return Scorer(model, as_batches(dataset, batch_size))()
+  # Eager: tracing a model costs more than the few batches of a split it is scored on once.
+  return Scorer(model, as_batches(dataset, batch_size), traced=False)()
 
 
 class Scorer:
   """Top-1 accuracy of one model on one dataset, through a single traced step.
 
   Call it once per evaluation (e.g. after each change of the weights); with
-  `evaluations` and `verbose`, a progress bar counts them.
+  `evaluations` and `verbose`, a progress bar counts them. `traced=False`
+  calls the model eagerly instead (for a model scored once).
   """
 
-  def __init__(self, model, dataset, evaluations=None, verbose=0):
+  def __init__(self, model, dataset, evaluations=None, verbose=0, traced=True):
     self.model = model
     self.dataset = dataset
     # One step per evaluation: a sweep of hundreds of them takes minutes.
@@ -57,7 +60,8 @@ class Scorer:
     # Traced here, once, and called as a concrete function: every Scorer traces `counts` anew
     # (for its own model), and TensorFlow, which counts traces by the function's code, would
     # warn of retracing when a search or a sweep makes many Scorers.
-    self._counts = tf.function(counts).get_concrete_function(x_spec, y_spec)
+    self._counts = (tf.function(counts).get_concrete_function(x_spec, y_spec) if traced
+                    else counts)
 
   def __call__(self):
     correct = total = 0

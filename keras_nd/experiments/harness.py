@@ -181,10 +181,11 @@ class Experiment:
     teacher = _compiled(self._new(1.0, self.unit_noise), self.learning_rate,
                         self.epochs["teacher"] * self.steps_per_epoch)
     self.say(f"Training the teacher ({self.model}, {self.epochs['teacher']} epochs)...")
-    # Not backed up: a save each epoch costs the main job's 15-epoch teacher 40-50 s (a killed
-    # job trains its teacher again; KD and fine-tuning go on from their backups).
+    # A killed job's successor goes on from the last epoch (the backup goes once fit ends).
+    backup = keras.callbacks.BackupAndRestore(
+        os.path.join(self.workdir, "backups", self.key, "teacher"))
     start = time.perf_counter()
-    teacher.fit(self.train, epochs=self.epochs["teacher"], **self._fit_args())
+    teacher.fit(self.train, epochs=self.epochs["teacher"], **self._fit_args(backup))
     self.timings["teacher"] = time.perf_counter() - start
     # Written under a temporary name and renamed, so an interrupted save is never reused.
     files.save_model(path, teacher, dict(self.teacher_spec, seconds=self.timings["teacher"]))
