@@ -10,7 +10,8 @@ import os
 from keras_nd import models  # noqa: F401  (registers its layers, so that load_model knows them)
 from keras_nd._keras import keras
 
-__all__ = ["disk_full", "load_model", "locked", "save_model", "writable_directory", "write_json"]
+__all__ = ["atomic", "disk_full", "load_model", "locked", "save_model", "writable_directory",
+           "write_json"]
 
 try:
   import fcntl
@@ -64,14 +65,27 @@ def disk_full(error):
   return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def write_json(path, value):
-  """Writes `value` as JSON to `path` atomically (a temporary file, flushed, then renamed)."""
+@contextlib.contextmanager
+def atomic(path, mode="w"):
+  """A file to write `path` through: a temporary file beside it, flushed to disk and renamed to
+  `path` when the `with` block ends, removed if the block fails. A file at `path` is therefore
+  always complete."""
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
+  try:
+    with open(tmp, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json(path, value):
+  """Writes `value` as JSON to `path` atomically (`atomic`)."""
+  with atomic(path) as f:
     json.dump(value, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def load_model(path, trusted=False):

@@ -8,13 +8,12 @@ inside the axes, else to the right of the axes.
 """
 
 import math
-import os
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from keras_nd import _checks
+from keras_nd import _checks, files
 
 __all__ = ["accuracy_against_time", "line_chart"]
 
@@ -192,13 +191,5 @@ def _covers_data(axes, box):
 
 def _write(path, figure):
   """Saves `figure` as PNG to `path` through a temporary file renamed once complete."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      figure.savefig(f, format="png", dpi=_DPI)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with files.atomic(path, "wb") as f:
+    figure.savefig(f, format="png", dpi=_DPI)

@@ -67,6 +67,7 @@ class EpochTracker(keras.callbacks.Callback):
     self._student = student
     self._state_path = state_path
     self._saved = None  # the early-stopping state a resumed training starts from
+    self._written = None  # the epoch of the best weights on disk
     self._scorers = None
     self._epochs = []  # the epoch of each point of the curve (-1: before training)
 
@@ -101,6 +102,7 @@ class EpochTracker(keras.callbacks.Callback):
       with np.load(self._state_path + ".npz", allow_pickle=False) as saved:
         weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
     self._saved = dict(state["stopper"], best_weights=weights)
+    self._written = state["stopper"]["best_epoch"] if weights is not None else None
     self._evaluate_first = False
     return state["stopped"]
 
@@ -138,10 +140,11 @@ class EpochTracker(keras.callbacks.Callback):
     """Keeps the curve and what early stopping knows on disk (before the epoch's backup: see
     on_epoch_begin)."""
     os.makedirs(os.path.dirname(self._state_path), exist_ok=True)
-    if self._stopper.best_weights is not None:
-      with open(self._state_path + ".tmp.npz", "wb") as f:
+    # The best weights only when they change: after an epoch that is no better they are on disk.
+    if self._stopper.best_weights is not None and self._stopper.best_epoch != self._written:
+      with files.atomic(self._state_path + ".npz", "wb") as f:
         np.savez(f, *self._stopper.best_weights)
-      os.replace(self._state_path + ".tmp.npz", self._state_path + ".npz")
+      self._written = self._stopper.best_epoch
     stopper = {name: getattr(self._stopper, name)
                for name in ("best", "wait", "best_epoch", "stopped_epoch")}
     files.write_json(self._state_path, {
