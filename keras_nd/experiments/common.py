@@ -11,8 +11,8 @@ from keras_nd import _checks, artefacts, data, files
 from keras_nd.training import EpochLines
 
 __all__ = ["EMBEDDED_NUM_TRAIN", "Settings", "checked_methods", "checked_multipliers",
-           "data_summary", "dataset_from_flags", "define_flags", "fit_progress", "quiet_logs",
-           "results_path", "settings_from_flags", "write_results"]
+           "complete_runs", "data_summary", "dataset_from_flags", "define_flags", "fit_progress",
+           "quiet_logs", "results_path", "settings_from_flags", "write_results"]
 
 # The embedded dataset's training size in the binaries: keeps examples/distill.py, the main
 # job, within 5 minutes on 2 cores.
@@ -76,6 +76,14 @@ def checked_methods(methods, known):
   if unknown or not methods:
     raise ValueError(f"Unknown methods {unknown or list(methods)}; choose from {list(known)}.")
   return methods
+
+
+def complete_runs(config, methods, epochs):
+  """Checks a configuration's `methods` (against `methods`) and `multipliers`, and completes its
+  `epochs` with the default budgets `epochs`, in place."""
+  config.methods = checked_methods(config.methods, methods)
+  config.multipliers = checked_multipliers(config.multipliers)
+  config.epochs = dict(epochs, **config.epochs)
 
 
 def checked_multipliers(multipliers):

@@ -46,8 +46,7 @@ from keras_nd.batch_norm import frozen_batch_norms
 from keras_nd.experiments.catalogue import from_scratch
 from keras_nd.experiments.common import (
   Settings,
-  checked_methods,
-  checked_multipliers,
+  complete_runs,
   data_summary,
   fit_progress,
   write_results,
@@ -106,9 +105,7 @@ class Config(Settings):
 
   def __post_init__(self):
     super().__post_init__()
-    self.methods = checked_methods(self.methods, METHODS)
-    self.multipliers = checked_multipliers(self.multipliers)
-    self.epochs = dict(_EPOCHS, **self.epochs)
+    complete_runs(self, METHODS, _EPOCHS)
     if self.noise not in NOISES:
       raise ValueError(f"noise must be one of {list(NOISES)}; got {self.noise!r}.")
     _checks.integer(self.steps_per_epoch, "steps_per_epoch")

@@ -43,8 +43,7 @@ from keras_nd.batch_norm import frozen_batch_norms
 from keras_nd.experiments import plot
 from keras_nd.experiments.common import (
   Settings,
-  checked_methods,
-  checked_multipliers,
+  complete_runs,
   data_summary,
   write_results,
 )
@@ -99,9 +98,7 @@ class Config(Settings):
 
   def __post_init__(self):
     super().__post_init__()
-    self.methods = checked_methods(self.methods, METHODS)
-    self.multipliers = checked_multipliers(self.multipliers)
-    self.epochs = dict(_EPOCHS, **self.epochs)
+    complete_runs(self, METHODS, _EPOCHS)
     if self.neighbourhoods is not None:
       self.neighbourhoods = tuple(self.neighbourhoods)
     if self.devices is not None:
