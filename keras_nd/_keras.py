@@ -40,6 +40,7 @@ with _start_up_lines_hidden():
 KerasTensor = type(keras.Input((1,)))
 
 _TFMOT = "tensorflow_model_optimization"
+_KERAS3 = "keras"
 
 
 def tfmot(submodule="", imported_only=False):
@@ -57,4 +58,17 @@ def tfmot(submodule="", imported_only=False):
   return importlib.import_module(f"{_TFMOT}.{submodule}" if submodule else _TFMOT)
 
 
-__all__ = ["tf", "keras", "KerasTensor", "tfmot"]
+def keras3(imported_only=False):
+  """Keras 3 (the `keras` package), imported on first use: only converting a Keras 3 model in
+  or out needs it, and `import keras_nd` should not pay for importing a second Keras.
+
+  Args:
+    imported_only: return None instead of importing when nothing has imported
+      Keras 3 yet (then no Keras 3 model can exist in this process).
+  """
+  if imported_only and f"{_KERAS3}.src.models" not in sys.modules:
+    return None
+  return importlib.import_module(_KERAS3)
+
+
+__all__ = ["tf", "keras", "KerasTensor", "keras3", "tfmot"]

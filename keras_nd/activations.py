@@ -18,7 +18,7 @@ import weakref
 
 import numpy as np
 
-from keras_nd import _checks, cache, files, graph, noise
+from keras_nd import _checks, cache, files, graph, keras3, noise
 from keras_nd._keras import keras, tf
 from keras_nd.batches import as_batches
 from keras_nd.neighbourhood import checked_hoods
@@ -124,7 +124,7 @@ class ActivationSource:
   def __init__(self, teacher, hoods, dataset, cache_dir=None, dtype="float16", lookahead=0,
                records_batch=256, shard_bytes=256 * 2**20, data_fingerprint=None, verify=True,
                verbose=1):
-    self.teacher = teacher
+    self.teacher = teacher = keras3.to_tf_keras(teacher)
     self.hoods = checked_hoods(teacher, hoods, "teacher")
     if dtype not in cache.DTYPES:
       raise ValueError(f"dtype must be one of {sorted(cache.DTYPES)}; got {dtype!r}.")
@@ -188,6 +188,7 @@ class ActivationSource:
     Returns:
       An `ActivationSource` in noise mode.
     """
+    teacher = keras3.to_tf_keras(teacher)
     hoods = checked_hoods(teacher, hoods, "teacher")
     inputs = noise.GaussianInputs(hoods, steps_per_epoch, mean=mean, stddev=stddev, seed=seed)
     return cls(teacher, hoods, inputs, lookahead=lookahead, verbose=0)

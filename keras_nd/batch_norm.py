@@ -3,7 +3,7 @@ fixed while other weights train (`frozen_batch_norms`)."""
 
 import contextlib
 
-from keras_nd import _checks
+from keras_nd import _checks, keras3
 from keras_nd._keras import keras
 from keras_nd.batches import as_batches
 
@@ -72,7 +72,9 @@ def calibrate_batch_norm(model, dataset, steps=100):
   `steps` batches (Dropout, if any, also runs in training mode meanwhile).
 
   Args:
-    model: a Keras model (e.g. from `keras_nd.compose`); it is changed in place.
+    model: a Keras model (e.g. from `keras_nd.compose`); it is changed in place
+      (a Keras 3 model through its conversion, `keras_nd.keras3.to_tf_keras`,
+      whose statistics are copied back into it).
     dataset: a `tf.data.Dataset` of batches of `x` or `(x, y, ...)` (labels
       are not used), or a numpy array of inputs (taken in batches of 128).
     steps: number of batches to average over (fewer if the dataset ends).
@@ -80,11 +82,15 @@ def calibrate_batch_norm(model, dataset, steps=100):
   Returns:
     The number of batches used.
   """
+  original, model = model, keras3.to_tf_keras(model)
   if not isinstance(model, keras.Model):
-    raise TypeError(f"model must be a tf_keras Model; got {type(model).__name__}.")
+    raise TypeError(f"model must be a tf_keras (or Keras 3) Model; got {type(model).__name__}.")
   dataset = as_batches(dataset)
 
   def forward(batch):
     model(batch[0] if isinstance(batch, (tuple, list)) else batch, training=True)
 
-  return average_batch_statistics(batch_norms(model), dataset, steps, forward)
+  used = average_batch_statistics(batch_norms(model), dataset, steps, forward)
+  if original is not model:
+    keras3.copy_back(original)
+  return used

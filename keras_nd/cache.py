@@ -34,7 +34,7 @@ import zlib
 
 import numpy as np
 
-from keras_nd import files
+from keras_nd import files, keras3
 from keras_nd._keras import keras, tf
 
 __all__ = ["DTYPES", "MANIFEST", "check_shards", "dataset", "free_bytes", "open_or_build",
@@ -53,7 +53,9 @@ _RECORD_BYTES = 4 * 2**20
 
 
 def teacher_fingerprint(model):
-  """SHA-256 of a model's architecture and weights (BatchNorm statistics included)."""
+  """SHA-256 of a model's architecture and weights (BatchNorm statistics included); a Keras 3
+  model's are its tf_keras conversion's."""
+  model = keras3.to_tf_keras(model)
   digest = hashlib.sha256(model.to_json().encode())
   for weight in model.weights:
     digest.update(weight.name.encode())

@@ -7,6 +7,7 @@ replacement models and layers for copies. `substitute` is its public face
 (`keras_nd.compose` is built on it).
 """
 
+from keras_nd import keras3
 from keras_nd._keras import KerasTensor, keras, tf
 
 __all__ = ["check_functional", "check_replacement", "consumers", "copy_layer", "model_nodes",
@@ -14,12 +15,17 @@ __all__ = ["check_functional", "check_replacement", "consumers", "copy_layer", "
 
 
 def check_functional(model, what="model"):
-  """Raises a clear error unless `model` is a single-input, single-output functional model."""
+  """The tf_keras model keras_nd works on for `model`, checked to be single-input, single-output
+  and functional: `model` itself, or a Keras 3 model's conversion (`keras3.to_tf_keras`).
+
+  Raises:
+    TypeError, ValueError: naming the model and what is wrong with it.
+  """
+  model = keras3.to_tf_keras(model)
   if not isinstance(model, keras.Model):
     raise TypeError(
-        f"The {what} must be a tf_keras functional Model; you passed an object of type "
-        f"{type(model).__name__}. (keras_nd is built on tf_keras; Keras 3 models are not "
-        "accepted.)")
+        f"The {what} must be a tf_keras (or Keras 3) functional Model; you passed an object of "
+        f"type {type(model).__name__}.")
   if not getattr(model, "_is_graph_network", False):
     if isinstance(model, keras.Sequential):
       raise ValueError(
@@ -33,6 +39,7 @@ def check_functional(model, what="model"):
         f"The {what} '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} "
         "outputs; "
         "keras_nd supports models with exactly one input and one output.")
+  return model
 
 
 def model_nodes(model):
@@ -217,7 +224,9 @@ def _checked_replacements(model, replacements):
                     f"{type(replacements).__name__}.")
   node_ids = {id(node) for node in model_nodes(model)}
   claimed = {}
+  converted = {}
   for hood, replacement in replacements.items():
+    replacement = converted[hood] = keras3.to_tf_keras(replacement)
     if not hasattr(hood, "nodes"):
       raise TypeError(f"replacements keys must be keras_nd.Neighbourhood objects; got {hood!r}.")
     for node in hood.nodes:
@@ -229,7 +238,7 @@ def _checked_replacements(model, replacements):
                          f"hold layer '{node.layer.name}'); replace one or the other.")
       claimed[id(node)] = hood.name
     check_replacement(hood, replacement)
-  return list(replacements.items())
+  return list(converted.items())
 
 
 def substitute(model, replacements, copy=False, name=None):
@@ -241,10 +250,12 @@ def substitute(model, replacements, copy=False, name=None):
   layers of the result); other callables are called as layers.
 
   Args:
-    model: a single-input, single-output functional tf_keras model.
+    model: a single-input, single-output functional tf_keras (or Keras 3)
+      model.
     replacements: dict `{Neighbourhood: replacement}`; each neighbourhood must
-      belong to `model`, and its replacement (a model or callable) must map
-      the neighbourhood's input shape to its output shape.
+      belong to `model`, and its replacement (a model, tf_keras or Keras 3, or
+      a callable) must map the neighbourhood's input shape to its output
+      shape.
     copy: if False the result shares layers (and weights) with `model` and the
       replacements; if True every layer is an independent copy with the same
       weights (made from its config), so training the result leaves the
@@ -262,7 +273,7 @@ def substitute(model, replacements, copy=False, name=None):
     >>> hoods = nd.split(teacher)
     >>> same = nd.substitute(teacher, {h: h.teacher for h in hoods})
   """
-  check_functional(model)
+  model = check_functional(model)
   pairs = _checked_replacements(model, replacements)
   copier = _Copier() if copy else _identity
   result = rebuild(model_nodes(model), model.inputs[0], model.outputs[0], name or model.name,

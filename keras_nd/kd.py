@@ -1,6 +1,6 @@
 """KnowledgeDistiller: end-to-end knowledge distillation (Eq. 3)."""
 
-from keras_nd import _checks, losses
+from keras_nd import _checks, keras3, losses
 from keras_nd._keras import keras, tf
 from keras_nd.batch_norm import calibrate_batch_norm
 from keras_nd.batches import as_batches
@@ -31,8 +31,9 @@ class KnowledgeDistiller(keras.Model):
   log-probabilities (see `keras_nd.losses.logits_of`).
 
   Args:
-    teacher: the trained teacher model.
-    student: the model to train; same output shape as the teacher.
+    teacher: the trained teacher model (tf_keras, or Keras 3: converted by
+      `keras_nd.keras3.to_tf_keras`).
+    student: the tf_keras model to train; same output shape as the teacher.
     temperature: tau of Eq. 3, > 0.
     label_weight: lambda of Eq. 3, >= 0; 0 for data without labels.
     scale_soft: multiply the soft term by tau^2 (see `losses.kd_loss`).
@@ -54,6 +55,12 @@ class KnowledgeDistiller(keras.Model):
                calibrate_steps=100, **kwargs):
     kwargs.setdefault("name", "knowledge_distiller")
     super().__init__(**kwargs)
+    if keras3.is_keras3(student):
+      raise TypeError(
+          f"The student '{student.name}' is a Keras 3 model; keras_nd trains tf_keras models. "
+          "Train its conversion, `keras_nd.keras3.to_tf_keras(student)`, and export the result "
+          "with `keras_nd.files.export_keras3`.")
+    teacher = keras3.to_tf_keras(teacher)
     for what, model in (("teacher", teacher), ("student", student)):
       if not isinstance(model, keras.Model):
         raise TypeError(f"The {what} must be a tf_keras Model; got {type(model).__name__}.")

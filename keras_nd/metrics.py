@@ -7,6 +7,7 @@ perturbed teachers) builds no Keras test function per model. A one-off score
 many times (after each change of its weights), traces its step once.
 """
 
+from keras_nd import keras3
 from keras_nd._keras import keras, tf
 from keras_nd.batches import as_batches
 
@@ -42,7 +43,7 @@ class Scorer:
   """
 
   def __init__(self, model, dataset, evaluations=None, verbose=0, traced=True):
-    self.model = model
+    self.model = model = keras3.to_tf_keras(model)
     self.dataset = dataset
     # One step per evaluation: a sweep of hundreds of them takes minutes.
     self._progbar = keras.utils.Progbar(evaluations, unit_name="evaluation", verbose=verbose)

@@ -189,7 +189,9 @@ def split(model, boundaries=None, group=1):
   activation, padding and pooling.
 
   Args:
-    model: a trained single-input, single-output functional tf_keras model.
+    model: a trained single-input, single-output functional tf_keras model
+      (a Keras 3 one is converted: `keras_nd.keras3.to_tf_keras`; the
+      neighbourhoods then belong to its conversion).
     boundaries: optional list of layer names whose outputs are the cuts to
       use (instead of detecting them); each must be a single-tensor cut.
     group: merge this many consecutive segments into one neighbourhood (the
@@ -199,14 +201,14 @@ def split(model, boundaries=None, group=1):
     A list of `Neighbourhood`s, in order, covering the whole model.
 
   Raises:
-    TypeError: `model` is not a functional tf_keras model.
+    TypeError: `model` is not a functional tf_keras or Keras 3 model.
     ValueError: several inputs/outputs, a bad boundary, or a bad `group`.
 
   Example:
     >>> hoods = nd.split(teacher)
     >>> [h.name for h in hoods]  # e.g. ['stem_relu', 'stage1_unit1_out', ..., 'head_logits']
   """
-  graph.check_functional(model)
+  model = graph.check_functional(model)
   group = _checks.integer(group, "group")
   nodes = graph.model_nodes(model)
   if len(nodes) < 2:
@@ -232,7 +234,8 @@ def split_layers(model, layer_types=WEIGHTED):
   included; each neighbourhood's input is the layer's own input tensor.
 
   Args:
-    model: a single-input, single-output functional tf_keras model.
+    model: a single-input, single-output functional tf_keras (or Keras 3)
+      model.
     layer_types: a layer class or tuple of classes (default: convolutions and
       Dense).
 
@@ -243,7 +246,7 @@ def split_layers(model, layer_types=WEIGHTED):
     ValueError: no layer of those types, or such a layer with several input
       or output tensors.
   """
-  graph.check_functional(model)
+  model = graph.check_functional(model)
   types = tuple(layer_types) if isinstance(layer_types, (list, tuple)) else (layer_types,)
   if not types or not all(isinstance(t, type) for t in types):
     raise TypeError(f"layer_types must be layer classes; got {layer_types!r}.")

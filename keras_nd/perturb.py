@@ -35,7 +35,7 @@ import math
 
 import numpy as np
 
-from keras_nd import _checks, graph, layer_types, metrics
+from keras_nd import _checks, graph, keras3, layer_types, metrics
 from keras_nd._keras import keras, tf
 from keras_nd.activations import ActivationSource
 from keras_nd.neighbourhood import checked_hoods
@@ -134,7 +134,7 @@ def with_output_noise(model, hoods, epsilon, seed=0, scales=None, name=None):
     >>> noisy = perturb.with_output_noise(teacher, hoods[2], epsilon=0.1)
     >>> logits = noisy(images, training=False)
   """
-  hoods = _checked_hoods(model, hoods)
+  model, hoods = _checked_hoods(model, hoods)
   epsilon = _checked_epsilon(epsilon)
   seed = _checked_seed(seed)
   scales = _checked_scales(hoods, scales)
@@ -158,7 +158,7 @@ def output_rms(model, hoods, dataset, steps=None, batch_size=256):
     steps: batches to read, or None for all.
     batch_size: examples per teacher pass.
   """
-  hoods = _checked_hoods(model, hoods)
+  model, hoods = _checked_hoods(model, hoods)
   if steps is not None:
     _checks.integer(steps, "steps")
   batches = ActivationSource(model, hoods, dataset, verbose=0).dataset(batch_size, shuffle=False)
@@ -208,7 +208,7 @@ def output_sweep(model, hoods, dataset, epsilons, mode="each", seeds=(0, 1, 2), 
       negative epsilon, an unknown mode, a neighbourhood of another model, a
       dataset without labels).
   """
-  hoods = _checked_hoods(model, hoods)
+  model, hoods = _checked_hoods(model, hoods)
   epsilons = _checked_epsilons(epsilons)
   if mode not in _MODES:
     raise ValueError(f"mode must be one of {list(_MODES)}; got {mode!r}.")
@@ -277,8 +277,9 @@ def weight_sweep(model, dataset, epsilon, layers=None, seeds=(0, 1, 2), verbose=
     TypeError, ValueError: a negative epsilon, an unknown layer or one
       without a kernel, no layer to perturb.
   """
+  model = keras3.to_tf_keras(model)
   if not isinstance(model, keras.Model):
-    raise TypeError(f"model must be a tf_keras Model; got {type(model).__name__}.")
+    raise TypeError(f"model must be a tf_keras (or Keras 3) Model; got {type(model).__name__}.")
   epsilon = _checked_epsilon(epsilon)
   seeds = _checked_seeds(seeds)
   kernels = _kernels(model, layers)
@@ -378,8 +379,9 @@ def _kernels(model, layers):
 
 
 def _checked_hoods(model, hoods):
-  graph.check_functional(model)
-  return checked_hoods(model, hoods)
+  """(the tf_keras model of `model`, `hoods` checked to be its neighbourhoods)."""
+  model = graph.check_functional(model)
+  return model, checked_hoods(model, hoods)
 
 
 def _checked_scales(hoods, scales):

@@ -97,6 +97,7 @@ def score(teacher, hoods, trained, dataset, directory=None):
     `{neighbourhood name: [{"label", "params", "flops", "accuracy", "mse"}]}`,
     candidates in the order given.
   """
+  teacher = graph.check_functional(teacher, "teacher")
   table = {}
   by_name = {hood.name: hood for hood in hoods}
   store = artefacts.store(directory, teacher) if directory is not None else None

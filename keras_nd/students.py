@@ -11,7 +11,7 @@ never holds two layers of one name.
 
 import numpy as np
 
-from keras_nd import _checks, graph, layer_types
+from keras_nd import _checks, graph, keras3, layer_types
 from keras_nd._keras import keras
 from keras_nd.neighbourhood import split
 
@@ -306,6 +306,10 @@ def clone(hood, init="teacher"):
 
 def as_student_model(hood, student):
   """A Keras model for a student given as a model, a layer, or a builder `f(hood) -> model`."""
+  if keras3.is_keras3(student):
+    raise TypeError(
+        f"The student for neighbourhood '{hood.name}' is a Keras 3 model; keras_nd trains "
+        "tf_keras models. Pass its conversion, `keras_nd.keras3.to_tf_keras(student)`.")
   if not isinstance(student, keras.layers.Layer) and callable(student):
     student = student(hood)
   if not isinstance(student, keras.layers.Layer):

@@ -114,7 +114,7 @@ def diagnose(teacher, students, dataset, thresholds=None, steps=10, batch_size=1
       threshold missing for a student or given for a neighbourhood that has
       none.
   """
-  graph.check_functional(teacher, "teacher")
+  teacher = graph.check_functional(teacher, "teacher")
   pairs = _checked_students(teacher, students)
   limits = _checked_thresholds(pairs, thresholds)
   _checks.integer(steps, "steps")
@@ -165,8 +165,7 @@ def format_diagnosis(rows):
 
 
 def _checked_hoods(model, hoods):
-  graph.check_functional(model)
-  return checked_hoods(model, hoods)
+  return checked_hoods(graph.check_functional(model), hoods)
 
 
 def _checked_students(teacher, students):

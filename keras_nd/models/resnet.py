@@ -14,7 +14,7 @@ layers by name.
 """
 
 from keras_nd import _checks
-from keras_nd._keras import keras, tf
+from keras_nd._keras import keras, keras3, tf
 from keras_nd.students import scaled_width
 
 __all__ = ["ZeroPadShortcut", "resnet50_v1", "resnet_v1"]
@@ -69,6 +69,15 @@ class ZeroPadShortcut(keras.layers.Layer):
     before = extra // 2
     return tf.pad(subsampled,
                   [[0, 0], [0, 0], [0, 0], [before, extra - before]])
+
+  def to_keras3(self, inputs):
+    """The same shortcut of Keras 3 built-ins, on a Keras 3 tensor (for
+    `keras_nd.files.export_keras3`): a 1x1 max pooling with `strides` takes every
+    `strides`-th row and column, a pad operation adds the channels."""
+    k3 = keras3()
+    subsampled = k3.layers.MaxPooling2D(1, self.strides, name=f"{self.name}_subsample")(inputs)
+    extra = self.filters - inputs.shape[-1]
+    return k3.ops.pad(subsampled, [[0, 0], [0, 0], [0, 0], [extra // 2, extra - extra // 2]])
 
   def compute_output_shape(self, input_shape):
     def subsample(size):
