@@ -262,6 +262,13 @@ def copy_back(model):
   conversion.fingerprint = _fingerprint(k3_layer for k3_layer, _ in conversion.pairs)
 
 
+def _check_graph_network(model):
+  if not getattr(model, "_is_graph_network", False):
+    raise TypeError(f"The model '{model.name}' is a subclassed tf_keras model "
+                    f"({type(model).__name__}); only functional and Sequential models (whose "
+                    "graphs can be read) can be exported to Keras 3.")
+
+
 class _ToKeras3:
   """Rebuilds a tf_keras graph in Keras 3."""
 
@@ -271,10 +278,7 @@ class _ToKeras3:
     self.names = _Names()
 
   def graph(self, model, inputs):
-    if not getattr(model, "_is_graph_network", False):
-      raise TypeError(f"The model '{model.name}' is a subclassed tf_keras model "
-                      f"({type(model).__name__}); only functional and Sequential models (whose "
-                      "graphs can be read) can be exported to Keras 3.")
+    _check_graph_network(model)
     values = {id(t): v for t, v in zip(model.inputs, inputs)}
 
     def lookup(x):
@@ -320,6 +324,7 @@ def to_keras3(model):
     ValueError: a layer Keras 3 has no built-in counterpart for (named), or a
       result whose outputs differ from `model`'s.
   """
+  _check_graph_network(model)
   k3 = keras3()
   builder = _ToKeras3()
   inputs = [k3.Input(shape=tuple(t.shape[1:]), dtype=t.dtype.name, name=builder.names(name))

@@ -121,6 +121,12 @@ def _where(layer):
   return f"Layer '{layer.name}' ({type(layer).__name__})"
 
 
+def _check_not_lambda(layer):
+  if type(layer).__name__ == "Lambda":
+    raise ValueError(f"{_where(layer)} runs Python code, which keras_nd does not convert (nor "
+                     "would safe mode load it); replace it with built-in layers or operations.")
+
+
 def tf_keras_layer(layer, name):
   """A new tf_keras layer, named `name`, that computes what the Keras 3 `layer` computes.
 
@@ -133,6 +139,7 @@ def tf_keras_layer(layer, name):
   """
   cls = type(layer)
   where = _where(layer)
+  _check_not_lambda(layer)
   if cls.__module__.startswith("keras.src.applications.") and cls.__name__ in _APPLICATION_LAYERS:
     return _APPLICATION_LAYERS[cls.__name__](layer, name)
   if not cls.__module__.startswith("keras.src.layers."):
@@ -174,6 +181,7 @@ def keras3_layer(layer, name):
   """
   cls = type(layer)
   where = _where(layer)
+  _check_not_lambda(layer)
   target = getattr(keras3().layers, cls.__name__, None)
   if target is None or not cls.__module__.startswith("tf_keras."):
     raise ValueError(
