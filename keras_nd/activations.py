@@ -61,6 +61,7 @@ def check_inputs(teacher, x):
   in the teacher's standard deviations, and the median ratio of spreads
   (None, None for a teacher without BatchNormalization).
   """
+  teacher = keras3.to_tf_keras(teacher)
   norm = next((layer for layer in teacher.layers
                if isinstance(layer, keras.layers.BatchNormalization)), None)
   if norm is None or len(norm.inbound_nodes) != 1 or norm.axis not in ([-1], [len(

@@ -21,13 +21,13 @@ import numpy as np
 
 from keras_nd import keras3_layers
 from keras_nd._keras import KerasTensor, keras, keras3, tf
-from keras_nd.keras3_ops import Keras3Op, operation
+from keras_nd.keras3_ops import Keras3Op, operation, tensor_argument
 
 __all__ = ["check_outputs", "copy_back", "is_keras3", "load_keras3", "to_keras3", "to_tf_keras"]
 
 # The outputs of a conversion may differ from the original's by float32 rounding: this much,
 # relative to the largest output.
-RELATIVE_TOLERANCE = 1e-5
+_TOLERANCE = 1e-5
 _CHECK_BATCH = 2
 _CHECK_SIZE = 32  # a dimension the model leaves open (None), in the check's random inputs
 # Keras 3 model -> its _Conversion, for as long as the model lives.
@@ -95,8 +95,9 @@ class _ToTfKeras:
       operation = node.operation
       args, kwargs = node.arguments.fill_in(values)
       kwargs = {k: v for k, v in kwargs.items() if v is not None}
-      if type(operation).__name__ in _COMPOSITE:
-        outputs = _COMPOSITE[type(operation).__name__](self, operation, *args)
+      composite = _COMPOSITE.get(type(operation).__name__)
+      if composite is not None and type(operation).__module__.startswith(_APPLICATIONS):
+        outputs = composite(self, operation, *args)
       elif isinstance(operation, k3.Model):
         outputs = self.graph(operation, [v for v in tf.nest.flatten(args)
                                          if isinstance(v, KerasTensor)])
@@ -117,9 +118,9 @@ class _ToTfKeras:
 
   def custom_scale(self, layer, inputs):
     """Keras 3 InceptionResNetV2's CustomScaleLayer, `inputs[0] + inputs[1] * scale`."""
-    scaled = Keras3Op(operation("Multiply"), [{"keras_nd_input": 0}, float(layer.scale)],
+    scaled = Keras3Op(operation("Multiply"), [tensor_argument(0), float(layer.scale)],
                       name=self.names(f"{layer.name}_scale"))([inputs[1]])
-    return Keras3Op(operation("Add"), [{"keras_nd_input": 0}, {"keras_nd_input": 1}],
+    return Keras3Op(operation("Add"), [tensor_argument(0), tensor_argument(1)],
                     name=self.names(layer.name))([inputs[0], scaled])
 
   def operation(self, operation, node, kwargs):
@@ -131,9 +132,9 @@ class _ToTfKeras:
 
     def encode(value):
       if id(value) in positions:
-        return {"keras_nd_input": positions[id(value)]}
-      if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
+        return tensor_argument(positions[id(value)])
+      if isinstance(value, (np.ndarray, np.generic)) or tf.is_tensor(value):
+        return np.asarray(value).tolist()  # a constant, kept in the layer's configuration
       return value
 
     arguments, _ = node.arguments.convert(encode)
@@ -145,6 +146,7 @@ class _ToTfKeras:
 
 
 # Layers of keras.applications' own modules that become several tf_keras nodes.
+_APPLICATIONS = "keras.src.applications."
 _COMPOSITE = {"CustomScaleLayer": _ToTfKeras.custom_scale}
 
 
@@ -198,11 +200,11 @@ def check_outputs(reference, converted, what):
                        f"{want.shape} (output {i}).")
     scale = max(float(np.max(np.abs(want), initial=0.0)), np.finfo(np.float32).tiny)
     difference = float(np.max(np.abs(want - got), initial=0.0))
-    if not difference <= RELATIVE_TOLERANCE * scale:
+    if not difference <= _TOLERANCE * scale:
       raise ValueError(
           f"{what} computes other outputs than the original: on random inputs, output {i} "
           f"differs by up to {difference:.3g} (relative to its largest value {scale:.3g}, more "
-          f"than {RELATIVE_TOLERANCE:g}). Some layer is not converted exactly; please report "
+          f"than {_TOLERANCE:g}). Some layer is not converted exactly; please report "
           "the model.")
     largest = max(largest, difference)
   return largest

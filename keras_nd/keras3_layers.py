@@ -5,7 +5,7 @@ from the layer's configuration with every value translated generically (dtype
 policies, activations, initializers, regularizers and constraints); an option
 the other class lacks is dropped only where it holds its default, and refused
 otherwise. Weights are copied by name (`kernel`, `moving_mean`, ...), never by
-position. Per-class differences are listed in `_RENAMED`.
+position. Where the two Keras differ for one class, the tables below say how.
 """
 
 import functools
@@ -23,9 +23,6 @@ _RENAMED = {"LeakyReLU": {"negative_slope": "alpha"}}
 # Weights one Keras names differently from the other: {class: {Keras 3 name: tf_keras name}}.
 _WEIGHTS_RENAMED = {"DepthwiseConv1D": {"kernel": "depthwise_kernel"},
                     "DepthwiseConv2D": {"kernel": "depthwise_kernel"}}
-# tf_keras's BatchNormalization reports its axis as a list once built; Keras 3's takes one int.
-_KERAS3_VALUES = {("BatchNormalization", "axis"): lambda axis: (
-    axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis)}
 # Options Keras 3 takes through **kwargs, with their defaults.
 _KWARGS_DEFAULTS = {"rms_scaling": False}
 # The layers of keras.applications' own modules that keras_nd converts: {class: tf_keras layer
@@ -107,9 +104,8 @@ def _options(config, source_cls, target_cls, where, renamed):
           f"{target_cls.__name__} does not have; keras_nd cannot convert it.")
     if key == "dtype":
       value = _dtype(value, where)
-    elif key == "activation" and value is not None:
-      value = keras3_activation(value, where)[0] if to_keras3 else (
-          keras3_ops.tf_keras_activation(value, where))
+    elif key == "activation" and value is not None and not to_keras3:  # (keras3_layer's own)
+      value = keras3_ops.tf_keras_activation(value, where)
     elif (isinstance(value, dict) and "class_name" in value and
           str(value.get("module", "")).rpartition(".")[2] in _OBJECT_MODULES):
       value = _object(value, keras3() if to_keras3 else keras, where)
@@ -191,9 +187,9 @@ def keras3_layer(layer, name):
   after = None
   if config.get("activation") is not None:
     config["activation"], after = keras3_activation(config["activation"], where)
-  for (name_, key), fix in _KERAS3_VALUES.items():
-    if cls.__name__ == name_ and key in config:
-      config[key] = fix(config[key])
+  axis = config.get("axis")
+  if cls.__name__ == "BatchNormalization" and isinstance(axis, (list, tuple)) and len(axis) == 1:
+    config["axis"] = axis[0]  # tf_keras's reports its axis as a list; Keras 3's takes one int
   renamed = {v: k for k, v in _RENAMED.get(cls.__name__, {}).items()}
   options = _options(config, cls, target, where, renamed)
   options["name"] = name

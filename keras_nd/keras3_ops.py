@@ -16,7 +16,7 @@ import inspect
 from keras_nd._keras import keras, keras3, tf
 
 __all__ = ["ACTIVATIONS", "Keras3Op", "LayerScale", "OPERATIONS", "operation",
-           "tf_keras_activation"]
+           "tensor_argument", "tf_keras_activation"]
 
 
 def _register(fn):
@@ -174,6 +174,11 @@ OPERATIONS = {
 }
 
 _INPUT = "keras_nd_input"  # marks the place of a tensor input among an operation's arguments
+
+
+def tensor_argument(index):
+  """The mark, among a `Keras3Op`'s arguments, of its `index`-th tensor input."""
+  return {_INPUT: index}
 
 
 def operation(class_name, module="numpy"):

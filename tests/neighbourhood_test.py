@@ -326,16 +326,15 @@ class SplitRejectsBadModelsTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(TypeError, "functional Model"):
       nd.split_layers(obj)
 
-  def test_rejects_keras_3_model(self):
-    # The one place outside keras_nd._keras that imports Keras 3: the point is
-    # that its models are refused, not mistaken for tf_keras ones.
+  def test_keras_3_model_is_split_through_its_tf_keras_conversion(self):
+    # Keras 3 is imported here only to build a user's model: its models are converted (see
+    # tests/keras3_test.py), not mistaken for tf_keras ones.
     import keras as keras3  # pylint: disable=g-import-not-at-top
 
     model = keras3.Sequential([keras3.Input((3,)), keras3.layers.Dense(2)])
-    with self.assertRaisesRegex(TypeError, "Keras 3"):
-      nd.split(model)
-    with self.assertRaisesRegex(TypeError, "Keras 3"):
-      nd.split_layers(model)
+    for hoods in (nd.split(model), nd.split_layers(model)):
+      self.assertIsInstance(hoods[0].model, keras.Model)
+      self.assertEqual([h.name for h in hoods], [model.layers[0].name])
 
 
 class SplitLayersTest(tf.test.TestCase, parameterized.TestCase):

@@ -75,6 +75,10 @@ class ReadmeTest(tf.test.TestCase):
     # The saved student is the one trained.
     self.assertAllClose(ns["reloaded"].predict(ns["x_test"], verbose=0),
                         ns["student"].predict(ns["x_test"], verbose=0), atol=1e-5)
+    # The Keras 3 file computes the student, and the Keras 3 teacher's neighbourhoods are tf_keras.
+    self.assertAllClose(ns["exported"](ns["x_test"][:8], training=False),
+                        ns["student"](ns["x_test"][:8], training=False), atol=1e-5)
+    self.assertIsInstance(ns["k3_hoods"][0].model, tf.keras.Model)
     # Every pruned layer, by gradient or exactly, is at its target; the skipped ones are dense.
     for model in (ns["sparse"], ns["sparse_exact"]):
       layers = {r["layer"]: r["sparsity"] for r in sparsity.report(model)["layers"]}
