@@ -42,16 +42,21 @@ _KERAS3_NAMES = {"swish": "silu"}
 
 @functools.lru_cache(maxsize=None)
 def _parameters(cls):
-  """{name: default} of every named argument of `cls`'s constructors, down its class tree."""
-  found = {"activity_regularizer": None}
-  for klass in reversed(cls.__mro__):
+  """{name: default} of every named argument `cls` takes: its constructor's, and its parents'
+  as far as each passes on **kwargs."""
+  found = {}
+  for klass in cls.__mro__:
     init = vars(klass).get("__init__")
     if init is None:
       continue
-    for name, parameter in inspect.signature(init).parameters.items():
-      if name != "self" and parameter.kind not in (parameter.VAR_POSITIONAL,
-                                                   parameter.VAR_KEYWORD):
-        found[name] = parameter.default
+    parameters = inspect.signature(init).parameters.values()
+    for parameter in parameters:
+      if parameter.name != "self" and parameter.kind not in (parameter.VAR_POSITIONAL,
+                                                             parameter.VAR_KEYWORD):
+        found.setdefault(parameter.name, parameter.default)
+    if not any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters):
+      return found
+  found.setdefault("activity_regularizer", None)  # tf_keras's Layer takes it through **kwargs
   return found
 
 
@@ -74,9 +79,27 @@ def _dtype(value, where):
   return value
 
 
+def _object_module(value):
+  """"initializers", "regularizers" or "constraints" for a serialised object of theirs, or None."""
+  if isinstance(value, dict) and "class_name" in value:
+    module = str(value.get("module", "")).rpartition(".")[2]
+    return module if module in _OBJECT_MODULES else None
+  return None
+
+
+def _is_default(value, default, source):
+  """Whether an option's `value` is its `default` in the `source` Keras (a serialised object, its
+  default given by name, too)."""
+  module = _object_module(value)
+  if module is not None and isinstance(default, str):
+    objects = getattr(source, module)
+    return objects.serialize(objects.get(default)) == value
+  return _same(value, default)
+
+
 def _object(value, target, where):
   """A serialised initializer, regularizer or constraint as an object of the `target` Keras."""
-  module = str(value.get("module", "")).rpartition(".")[2]
+  module = _object_module(value)
   name = value.get("class_name")
   source = keras if target is not keras else keras3()
   source_cls = getattr(getattr(source, module), name, None)
@@ -91,13 +114,14 @@ def _options(config, source_cls, target_cls, where, renamed):
   """`config` of a `source_cls` object as keyword arguments of `target_cls`."""
   accepted, defaults = _parameters(target_cls), {**_KWARGS_DEFAULTS, **_parameters(source_cls)}
   to_keras3 = target_cls.__module__.startswith("keras.")
+  source = keras if to_keras3 else keras3()
   options = {}
   for key, value in config.items():
     if key in _INPUT_OPTIONS:
       continue
     target_key = renamed.get(key, key)
     if target_key not in accepted:
-      if key in defaults and _same(value, defaults[key]):
+      if key in defaults and _is_default(value, defaults[key], source):
         continue  # an option the other Keras lacks, at the value that means "not used"
       raise ValueError(
           f"{where} sets '{key}'={value!r}, which {target_cls.__module__.split('.')[0]}'s "
@@ -106,8 +130,7 @@ def _options(config, source_cls, target_cls, where, renamed):
       value = _dtype(value, where)
     elif key == "activation" and value is not None and not to_keras3:  # (keras3_layer's own)
       value = keras3_ops.tf_keras_activation(value, where)
-    elif (isinstance(value, dict) and "class_name" in value and
-          str(value.get("module", "")).rpartition(".")[2] in _OBJECT_MODULES):
+    elif _object_module(value) is not None:
       value = _object(value, keras3() if to_keras3 else keras, where)
     options[target_key] = value
   return options

@@ -13,10 +13,12 @@ that `keras_nd.files.export_keras3` writes it back as the same node).
 
 import inspect
 
+import numpy as np
+
 from keras_nd._keras import keras, keras3, tf
 
 __all__ = ["ACTIVATIONS", "Keras3Op", "LayerScale", "OPERATIONS", "operation",
-           "tensor_argument", "tf_keras_activation"]
+           "constant_argument", "tensor_argument", "tf_keras_activation"]
 
 
 def _register(fn):
@@ -174,11 +176,18 @@ OPERATIONS = {
 }
 
 _INPUT = "keras_nd_input"  # marks the place of a tensor input among an operation's arguments
+_CONSTANT = "keras_nd_constant"  # marks an array constant (kept with its dtype)
 
 
 def tensor_argument(index):
   """The mark, among a `Keras3Op`'s arguments, of its `index`-th tensor input."""
   return {_INPUT: index}
+
+
+def constant_argument(array):
+  """An array constant among a `Keras3Op`'s arguments, as its configuration keeps it."""
+  array = np.asarray(array)
+  return {_CONSTANT: array.tolist(), "dtype": array.dtype.name}
 
 
 def operation(class_name, module="numpy"):
@@ -187,11 +196,15 @@ def operation(class_name, module="numpy"):
           "registered_name": class_name}
 
 
-def _fill(value, inputs):
+def _fill(value, inputs, array):
+  """An operation's arguments with its tensor inputs in place, and array constants made by
+  `array(values, dtype)`."""
   if isinstance(value, dict) and set(value) == {_INPUT}:
     return inputs[value[_INPUT]]
+  if isinstance(value, dict) and set(value) == {_CONSTANT, "dtype"}:
+    return array(value[_CONSTANT], value["dtype"])
   if isinstance(value, (list, tuple)):
-    return [_fill(v, inputs) for v in value]
+    return [_fill(v, inputs, array) for v in value]
   return value
 
 
@@ -232,14 +245,14 @@ class Keras3Op(keras.layers.Layer):
 
   def call(self, inputs):
     inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    return self._fn(*_fill(self.arguments, inputs), **self._options)
+    return self._fn(*_fill(self.arguments, inputs, tf.constant), **self._options)
 
   def to_keras3(self, inputs):
     """The operation as a Keras 3 node, on Keras 3 tensors (for `keras_nd.keras3.to_keras3`)."""
     operation = keras3().saving.deserialize_keras_object(
         dict(self.operation, config=dict(self.operation.get("config", {}), name=self.name)))
     inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    return operation(*_fill(self.arguments, inputs))
+    return operation(*_fill(self.arguments, inputs, np.asarray))
 
   def get_config(self):
     config = super().get_config()
@@ -270,7 +283,7 @@ class LayerScale(keras.layers.Layer):
 
   def to_keras3(self, inputs):
     """A Keras 3 multiplication by the current scales (Keras 3 has no built-in LayerScale)."""
-    return keras3().ops.multiply(inputs, self.gamma.numpy().tolist())
+    return keras3().ops.multiply(inputs, self.gamma.numpy())
 
   def get_config(self):
     config = super().get_config()

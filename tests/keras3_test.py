@@ -135,7 +135,7 @@ def k3_operations():
       ops.clip(x, -0.5, 0.5), ops.mean(x, axis=1, keepdims=True), ops.sum(x, axis=-1),
       ops.max(x, axis=(1, 2)), ops.min(x, axis=1), ops.reshape(x, (-1, 24)),
       ops.transpose(x, (0, 2, 1)), ops.expand_dims(x, 1), ops.concatenate([x, y], axis=-1),
-      ops.matmul(x, ops.transpose(y, (0, 2, 1))),
+      ops.matmul(x, ops.transpose(y, (0, 2, 1))), x * np.linspace(-1, 1, 6, dtype="float32"),
   ]
   return k3.Model(inputs, outputs, name="operations")
 
@@ -201,7 +201,7 @@ class ApplicationsTest(tf.test.TestCase, parameterized.TestCase):
 class ConversionTest(tf.test.TestCase, parameterized.TestCase):
   """Hand-built Keras 3 models, and what the converter refuses."""
 
-  def test_layer_zoo_converts_with_the_same_outputs(self):
+  def test_layer_zoo_converts_and_exports_back_with_the_same_outputs(self):
     model = k3_layer_zoo()
     converted = keras3.to_tf_keras(model)
     x = _rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
@@ -209,8 +209,14 @@ class ConversionTest(tf.test.TestCase, parameterized.TestCase):
     # The residual branch stays a branch: the Add has two tf_keras inputs.
     add = [layer for layer in converted.layers if isinstance(layer, keras.layers.Add)][0]
     self.assertLen(add.input, 2)
+    path = os.path.join(self.get_temp_dir(), "zoo.keras")
+    files.export_keras3(converted, path)
+    exported = k3.saving.load_model(path, safe_mode=True)
+    self.assertEqual(sorted(type(layer).__name__ for layer in exported.layers),
+                     sorted(type(layer).__name__ for layer in model.layers))
+    _close(self, exported(x, training=False), model(x, training=False))
 
-  def test_every_operation_converts_with_the_same_outputs(self):
+  def test_every_operation_converts_and_exports_back_with_the_same_outputs(self):
     model = k3_operations()
     converted = keras3.to_tf_keras(model)
     x = _rng(2).normal(size=(3, 4, 6)).astype("float32")
@@ -218,6 +224,11 @@ class ConversionTest(tf.test.TestCase, parameterized.TestCase):
       _close(self, got, want)
     self.assertGreater(len([layer for layer in converted.layers
                             if isinstance(layer, keras3_ops.Keras3Op)]), len(model.outputs))
+    exported = keras3.to_keras3(converted)
+    self.assertEqual(sorted(type(op).__name__ for op in exported.operations),
+                     sorted(type(op).__name__ for op in model.operations))
+    for got, want in zip(exported(x), model(x)):
+      _close(self, got, want)
 
   @parameterized.named_parameters((name, name) for name in sorted(keras3_ops.ACTIVATIONS))
   def test_activation_computes_keras3s_definition(self, name):
@@ -227,6 +238,23 @@ class ConversionTest(tf.test.TestCase, parameterized.TestCase):
     got = keras.activations.get(keras3_ops.ACTIVATIONS[name])(tf.constant(x))
     self.assertAllClose(got, want, atol=1e-6, rtol=1e-6)
 
+  def test_application_layers_of_convnext_and_inception_resnet_convert_and_export(self):
+    from keras.src.applications import convnext, inception_resnet_v2  # pylint: disable=g-import-not-at-top
+
+    inputs = k3.Input((4, 4, 6))
+    x = convnext.LayerScale(0.5, 6, name="scale")(K3.Dense(6)(inputs))
+    x = convnext.StochasticDepth(0.1)(x)
+    x = inception_resnet_v2.CustomScaleLayer(0.17, name="mix")([inputs, x])
+    model = k3.Model(inputs, x)
+    model.get_layer("scale").weights[0].assign(np.linspace(-1, 1, 6, dtype="float32"))
+    converted = keras3.to_tf_keras(model)
+    self.assertAllClose(converted.get_layer("scale").gamma, np.linspace(-1, 1, 6))
+    x = _rng().normal(size=(2, 4, 4, 6)).astype("float32")
+    _close(self, converted(x), model(x, training=False))
+    path = os.path.join(self.get_temp_dir(), "applications.keras")
+    files.export_keras3(converted, path)
+    _close(self, k3.saving.load_model(path, safe_mode=True)(x), model(x, training=False))
+
   def test_keras3_and_tf_keras_hard_sigmoid_differ_and_the_conversion_keeps_keras3s(self):
     x = np.array([[-2.8, -1.0, 1.0, 2.8]], "float32")
     self.assertNotAllClose(keras.activations.hard_sigmoid(tf.constant(x)),
@@ -234,6 +262,15 @@ class ConversionTest(tf.test.TestCase, parameterized.TestCase):
     inputs = k3.Input((4,))
     model = k3.Model(inputs, K3.Activation("hard_sigmoid")(inputs))
     self.assertAllClose(keras3.to_tf_keras(model)(x), k3.activations.hard_sigmoid(x))
+
+  def test_mixed_precision_model_keeps_its_dtype_policies(self):
+    inputs = k3.Input((8, 8, 3))
+    x = K3.Conv2D(4, 3, dtype="mixed_float16", name="half")(inputs)
+    x = K3.GlobalAveragePooling2D(dtype="mixed_float16")(x)
+    model = k3.Model(inputs, K3.Dense(3, dtype="float32", name="out")(x))
+    converted = keras3.to_tf_keras(model)
+    self.assertEqual(converted.get_layer("half").dtype_policy.name, "mixed_float16")
+    self.assertEqual(converted.get_layer("out").compute_dtype, "float32")
 
   def test_sequential_converts(self):
     model = k3.Sequential([k3.Input((6,)), K3.Dense(5, activation="tanh"), K3.Dropout(0.5),
