@@ -23,6 +23,10 @@ _RENAMED = {"LeakyReLU": {"negative_slope": "alpha"}}
 # Weights one Keras names differently from the other: {class: {Keras 3 name: tf_keras name}}.
 _WEIGHTS_RENAMED = {"DepthwiseConv1D": {"kernel": "depthwise_kernel"},
                     "DepthwiseConv2D": {"kernel": "depthwise_kernel"}}
+# Options the tf_keras conversion of a Keras 3 layer is given. Fused, tf_keras's BatchNormalization
+# rounds otherwise than Keras 3's (1e-7 relative per layer, past 1e-5 after EfficientNetV2S's 500
+# layers); unfused it runs Keras 3's very arithmetic. (Not saved: a copy of it is fused again.)
+_TF_KERAS_OPTIONS = {"BatchNormalization": {"fused": False}}
 # Options Keras 3 takes through **kwargs, with their defaults.
 _KWARGS_DEFAULTS = {"rms_scaling": False}
 # The layers of keras.applications' own modules that keras_nd converts: {class: tf_keras layer
@@ -171,7 +175,7 @@ def tf_keras_layer(layer, name):
     raise ValueError(f"{where} has no tf_keras counterpart (tf_keras has no layer "
                      f"'{cls.__name__}'); replace it with layers both Keras have.")
   options = _options(layer.get_config(), cls, target, where, _RENAMED.get(cls.__name__, {}))
-  options["name"] = name
+  options.update(_TF_KERAS_OPTIONS.get(cls.__name__, {}), name=name)
   return target(**options)
 
 
