@@ -16,7 +16,7 @@ import numpy as np
 from keras_nd import keras3_ops
 from keras_nd._keras import keras, keras3
 
-__all__ = ["copy_weights", "keras3_activation", "keras3_layer", "tf_keras_layer"]
+__all__ = ["copy_weights", "keras3_layer", "tf_keras_layer"]
 
 # Options one Keras names differently from the other: {class: {Keras 3 name: tf_keras name}}.
 _RENAMED = {"LeakyReLU": {"negative_slope": "alpha"}}
@@ -179,7 +179,7 @@ def tf_keras_layer(layer, name):
   return target(**options)
 
 
-def keras3_activation(value, where):
+def _keras3_activation(value, where):
   """(Keras 3 activation name, None) for a tf_keras activation's serialisation, or ("linear",
   a function of a Keras 3 tensor) where Keras 3 has no activation of that definition."""
   name = value.get("config") if isinstance(value, dict) else value
@@ -213,7 +213,7 @@ def keras3_layer(layer, name):
   config = layer.get_config()
   after = None
   if config.get("activation") is not None:
-    config["activation"], after = keras3_activation(config["activation"], where)
+    config["activation"], after = _keras3_activation(config["activation"], where)
   axis = config.get("axis")
   if cls.__name__ == "BatchNormalization" and isinstance(axis, (list, tuple)) and len(axis) == 1:
     config["axis"] = axis[0]  # tf_keras's reports its axis as a list; Keras 3's takes one int
