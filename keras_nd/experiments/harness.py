@@ -22,7 +22,7 @@ from keras_nd.experiments.catalogue import build_model, from_scratch
 from keras_nd.experiments.common import Settings, fit_progress
 from keras_nd.experiments.teacher import load_teacher
 from keras_nd.experiments.tracker import EpochTracker
-from keras_nd.training import cosine_adam
+from keras_nd.training import build_step, cosine_adam
 
 __all__ = ["Experiment", "select"]
 
@@ -31,10 +31,12 @@ __all__ = ["Experiment", "select"]
 SUBSAMPLE = 2
 
 
-def _compiled(model, learning_rate, steps):
+def _compiled(model, learning_rate, steps, data):
+  """`model` compiled for cross-entropy training on `data`, its step's variables made."""
   model.compile(cosine_adam(learning_rate, steps),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=["accuracy"])
+  build_step(model, model.trainable_variables, data, outputs_like=model)
   return model
 
 
@@ -179,7 +181,7 @@ class Experiment:
       self.say(f"Reusing the teacher {path}.")
       return teacher
     teacher = _compiled(self._new(1.0, self.unit_noise), self.learning_rate,
-                        self.epochs["teacher"] * self.steps_per_epoch)
+                        self.epochs["teacher"] * self.steps_per_epoch, self.train)
     self.say(f"Training the teacher ({self.model}, {self.epochs['teacher']} epochs)...")
     # A killed job's successor goes on from the last epoch (the backup goes once fit ends).
     backup = keras.callbacks.BackupAndRestore(
@@ -194,7 +196,7 @@ class Experiment:
   def ce(self, multiplier):
     """Cross-entropy from scratch: (row, curve)."""
     student = _compiled(self._new(multiplier), self.learning_rate,
-                        self.epochs["ce"] * self.steps_per_epoch)
+                        self.epochs["ce"] * self.steps_per_epoch, self.train)
     tracker = EpochTracker(self.validation, self.test, patience=None,
                            calibration=self._calibration())
     student.fit(self.train, epochs=self.epochs["ce"], **self._fit_args(tracker))
