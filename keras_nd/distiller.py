@@ -5,8 +5,13 @@ import contextlib
 from keras_nd import _checks, batch_norm, losses
 from keras_nd._keras import keras, tf
 from keras_nd.students import as_student_model
-from keras_nd.training import (StopOnNonFinite, Untracked, build_step, fit_arguments,
-                               with_pruning_step)
+from keras_nd.training import (
+  StopOnNonFinite,
+  Untracked,
+  build_step,
+  fit_arguments,
+  with_pruning_step,
+)
 
 __all__ = ["NeighbourhoodDistiller"]
 

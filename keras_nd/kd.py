@@ -4,8 +4,13 @@ from keras_nd import _checks, losses
 from keras_nd._keras import keras, tf
 from keras_nd.batch_norm import calibrate_batch_norm
 from keras_nd.batches import as_batches
-from keras_nd.training import (StopOnNonFinite, Untracked, build_step, fit_arguments,
-                               with_pruning_step)
+from keras_nd.training import (
+  StopOnNonFinite,
+  Untracked,
+  build_step,
+  fit_arguments,
+  with_pruning_step,
+)
 
 __all__ = ["KnowledgeDistiller"]
 
