@@ -216,6 +216,17 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "resnet7"):
       catalogue.build_model("resnet7", (8, 8, 3), 3)
 
+  def test_a_multi_worker_run_needs_tf_config_and_the_gradient_solver(self):
+    without = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    with mock.patch.dict(os.environ, without, clear=True):
+      with self.assertRaisesRegex(ValueError, "TF_CONFIG"):
+        distill.multi_worker_strategy("gradient")
+    cluster = json.dumps({"cluster": {"worker": ["localhost:1"]},
+                          "task": {"type": "worker", "index": 0}})
+    with mock.patch.dict(os.environ, {"TF_CONFIG": cluster}):
+      with self.assertRaisesRegex(ValueError, "add --solver=gradient"):
+        distill.multi_worker_strategy("lstsq")
+
   def test_time_to_reads_the_first_point_at_the_target(self):
     curve = [(1.0, 0.5), (2.0, 0.8), (3.0, 0.9)]
     self.assertEqual(tracker.time_to(curve, 0.8), 2.0)
