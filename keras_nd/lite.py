@@ -134,12 +134,13 @@ def _representative(model, representative):
   """The first `REPRESENTATIVE_IMAGES` images of `representative`, float32, checked."""
   if isinstance(representative, np.ndarray):  # no copy of a whole training set into a tensor
     representative = representative[:REPRESENTATIVE_IMAGES]
+  unbatched = isinstance(representative, tf.data.Dataset)  # arrays are sliced into batches
   dataset = as_batches(representative, what="representative")
   expected = tuple(model.input_shape[1:])
   spec = dataset.element_spec
   spec = spec[0] if isinstance(spec, (tuple, list)) else spec
-  if isinstance(spec, tf.TensorSpec) and spec.shape.rank == len(expected):
-    dataset = dataset.batch(64)  # single images
+  if unbatched and isinstance(spec, tf.TensorSpec) and spec.shape.rank == len(expected):
+    dataset = dataset.batch(64)  # a dataset of single images
   chunks, count = [], 0
   for batch in dataset:
     x = np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch)
