@@ -32,6 +32,9 @@ setuptools.setup(
     "numpy",
     # The experiments' figures (keras_nd.experiments.plot).
     "matplotlib>=3.6",
+    # The LiteRT interpreter that runs exported models (keras_nd.lite); tf.lite.Interpreter is
+    # deprecated. 2.3 is the version measured; it brings no other dependency of weight.
+    "ai-edge-litert>=2.3",
   ],
   extras_require={
     "test": ["pytest"],
