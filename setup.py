@@ -32,6 +32,9 @@ setuptools.setup(
     "numpy",
     # The experiments' figures (keras_nd.experiments.plot).
     "matplotlib>=3.6",
+    # tf.summary's writers, which the experiments' TensorBoard logs need (tensorflow 2.21 no
+    # longer installs the package).
+    "tensorboard>=2.16",
   ],
   extras_require={
     "test": ["pytest"],
