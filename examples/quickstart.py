@@ -23,6 +23,7 @@ flags.DEFINE_integer("nd_epochs", 4, "Neighbourhood distillation epochs.")
 flags.DEFINE_integer("ft_epochs", 2, "Fine-tuning (knowledge distillation) epochs.")
 flags.DEFINE_integer("seed", 0, "Seed of the data and the models.")
 common.define_tensorboard_flag()
+flags.declare_key_flag("tensorboard")  # --help lists it with the binary's own
 
 
 def main(argv):
