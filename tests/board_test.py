@@ -2,12 +2,14 @@
 
 import importlib.util
 import os
+import pathlib
 from unittest import mock
 
 import testing
 
 from keras_nd._keras import keras, tf
 from keras_nd.experiments import board as board_module
+from keras_nd.experiments import common
 from keras_nd.experiments.board import Board, accuracies
 
 
@@ -56,6 +58,11 @@ class BoardTest(tf.test.TestCase):
     self.assertEqual(accuracies(0.875, rows, "multiplier", "lookahead"),
                      {"teacher": 0.875, "ce@0.5": 0.5, "nd_ft@1/lookahead2": 0.75,
                       "budgeted@12345678": 0.25})
+
+  def test_a_configuration_holds_the_directory_as_a_path(self):
+    self.assertEqual(common.Settings(tensorboard=pathlib.Path("logs")).tensorboard, "logs")
+    with self.assertRaisesRegex(TypeError, "tensorboard must be a directory's path.*int"):
+      common.Settings(tensorboard=42)
 
   def test_a_missing_tensorboard_package_is_named(self):
     found = importlib.util.find_spec

@@ -52,7 +52,8 @@ class Board:
     if directory is not None and importlib.util.find_spec("tensorboard") is None:
       raise ImportError(f"TensorBoard logs were asked for in '{directory}' but the tensorboard "
                         "package, which writes them, is not installed: pip install tensorboard, "
-                        "or turn the logs off (--tensorboard= , tensorboard=None).")
+                        "or turn the logs off (--tensorboard= on a binary's command line, "
+                        "tensorboard=None in a configuration).")
     self.directory = None if directory is None else os.fspath(directory)
     self.prefix = prefix
 

@@ -38,7 +38,7 @@ class Settings:
       training phase (`board.Board`); None writes none.
 
   Raises:
-    TypeError: `teacher` is not a path.
+    TypeError: `teacher` or `tensorboard` is not a path.
     ValueError: an unknown `student_init`, `solver` or `channels`.
   """
   model: str = "resnet20"
@@ -62,6 +62,9 @@ class Settings:
       self.teacher = os.fspath(self.teacher)
     if isinstance(self.tensorboard, os.PathLike):
       self.tensorboard = os.fspath(self.tensorboard)
+    if self.tensorboard is not None and not isinstance(self.tensorboard, str):
+      raise TypeError(f"tensorboard must be a directory's path or None; got "
+                      f"{type(self.tensorboard).__name__}.")
     # A model in memory goes to `Experiment` itself: a configuration is written as JSON.
     if self.teacher is not None and not isinstance(self.teacher, str):
       raise TypeError(f"teacher must be the path of a .keras file; got "
