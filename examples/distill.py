@@ -23,8 +23,9 @@ A killed run started again with the same command resumes: finished work is
 reused, ND, KD and fine-tuning go on from their last epoch.
 
 It writes WORKDIR/distill_results.json (the configuration, one row per method and
-multiplier, timings, time-to-accuracy speed-ups, accuracy curves) and prints
-tables shaped like the paper's Tables 1, 5 and 6.
+multiplier, timings, time-to-accuracy speed-ups, accuracy curves) and TensorBoard
+logs of every phase (WORKDIR/tensorboard; see --tensorboard), and prints tables
+shaped like the paper's Tables 1, 5 and 6.
 """
 
 import os

@@ -36,6 +36,8 @@ class BinariesTest(tf.test.TestCase):
     self.assertNotIn("oneDNN custom operations", done.stderr)
     path = os.path.join(workdir, binary.replace(".py", "_results.json"))
     self.assertIn(f"Results written to {path}", done.stdout)
+    # TensorBoard logs by default, under the work directory.
+    self.assertNotEmpty(os.listdir(os.path.join(workdir, "tensorboard", "summary")))
     with open(path) as f:
       return json.load(f), done.stdout
 

@@ -41,6 +41,7 @@ from keras_nd import metrics
 from keras_nd._keras import keras, tf
 from keras_nd.batch_norm import frozen_batch_norms
 from keras_nd.experiments import plot
+from keras_nd.experiments.board import accuracies
 from keras_nd.experiments.common import (
   Settings,
   complete_runs,
@@ -197,6 +198,10 @@ def run(data, workdir, config=None, strategy=None):
   results = {"config": dataclasses.asdict(config), "data": data_summary(data),
              "teacher": teacher_row, "rows": rows, "timings": timings, "speedup": speedup,
              "curves": curves, "figures": figures(curves, speedup, config, workdir)}
+  experiment.board.summary(
+      {"timings": timings, "speedup": speedup,
+       "accuracy": accuracies(teacher_row["accuracy"], rows, "multiplier", "lookahead")},
+      results["figures"])
   write_results(workdir, results, "distill")
   # The run is complete: a later one starts KD and fine-tuning afresh (ND students are kept).
   shutil.rmtree(os.path.join(workdir, "backups"), ignore_errors=True)
