@@ -32,6 +32,12 @@ setuptools.setup(
     "numpy",
     # The experiments' figures (keras_nd.experiments.plot).
     "matplotlib>=3.6",
+    # The LiteRT interpreter that runs exported models (keras_nd.lite); tf.lite.Interpreter is
+    # deprecated. 2.3 is the version measured; it brings no other dependency of weight.
+    "ai-edge-litert>=2.3",
+    # tf.summary's writers, which the experiments' TensorBoard logs need (tensorflow 2.21 no
+    # longer installs the package).
+    "tensorboard>=2.16",
   ],
   extras_require={
     "test": ["pytest"],

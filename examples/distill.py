@@ -23,8 +23,9 @@ A killed run started again with the same command resumes: finished work is
 reused, ND, KD and fine-tuning go on from their last epoch.
 
 It writes WORKDIR/distill_results.json (the configuration, one row per method and
-multiplier, timings, time-to-accuracy speed-ups, accuracy curves) and prints
-tables shaped like the paper's Tables 1, 5 and 6.
+multiplier, timings, time-to-accuracy speed-ups, accuracy curves) and TensorBoard
+logs of every phase (WORKDIR/tensorboard; see --tensorboard), and prints tables
+shaped like the paper's Tables 1, 5 and 6.
 """
 
 import os
@@ -78,15 +79,10 @@ def main(argv):
   common.quiet_logs()
   strategy = None
   if FLAGS.multi_worker:  # first: the strategy must exist before TensorFlow runs anything
-    if "TF_CONFIG" not in os.environ:
-      raise app.UsageError("--multi_worker needs the cluster in the TF_CONFIG environment "
-                           "variable.")
-    if FLAGS.solver != "gradient":
-      raise app.UsageError(f"--multi_worker all-reduces gradient steps: add --solver=gradient "
-                           f"(--solver={FLAGS.solver} solves in one process, in seconds).")
-    # Imported after keras_nd, which hides TensorFlow's start-up lines and picks its Keras.
-    import tensorflow as tf
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    try:
+      strategy = distill.multi_worker_strategy(FLAGS.solver)
+    except ValueError as error:
+      raise app.UsageError(str(error)) from None
   config = distill.Config(
       multipliers=[float(k) for k in FLAGS.multipliers], methods=FLAGS.methods,
       lookahead=FLAGS.lookahead, ablation=FLAGS.ablation,

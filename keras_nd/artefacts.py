@@ -2,9 +2,9 @@
 
 Every trained student is an artefact: `<directory>/teacher-<fingerprint>/
 <neighbourhood>/<label>.keras`, with `<label>.json` beside it (its final
-distillation loss, epochs, training seconds). Both are written under
-temporary names and renamed when complete, so an artefact that exists is
-finished. `distil` trains only the students that have no artefact and loads
+distillation loss, epochs, training seconds, its solve's report). Both are
+written under temporary names and renamed when complete, so an artefact that
+exists is finished. `distil` trains only the students that have no artefact and loads
 the others; jobs given different neighbourhoods (by hand, or `shard`) can
 therefore run at once, on any scheduler, into one shared directory, and
 `load` assembles their work, naming any neighbourhood that is not finished.
@@ -58,7 +58,7 @@ def path(store_dir, hood_name, label):
 
 
 def info(store_dir, hood_name, label):
-  """The `.json` of an artefact: {"loss", "epochs", "seconds", ...}."""
+  """The `.json` of an artefact: {"loss", "epochs", "seconds", "solver", ...[, "solve"]}."""
   with open(path(store_dir, hood_name, label)[:-len(".keras")] + ".json") as f:
     return json.load(f)
 
@@ -221,7 +221,8 @@ class _SolveFirst(keras.callbacks.Callback):
 
 def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_size=128,
            learning_rate=2e-3, seed=0, lookahead=0, devices=None, calibrate_steps=50,
-           strategy=None, solver="gradient", ridge=1e-3, channels=None, subsample=1, verbose=1):
+           strategy=None, solver="gradient", ridge=1e-3, channels=None, subsample=1, verbose=1,
+           callbacks=None):
   """Distils every student that has no artefact yet, all at once; loads the rest.
 
   Args:
@@ -263,6 +264,8 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
       (channels="greedy" chooses the teacher channels that bottleneck
       students keep).
     verbose: 0 silent, 1 a line, 2 Keras progress bars too.
+    callbacks: more Keras callbacks for the gradient epochs' `fit`, before their backup (e.g.
+      Keras's TensorBoard: an epoch's logs hold each student's `<neighbourhood>_<label>_loss`).
 
   Returns:
     `{neighbourhood name: {label: trained model}}` for `hoods`.
@@ -324,7 +327,7 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
     if gradient_epochs:
       epoch_logs = _train(distiller, source, batch_size, seed, gradient_epochs, steps_per_epoch,
                           backup, own, strategy, solve if solver != "gradient" else None,
-                          verbose)
+                          verbose, callbacks or [])
     else:
       epoch_logs = []
       files.write_json(os.path.join(own, "solve.json"), solve())
@@ -333,9 +336,11 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
     distiller.calibrate_batch_norm(source.dataset(batch_size, seed=seed + 1),
                                    steps=calibrate_steps)
   seconds = sum(epoch["seconds"] for epoch in epoch_logs) + time.perf_counter() - start
+  solved = {}
   if solver != "gradient":
     with open(os.path.join(own, "solve.json")) as f:
-      seconds += json.load(f)["seconds"]
+      solved = json.load(f)
+    seconds += solved["seconds"]
   if epoch_logs:
     losses = epoch_logs[-1]
   else:  # solved only: each neighbourhood's loss, measured once (not counted as training time)
@@ -343,6 +348,8 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
                                 return_dict=True)
   for name, hood, label, model in distiller.entries:
     loss = float(losses[f"{name}_loss"])
+    solve = solved.get("report", {}).get(name)  # its loss is the solve's when solved only
+    extra = {"solve": solve if epoch_logs else dict(solve, loss_after=loss)} if solve else {}
     if sparsity.prunes(model):  # pruned students are stored as plain sparse layers
       model = sparsity.strip(model)
     # Saving is collective under a multi-worker strategy: the other workers save a copy into
@@ -350,7 +357,7 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
     files.save_model(path(store_dir if chief else own, hood.name, label), model,
                      {"loss": loss, "epochs": gradient_epochs, "seconds": seconds,
                       "solver": solver, "trained_with": len(job),
-                      "job": os.path.basename(backup)})
+                      "job": os.path.basename(backup), **extra})
     trained[hood.name][label] = model
   shutil.rmtree(own, ignore_errors=True)
   if chief:
@@ -359,7 +366,7 @@ def distil(teacher, hoods, candidates, source, directory, epochs=None, batch_siz
 
 
 def _train(distiller, source, batch_size, seed, epochs, steps_per_epoch, backup, own, strategy,
-           solve, verbose):
+           solve, verbose, extra):
   """Trains for `epochs` in one `fit`, backed up after every epoch: the logs of its epochs.
 
   A job started again resumes from its last backup (`BackupAndRestore`) and
@@ -368,7 +375,7 @@ def _train(distiller, source, batch_size, seed, epochs, steps_per_epoch, backup,
   """
   log = _EpochLog(os.path.join(own, "epochs.json"), epochs, backup, verbose)
   data = _EpochData(source, batch_size, seed, epochs, steps_per_epoch, strategy is not None)
-  callbacks = [log, keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False), data]
+  callbacks = [log, *extra, keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False), data]
   if solve is not None:
     callbacks.append(_SolveFirst(solve, os.path.join(own, "solve.json")))
   if verbose:
@@ -378,17 +385,18 @@ def _train(distiller, source, batch_size, seed, epochs, steps_per_epoch, backup,
 
 
 def _solve(distiller, source, batch_size, verbose, **settings):
-  """Solves the distiller's students in place, every label in one `reconstruct`: {"seconds"}."""
+  """Solves the students in place, every label in one `reconstruct`: {"seconds", "report"}."""
   start = time.perf_counter()
   by_label = {}
   for _, hood, label, model in distiller.entries:
     by_label.setdefault(label, {})[hood] = model
-  reconstruct(list(by_label.values()), source, batch_size=max(batch_size, 256), errors=False,
-              **settings)
+  reports = dict(zip(by_label, reconstruct(list(by_label.values()), source, errors=False,
+                                           batch_size=max(batch_size, 256), **settings)))
   seconds = time.perf_counter() - start
+  report = {name: reports[label][hood.name] for name, hood, label, _ in distiller.entries}
   if verbose:
     print(f"Solved {len(distiller.entries)} students exactly ({seconds:.1f}s).", flush=True)
-  return {"seconds": seconds}
+  return {"seconds": seconds, "report": report}
 
 
 def _check_same_teacher(strategy, teacher):

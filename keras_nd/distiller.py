@@ -5,7 +5,13 @@ import contextlib
 from keras_nd import _checks, batch_norm, losses
 from keras_nd._keras import keras, tf
 from keras_nd.students import as_student_model
-from keras_nd.training import StopOnNonFinite, Untracked, fit_arguments, with_pruning_step
+from keras_nd.training import (
+  StopOnNonFinite,
+  Untracked,
+  build_step,
+  fit_arguments,
+  with_pruning_step,
+)
 
 __all__ = ["NeighbourhoodDistiller"]
 
@@ -193,6 +199,7 @@ class NeighbourhoodDistiller(keras.Model):
     the first non-finite loss (`StopOnNonFinite`: naming the neighbourhood and the step), and
     the students' BatchNorm statistics re-estimated at the end (`calibrate_steps`)."""
     callbacks = list(callbacks or []) + [StopOnNonFinite(self.weights, self.student_names)]
+    build_step(self, self.trainable_variables, None)
     history = super().fit(*args, callbacks=with_pruning_step(self, callbacks, args, kwargs),
                           **kwargs)
     data = fit_arguments(args, kwargs).get("x")

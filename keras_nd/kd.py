@@ -4,7 +4,13 @@ from keras_nd import _checks, keras3, losses
 from keras_nd._keras import keras, tf
 from keras_nd.batch_norm import calibrate_batch_norm
 from keras_nd.batches import as_batches
-from keras_nd.training import StopOnNonFinite, Untracked, fit_arguments, with_pruning_step
+from keras_nd.training import (
+  StopOnNonFinite,
+  Untracked,
+  build_step,
+  fit_arguments,
+  with_pruning_step,
+)
 
 __all__ = ["KnowledgeDistiller"]
 
@@ -95,11 +101,13 @@ class KnowledgeDistiller(keras.Model):
     the first non-finite loss (`StopOnNonFinite`), and the student's BatchNorm statistics
     re-estimated at the end (`calibrate_steps`)."""
     callbacks = list(callbacks or []) + [StopOnNonFinite(self.student.weights)]
+    given = fit_arguments(args, kwargs)
+    build_step(self, self.student.trainable_variables, given.get("x"), given.get("y"),
+               self.student)
     history = super().fit(*args, callbacks=with_pruning_step(self, callbacks, args, kwargs),
                           **kwargs)
     if self.calibrate_steps and any(isinstance(layer, keras.layers.BatchNormalization)
                                     for layer in self.student.submodules):
-      given = fit_arguments(args, kwargs)
       calibrate_batch_norm(self.student, as_batches(given.get("x"), given.get("batch_size") or 32,
                                                     "fit's x"), steps=self.calibrate_steps)
     return history

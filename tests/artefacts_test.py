@@ -70,9 +70,12 @@ class ArtefactsTest(tf.test.TestCase):
     directory = self.get_temp_dir()
     for spec in ("1/2", "0/2"):  # separate jobs: each its own source and distiller
       mine = artefacts.shard(self.units, spec)
+      logged = keras.callbacks.History()  # a callback of the caller's sees every epoch's logs
       got = artefacts.distil(self.teacher, mine, _CANDIDATES, self._source(), directory,
-                             **self._settings())
+                             callbacks=[logged], **self._settings())
       self.assertEqual(sorted(got), sorted(h.name for h in mine))
+      self.assertEqual(logged.epoch, [0, 1, 2])
+      self.assertContainsSubset({f"{h.name}_{_LABEL}_loss" for h in mine}, logged.history)
     students = artefacts.load(self.teacher, self.units, _LABEL, directory)
     self.assertSameStudents({h.name: {_LABEL: m} for h, m in students.items()})
 
@@ -167,6 +170,15 @@ class ArtefactsTest(tf.test.TestCase):
       losses[solver] = [measured[f"{h.name}_loss"] for h in self.units]
       if solver == "lstsq":  # measured the same way
         self.assertAllClose([i["loss"] for i in infos], losses[solver], rtol=1e-4)
+      # A solved student keeps its solve's report: its solved layer's errors (its channels
+      # chosen: none before), and its loss when nothing trained it after.
+      for info in infos if solver != "gradient" else ():
+        [layer] = info["solve"]["layers"].values()
+        self.assertIsNone(layer["error_before"])
+        self.assertBetween(layer["error_after"], 0.0, 1.0)
+        self.assertEqual(info["solve"].get("loss_after"),
+                         info["loss"] if solver == "lstsq" else None)
+      self.assertEqual(solver == "gradient", not any("solve" in i for i in infos))
     for solved, refined in zip(losses["lstsq"], losses["lstsq+gradient"]):
       self.assertLess(refined, solved * 1.05)
     self.assertLess(sum(losses["lstsq"]), sum(losses["gradient"]))

@@ -72,7 +72,8 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
   def test_every_method_runs_and_writes_results(self):
     workdir = self.get_temp_dir()
     # The exact solver, its losses measured as the untrained students' below.
-    config = _config(multipliers=(1.0, 0.5), steps_per_epoch=4, solver="lstsq")
+    board = os.path.join(workdir, "tensorboard")
+    config = _config(multipliers=(1.0, 0.5), steps_per_epoch=4, solver="lstsq", tensorboard=board)
     results = data_free.run(self._dataset(), workdir, config)
     with open(os.path.join(workdir, "data_free_results.json")) as f:
       written = json.load(f)
@@ -106,6 +107,19 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
     text = data_free.table(results)
     for label in ("Table 3b", "CE (with data)", "G-ND", "G-ND+FT", "GN-KD", "teacher"):
       self.assertIn(label, text)
+    # TensorBoard: G-ND's solve, each fit's epochs (KD on noise has no labels: its soft loss),
+    # the timings and accuracies.
+    logs = testing.tensorboard_logs(board)
+    for k in ("1", "0.5"):
+      self.assertTrue(any(tag.endswith("/error_after") for tag in logs[f"gnd-k{k}/solve"]))
+      for run in (f"gnd_ft-k{k}/train", f"gnkd-k{k}/train"):
+        self.assertEqual(sorted(logs[run]["epoch_soft_loss"]), [0], msg=run)
+      self.assertIn("epoch_accuracy", logs[f"ce-k{k}/validation"])
+      self.assertAlmostEqual(logs["summary"][f"timings/gnd@{k}"][0],
+                             results["timings"][f"gnd@{k}"], places=4)
+    for row in results["rows"]:
+      self.assertAlmostEqual(logs["summary"][f"accuracy/{row['method']}@{row['multiplier']:g}"][0],
+                             row["accuracy"], places=6)
 
   @parameterized.named_parameters(("teacher_noise_random_students", "teacher", "random"),
                                   ("standard_noise_teacher_students", "standard", "teacher"))
@@ -123,15 +137,21 @@ class DataFreeExperimentTest(tf.test.TestCase, parameterized.TestCase):
     # The exact solver from one epoch of noise, no data: its students' neighbourhood losses on
     # fresh noise are below two epochs of gradient G-ND's.
     losses = {}
+    board = os.path.join(self.get_temp_dir(), "tensorboard")
     for solver in ("lstsq", "gradient"):
       results = data_free.run(self._dataset(), self.get_temp_dir(),
                               _config(multipliers=(0.5,), methods=("gnd",),
                                       teacher=_teacher_path(), student_init="teacher",
                                       epochs=dict(_TINY, gnd=2), steps_per_epoch=4,
-                                      solver=solver))
+                                      solver=solver, tensorboard=f"{board}-{solver}"))
       self.assertEqual(results["config"]["solver"], solver)
       losses[solver] = results["timings"]["gnd_losses@0.5"]
     self.assertLess(sum(losses["lstsq"].values()), sum(losses["gradient"].values()))
+    # Gradient G-ND: Keras's callback logs each unit's own loss, each epoch.
+    logs = testing.tensorboard_logs(f"{board}-gradient")["gnd-k0.5/train"]
+    for unit, loss in losses["gradient"].items():
+      self.assertEqual(sorted(logs[f"epoch_{unit}_loss"]), [0, 1])
+      self.assertAlmostEqual(logs[f"epoch_{unit}_loss"][1], loss, places=5)
 
   def test_the_guard_catches_a_read_of_the_training_split(self):
     # The reference method reads the data: the guard must stop it, or it proves nothing above.

@@ -47,8 +47,9 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
     return results, workdir
 
   def test_every_method_runs_and_nd_ft_learns_the_task(self):
+    board = os.path.join(self.get_temp_dir(), "tensorboard")
     results, _ = self._run(_easy_task(), multipliers=(0.5,), time_neighbourhoods=True,
-                           batch_size=16, epochs=dict(_TINY, teacher=2, kd=1))
+                           batch_size=16, epochs=dict(_TINY, teacher=2, kd=1), tensorboard=board)
     methods = [row["method"] for row in results["rows"]]
     self.assertEqual(methods, ["ce", "kd", "nd", "nd_ft"])
     accuracy = {row["method"]: row["accuracy"] for row in results["rows"]}
@@ -81,9 +82,49 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
     text = distill.table(results)
     for label in ("CE", "KD", "ND", "ND+FT", "before FT", "Seconds (Table 6)"):
       self.assertIn(label, text)
+    self._assert_logged(testing.tensorboard_logs(board), results)
+
+  def _assert_logged(self, logs, results):
+    """The TensorBoard runs of every phase of `results`' run, with what each measured."""
+    [label] = {run.split("/")[0][len("nd-"):] for run in logs if run.startswith("nd-")}
+    self.assertEqual(set(logs), {
+        "teacher/train", "summary", f"nd-{label}/solve", f"nd-{label}/test",
+        *(f"{phase}/{split}" for phase in ("ce-k0.5", "kd-k0.5", f"ft-{label}")
+          for split in ("train", "validation", "test"))})
+    self.assertEqual(sorted(logs["teacher/train"]["epoch_loss"]), [0, 1])  # a point per epoch
+    # KD's loss terms and accuracy, each epoch's; its validation and test accuracies, the
+    # latter against the epoch and the training seconds too (its curve).
+    for phase in ("kd-k0.5", f"ft-{label}"):
+      self.assertContainsSubset({"epoch_loss", "epoch_soft_loss", "epoch_label_loss",
+                                 "epoch_accuracy"}, logs[f"{phase}/train"])
+      self.assertEqual(sorted(logs[f"{phase}/validation"]["epoch_accuracy"]), [0])
+    kd, nd_ft = results["curves"]["kd@0.5"], results["curves"]["nd_ft@0.5/lookahead0"]
+    # (Accuracies over 32 test images are exact in float32; seconds are not.)
+    self.assertEqual(logs["kd-k0.5/test"]["epoch_accuracy"], {0: kd[0][1]})
+    self.assertEqual(logs["kd-k0.5/test"]["accuracy_vs_seconds"], {round(kd[0][0]): kd[0][1]})
+    self.assertAlmostEqual(logs["kd-k0.5/test"]["epoch_seconds"][0], kd[0][0], places=4)
+    # ND+FT's curve starts with the ND student, before fine-tuning: not an epoch's.
+    self.assertEqual(set(logs[f"ft-{label}/test"]["accuracy_vs_seconds"]),
+                     {round(seconds) for seconds, _ in nd_ft})
+    self.assertEqual(logs[f"ft-{label}/test"]["epoch_accuracy"], {0: nd_ft[1][1]})
+    # The exact solve (the default solver): each unit's solved layer's error, its loss.
+    losses = results["timings"]["nd_losses@0.5/lookahead0"]
+    solve = logs[f"nd-{label}/solve"]
+    for unit in losses:
+      self.assertAlmostEqual(solve[f"{unit}/loss_after"][0], losses[unit], places=6)
+      self.assertBetween(solve[f"{unit}/{unit[:-len('out')]}conv2_s/error_after"][0], 0, 1)
+    summary = logs["summary"]
+    for key in ("teacher", "kd@0.5", "nd_all_fused@0.5/lookahead0", "ft@0.5/lookahead0"):
+      self.assertAlmostEqual(summary[f"timings/{key}"][0], results["timings"][key], places=4)
+    for row in results["rows"]:
+      name = f"{row['method']}@0.5" + ("/lookahead0" if "lookahead" in row else "")
+      self.assertAlmostEqual(summary[f"accuracy/{name}"][0], row["accuracy"], places=6)
+    self.assertEqual(summary["figures/accuracy_vs_time_k0.5"], {0: (720, 480)})
 
   def test_kd_killed_after_an_epoch_goes_on_from_there_with_its_curve(self):
-    settings = common.Settings(model="resnet8", batch_size=32, patience=5, verbose=0)
+    board = os.path.join(self.get_temp_dir(), "tensorboard")
+    settings = common.Settings(model="resnet8", batch_size=32, patience=5, verbose=0,
+                               tensorboard=board)
     experiment = harness.Experiment(_easy_task(), self.get_temp_dir(), settings,
                                     dict(teacher=1, kd=3))
     teacher = experiment.teacher()
@@ -109,21 +150,40 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(trained, [2])  # the third epoch only
     self.assertLen(curve, 3)  # the two epochs before the kill, then the third
     self.assertEqual([s for s, _ in curve], sorted(s for s, _ in curve))
+    # TensorBoard logged each epoch once, the two before the kill (each before its backup) and
+    # the third; the test accuracies of the whole curve once it ended.
+    logs = testing.tensorboard_logs(board)
+    for split in ("train", "validation"):
+      self.assertEqual(sorted(logs[f"kd-k0.5/{split}"]["epoch_accuracy"]), [0, 1, 2])
+    self.assertEqual(logs["kd-k0.5/test"]["epoch_accuracy"], dict(enumerate(a for _, a in curve)))
 
   def test_runs_offline_on_mock_tfds_cifar10_with_ablation(self):
     with testing.mock_tfds(num_examples=48):
       dataset = data.get("cifar10", num_validation=16)
+      board = os.path.join(self.get_temp_dir(), "tensorboard")
       results, _ = self._run(dataset, multipliers=(0.5,), methods=("nd", "nd_ft"),
-                             ablation=True, solver="gradient")
+                             ablation=True, solver="gradient", tensorboard=board)
     lookaheads = sorted({row["lookahead"] for row in results["rows"]})
     self.assertEqual(lookaheads, [0, 2])
+    # Gradient ND: Keras's callback logs every unit's own loss, each epoch, for each look-ahead.
+    logs = testing.tensorboard_logs(board)
+    runs = sorted(run for run in logs if run.startswith("nd-") and run.endswith("/train"))
+    self.assertEqual([run.split("-")[2] for run in runs], ["lookahead0", "lookahead2"])
+    for run in runs:
+      label = run[len("nd-"):-len("/train")]
+      for unit, loss in results["timings"][f"nd_losses@0.5/{label.split('-')[1]}"].items():
+        self.assertAlmostEqual(logs[run][f"epoch_{unit}_{label}_loss"][0], loss, places=5)
+    self.assertNotIn(f"{runs[0][:-len('/train')]}/solve", logs)  # nothing solved
     self.assertIn("ND+FT (look-ahead 2)", distill.table(results))
 
   def test_students_from_scratch_as_in_the_paper(self):
     dataset = data.get("embedded", num_train=64, num_test=32, num_validation=32)
-    results, _ = self._run(dataset, methods=("kd", "nd_ft"), student_init="random")
+    results, workdir = self._run(dataset, methods=("kd", "nd_ft"), student_init="random")
     self.assertEqual(results["config"]["student_init"], "random")
     self.assertEqual([row["method"] for row in results["rows"]], ["kd", "nd_ft"])
+    # TensorBoard is off by default in the library: no event file anywhere.
+    self.assertIsNone(results["config"]["tensorboard"])
+    self.assertEqual(testing.tensorboard_logs(workdir), {})
 
   def test_each_solver_makes_its_own_students(self):
     # The default solves exactly (greedy channels, no gradient step, no cache); the gradient
@@ -215,6 +275,17 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
   def test_unknown_model_is_named(self):
     with self.assertRaisesRegex(ValueError, "resnet7"):
       catalogue.build_model("resnet7", (8, 8, 3), 3)
+
+  def test_a_multi_worker_run_needs_tf_config_and_the_gradient_solver(self):
+    without = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    with mock.patch.dict(os.environ, without, clear=True):
+      with self.assertRaisesRegex(ValueError, "TF_CONFIG"):
+        distill.multi_worker_strategy("gradient")
+    cluster = json.dumps({"cluster": {"worker": ["localhost:1"]},
+                          "task": {"type": "worker", "index": 0}})
+    with mock.patch.dict(os.environ, {"TF_CONFIG": cluster}):
+      with self.assertRaisesRegex(ValueError, "add --solver=gradient"):
+        distill.multi_worker_strategy("lstsq")
 
   def test_time_to_reads_the_first_point_at_the_target(self):
     curve = [(1.0, 0.5), (2.0, 0.8), (3.0, 0.9)]

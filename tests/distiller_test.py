@@ -94,6 +94,11 @@ class DistillerFitTest(_TeacherCase, tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "calibrate_steps must be a non-negative integer"):
       nd.NeighbourhoodDistiller(self.given, calibrate_steps=-1)
 
+  def test_fit_traces_its_step_once(self):
+    # The optimizer's slots are made before fit: a first trace that made them would be traced
+    # again.
+    self.assertEqual(self.distiller.train_function.experimental_get_tracing_count(), 1)
+
   def test_fit_reports_each_neighbourhoods_loss_and_it_falls(self):
     for hood in self.units:
       losses = self.history[f"{hood.name}_loss"]

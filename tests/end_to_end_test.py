@@ -16,14 +16,24 @@ class QuickstartTest(tf.test.TestCase):
 
   def test_quickstart_distils_composes_and_fine_tunes(self):
     workdir = self.get_temp_dir()
+    board = os.path.join(workdir, "tensorboard")
     config = quickstart.Config(num_train=256, num_test=64, depth=8, k=0.5, teacher_epochs=2,
-                               nd_epochs=3, ft_epochs=1, batch_size=32, verbose=0)
+                               nd_epochs=3, ft_epochs=1, batch_size=32, verbose=0,
+                               tensorboard=board)
     results = quickstart.run(workdir, config)
 
     # Each neighbourhood's distillation loss fell over the ND epochs.
     self.assertLen(results["neighbourhood_loss"], 3)  # ResNet-8: three residual units
     for name, losses in results["neighbourhood_loss"].items():
       self.assertLess(losses[-1], losses[0], msg=name)
+    # Keras's TensorBoard callback logged each of those losses, each epoch.
+    logs = testing.tensorboard_logs(board)
+    for name, losses in results["neighbourhood_loss"].items():
+      logged = logs["nd-k0.5/train"][f"epoch_{name}_loss"]
+      self.assertAllClose([logged[epoch] for epoch in range(3)], losses)
+    self.assertContainsSubset({"teacher/train", "ft-k0.5/train", "summary"}, logs)
+    self.assertAlmostEqual(logs["summary"]["accuracy/nd_ft"][0],
+                           results["student"]["accuracy_nd_ft"], places=6)
 
     # The composed student is smaller, predicts, and round-trips through .keras.
     self.assertLess(results["student"]["params"], results["teacher"]["params"])

@@ -72,6 +72,12 @@ class KnowledgeDistillerFitTest(_TeacherCase, tf.test.TestCase, parameterized.Te
     expected = np.add(self.history["soft_loss"], 0.5 * np.array(self.history["label_loss"]))
     self.assertAllClose(self.history["loss"], expected, rtol=1e-5)
 
+  def test_fit_traces_its_step_once(self):
+    # The optimizer's slots and the accuracy's totals are made before fit: a first trace that
+    # made them would be traced again.
+    self.assertEqual(self.kd.train_function.experimental_get_tracing_count(), 1)
+    self.assertIn("accuracy", self.history)
+
   def test_fit_ends_with_the_students_batchnorm_statistics_matching_its_weights(self):
     # Re-estimating them again on the same batches, weights fixed, changes nothing; the
     # moving averages a fit without calibration leaves are far from them.

@@ -98,13 +98,13 @@ class ScaleOutTest(tf.test.TestCase):
       self.assertEqual(job.returncode, -signal.SIGKILL, msg="".join(lines)[-3000:])
       return "".join(lines)
 
-    killed("Building the activation cache")
-    second = killed("Distilling", "epoch 1/3:")  # in ND, after its first epoch's checkpoint
-    self.assertIn("Reusing the teacher", second)
-    third = killed("Resuming after epoch", "  nd ", "Epoch 2/3")  # in fine-tuning
-    self.assertRegex(third, r"Resuming after epoch [12] of 3")
-    self.assertIn("Reusing the activation cache", third)
-    self.assertNotIn("Training the teacher", third)
+    # (A cache killed while it is built has no manifest and is built again: activations_test.)
+    first = killed("Distilling", "epoch 1/3:")  # in ND, after its first epoch's checkpoint
+    self.assertIn("Training the teacher", first)
+    second = killed("Resuming after epoch", "  nd ", "Epoch 2/3")  # in fine-tuning
+    self.assertRegex(second, r"Resuming after epoch [12] of 3")
+    self.assertIn("Reusing the activation cache", second)
+    self.assertNotIn("Training the teacher", second)
     out = self._succeeds(workdir, "--verbose=2")
     self.assertIn("Reusing the teacher", out)
     self.assertIn("Reusing the activation cache", out)
@@ -139,19 +139,6 @@ class ScaleOutTest(tf.test.TestCase):
     self.assertLen(losses[0], 3)
     self.assertEqual(losses[0], losses[1])
     self.assertLen(self._artefacts(workdir), 3)  # written by the chief only
-
-  def test_multi_worker_needs_tf_config(self):
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    code, _, err = self._run(self.get_temp_dir(), "--multi_worker", env=env)
-    self.assertNotEqual(code, 0)
-    self.assertIn("TF_CONFIG", err)
-
-  def test_multi_worker_needs_the_gradient_solver(self):
-    env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": ["localhost:1"]},
-                                                 "task": {"type": "worker", "index": 0}}))
-    code, _, err = self._run(self.get_temp_dir(), "--multi_worker", "--solver=lstsq", env=env)
-    self.assertNotEqual(code, 0)
-    self.assertIn("add --solver=gradient", err)
 
 
 if __name__ == "__main__":

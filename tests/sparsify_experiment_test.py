@@ -27,7 +27,8 @@ class SparsifyExperimentTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_nd_and_kd_reach_the_requested_sparsity_and_keep_what_the_teacher_learnt(self):
     workdir = self.get_temp_dir()
-    config = _config(sparsities=(0.5, 0.8), epochs=dict(teacher=2, nd=2, kd=2))
+    board = os.path.join(workdir, "tensorboard")
+    config = _config(sparsities=(0.5, 0.8), epochs=dict(teacher=2, nd=2, kd=2), tensorboard=board)
     results = sparsify.run(_easy_task(), workdir, config)
     with open(os.path.join(workdir, "sparsify_results.json")) as f:
       written = json.load(f)
@@ -52,6 +53,17 @@ class SparsifyExperimentTest(tf.test.TestCase, parameterized.TestCase):
     text = sparsify.table(results)
     for label in ("KD", "ND", "teacher BN stats", "measured sparsity", "speed-up KD/ND"):
       self.assertIn(label, text)
+    # TensorBoard: each pruned layer's own loss in ND's epochs, KD's accuracy, the summary.
+    logs = testing.tensorboard_logs(board)
+    for target in ("0.5", "0.8"):
+      for layer in results["pruning"]["layers"]:
+        self.assertEqual(sorted(logs[f"nd-s{target}/train"][f"epoch_{layer}_loss"]), [0, 1])
+      self.assertContainsSubset({"epoch_accuracy", "epoch_soft_loss"}, logs[f"kd-s{target}/train"])
+    for row in results["rows"]:
+      self.assertAlmostEqual(logs["summary"][f"accuracy/{row['method']}@{row['sparsity']:g}"][0],
+                             row["accuracy"], places=6)
+    self.assertAlmostEqual(logs["summary"]["timings/nd@0.5"][0], results["timings"]["nd@0.5"],
+                           places=4)
 
   def test_without_calibration_nd_rows_have_one_accuracy(self):
     dataset = data.get("embedded", num_train=64, num_test=32, num_validation=16)
@@ -65,14 +77,26 @@ class SparsifyExperimentTest(tf.test.TestCase, parameterized.TestCase):
     # The exact solver: every pruned layer has exactly its target of zeros, without a cache.
     dataset = data.get("embedded", num_train=64, num_test=32, num_validation=16)
     workdir = self.get_temp_dir()
+    board = os.path.join(workdir, "tensorboard")
     results = sparsify.run(dataset, workdir, _config(sparsities=(0.5,), methods=("nd",),
-                                                     epochs=dict(teacher=1), solver="lstsq"))
+                                                     epochs=dict(teacher=1), solver="lstsq",
+                                                     tensorboard=board))
     self.assertEqual(results["config"]["solver"], "lstsq")
     self.assertEqual(results["timings"]["cache"], 0.0)
     self.assertFalse([d for d in os.listdir(workdir) if d.startswith("cache-layers")])
     row = results["rows"][0]
     self.assertBetween(row["measured_sparsity"], 0.4, 0.5)
     self.assertIn("accuracy_uncalibrated", row)
+    # TensorBoard: each layer's error before the solve (the teacher's dense layer: none) and
+    # after (half its weights zeroed, the rest solved: some).
+    solve = testing.tensorboard_logs(board)["nd-s0.5/solve"]
+    for layer in results["pruning"]["layers"]:
+      [before] = [v[0] for tag, v in solve.items() if tag.startswith(f"{layer}/") and
+                  tag.endswith("/error_before")]
+      [after] = [v[0] for tag, v in solve.items() if tag.startswith(f"{layer}/") and
+                 tag.endswith("/error_after")]
+      self.assertBetween(before, 0.0, 1e-4, msg=layer)
+      self.assertBetween(after, 1e-4, 1.0, msg=layer)
 
   @parameterized.named_parameters(
       ("sparsity_one", dict(sparsities=(1.0,)), "1.0"),

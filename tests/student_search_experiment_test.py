@@ -25,9 +25,10 @@ class StudentSearchExperimentTest(tf.test.TestCase):
   def test_runs_and_a_second_run_trains_no_candidate(self):
     workdir = self.get_temp_dir()
     dataset = _easy_task()
+    board = os.path.join(workdir, "tensorboard")
     kwargs = dict(model="resnet8", multipliers=(0.25, 0.5, 1.0), drops=(0.5,),
                   uniform=(0.5,), epochs=dict(teacher=2, nd=1, ft=1), batch_size=16,
-                  verbose=0)
+                  verbose=0, tensorboard=board)
     config = student_search.Config(**kwargs)
     results = student_search.run(dataset, workdir, config)
     with open(os.path.join(workdir, "student_search_results.json")) as f:
@@ -54,6 +55,19 @@ class StudentSearchExperimentTest(tf.test.TestCase):
     for path in results["figures"]:
       with open(path, "rb") as f:
         self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", msg=path)
+    # TensorBoard: every candidate's solve, each student's fine-tuning, the two figures.
+    logs = testing.tensorboard_logs(board)
+    solve = logs["nd-candidates/solve"]
+    for unit in results["candidates"]:
+      for label in ("k0.25", "k0.5", "k1"):
+        self.assertIn(f"{unit}_{label}/loss_after", solve)
+    for row in results["rows"]:
+      run = f"ft-{row['method']}-{row['setting']}"
+      self.assertEqual(sorted(logs[f"{run}/validation"]["epoch_accuracy"]), [0], msg=run)
+      self.assertAlmostEqual(logs["summary"][f"accuracy/{row['method']}@{row['setting']:g}"][0],
+                             row["accuracy"], places=6)
+    self.assertEqual(logs["summary"]["figures/search_vs_uniform"], {0: (720, 480)})
+    self.assertIn("figures/unit_accuracy_vs_k", logs["summary"])
     with mock.patch.object(nd.NeighbourhoodDistiller, "fit",
                            side_effect=AssertionError("a candidate was trained again")):
       again = student_search.run(dataset, workdir,

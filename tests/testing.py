@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import os
 from unittest import mock
 
 import numpy as np
@@ -171,3 +172,23 @@ def mock_tfds(num_examples):
   with tfds.testing.mock_data(num_examples=num_examples), mock.patch.object(
       tfds.core.DatasetBuilder, "is_prepared", return_value=True):
     yield
+
+
+def tensorboard_logs(directory):
+  """What TensorBoard would read under `directory`: {run: {tag: {step: value}}}, a run being
+  an event directory's path relative to `directory` ("kd-k0.5/train"); a scalar's value is a
+  float, an image's its (width, height) as written."""
+  logs = {}
+  event_files = [os.path.join(folder, name) for folder, _, names in os.walk(directory)
+                 for name in names if name.startswith("events.out.tfevents.")]
+  for event_file in sorted(event_files):
+    run = os.path.relpath(os.path.dirname(event_file), directory)
+    for event in tf.compat.v1.train.summary_iterator(event_file):
+      for value in event.summary.value:
+        array = tf.make_ndarray(value.tensor)
+        if value.metadata.plugin_data.plugin_name == "images":
+          array = tuple(int(v) for v in array[:2])
+        else:
+          array = float(array)
+        logs.setdefault(run, {}).setdefault(value.tag, {})[event.step] = array
+  return logs

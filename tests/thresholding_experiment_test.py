@@ -25,9 +25,10 @@ class ThresholdingExperimentTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_runs_and_writes_results_figures_and_table(self):
     workdir = self.get_temp_dir()
+    board = os.path.join(workdir, "tensorboard")
     config = thresholding.Config(model="resnet8", epsilons=(0.0, 0.5), seeds=(0,), sigma=0.1,
                                  weight_epsilons=(0.3,), epochs=dict(teacher=2, nd=1),
-                                 batch_size=16, verbose=0)
+                                 batch_size=16, verbose=0, tensorboard=board)
     results = thresholding.run(_easy_task(), workdir, config)
     with open(os.path.join(workdir, "thresholding_results.json")) as f:
       written = json.load(f)
@@ -93,6 +94,20 @@ class ThresholdingExperimentTest(tf.test.TestCase, parameterized.TestCase):
     for path in results["figures"]:
       with open(path, "rb") as f:
         self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", msg=path)
+
+    # TensorBoard: both teachers' training and ND solve, the regularised one's under its noise;
+    # the four figures in the summary.
+    logs = testing.tensorboard_logs(board)
+    for prefix in ("", "unit_noise0.1/"):
+      self.assertEqual(sorted(logs[f"{prefix}teacher/train"]["epoch_loss"]), [0, 1])
+      [solve] = [run for run in logs if run.startswith(f"{prefix}nd-") and run.endswith("/solve")]
+      self.assertLen([tag for tag in logs[solve] if tag.endswith("/loss_after")], 3)
+    self.assertEqual(sorted(tag for tag in logs["summary"] if tag.startswith("figures/")),
+                     ["figures/figure1", "figures/figure1_units", "figures/figure4",
+                      "figures/figure5"])
+    self.assertEqual(logs["summary"]["thresholds/all"][0], thresholds["all"])
+    self.assertAlmostEqual(logs["summary"]["accuracy/nd@regularised"][0],
+                           results["table4"][1]["nd_accuracy"], places=6)
 
     text = thresholding.table(results)
     for label in ("Thresholds", "each stage2_unit1_out", "first 1 unit ", "first 2 units",

@@ -11,8 +11,9 @@ from keras_nd import _checks, artefacts, data, files
 from keras_nd.training import EpochLines
 
 __all__ = ["EMBEDDED_NUM_TRAIN", "Settings", "checked_methods", "checked_multipliers",
-           "complete_runs", "data_summary", "dataset_from_flags", "define_flags", "fit_progress",
-           "quiet_logs", "results_path", "settings_from_flags", "write_results"]
+           "complete_runs", "data_summary", "dataset_from_flags", "define_flags",
+           "define_tensorboard_flag", "fit_progress", "quiet_logs", "results_path",
+           "settings_from_flags", "tensorboard_from_flags", "write_results"]
 
 # The embedded dataset's training size in the binaries: keeps examples/distill.py, the main
 # job, within 5 minutes on 2 cores.
@@ -33,9 +34,11 @@ class Settings:
       patience, seed, student_init, solver, channels: as `Experiment` takes
       them.
     verbose: 0 silent, 1 one line per phase, 2 Keras progress bars too.
+    tensorboard: the directory of the run's TensorBoard logs, one run per
+      training phase (`board.Board`); None writes none.
 
   Raises:
-    TypeError: `teacher` is not a path.
+    TypeError: `teacher` or `tensorboard` is not a path.
     ValueError: an unknown `student_init`, `solver` or `channels`.
   """
   model: str = "resnet20"
@@ -52,10 +55,16 @@ class Settings:
   solver: str = "lstsq"
   channels: str = "greedy"
   verbose: int = 1
+  tensorboard: str = None
 
   def __post_init__(self):
     if isinstance(self.teacher, os.PathLike):
       self.teacher = os.fspath(self.teacher)
+    if isinstance(self.tensorboard, os.PathLike):
+      self.tensorboard = os.fspath(self.tensorboard)
+    if self.tensorboard is not None and not isinstance(self.tensorboard, str):
+      raise TypeError(f"tensorboard must be a directory's path or None; got "
+                      f"{type(self.tensorboard).__name__}.")
     # A model in memory goes to `Experiment` itself: a configuration is written as JSON.
     if self.teacher is not None and not isinstance(self.teacher, str):
       raise TypeError(f"teacher must be the path of a .keras file; got "
@@ -121,6 +130,24 @@ def define_flags(workdir, teacher_epochs=15):
   flags.DEFINE_integer("seed", 0, "Seed of the data split and the models.")
   flags.DEFINE_string("workdir", workdir, "Output directory.")
   flags.DEFINE_integer("verbose", 1, "0 quiet, 1 a line per phase, 2 Keras progress bars.")
+  define_tensorboard_flag()
+
+
+def define_tensorboard_flag():
+  """Defines --tensorboard, the directory of a binary's TensorBoard logs (see
+  `tensorboard_from_flags`)."""
+  flags.DEFINE_string("tensorboard", None, "Directory of the TensorBoard logs: a run per "
+                      "training phase (its metrics each epoch) and a 'summary' run (timings, "
+                      "accuracies, figures); view with tensorboard --logdir=DIR. Default: "
+                      "WORKDIR/tensorboard; --tensorboard= (empty) writes none.")
+
+
+def tensorboard_from_flags(values):
+  """The TensorBoard directory --tensorboard gives (`values` is absl's FLAGS): by default
+  `<--workdir>/tensorboard`; None, no logs, when it is given empty."""
+  if values.tensorboard is None:
+    return os.path.join(values.workdir, "tensorboard")
+  return values.tensorboard or None
 
 
 def quiet_logs():
@@ -153,7 +180,8 @@ def settings_from_flags(values):
   """The `Settings` that `define_flags`' flags give (`values` is absl's FLAGS), as keyword
   arguments of a configuration."""
   return dict(model=values.model, teacher=values.teacher, trusted=values.trusted,
-              batch_size=values.batch_size, seed=values.seed, verbose=values.verbose)
+              batch_size=values.batch_size, seed=values.seed, verbose=values.verbose,
+              tensorboard=tensorboard_from_flags(values))
 
 
 def data_summary(dataset):
@@ -176,8 +204,9 @@ def write_results(workdir, results, experiment):
   return path
 
 
-def fit_progress(verbose):
-  """`fit` keyword arguments for a verbosity: 0 silent, 1 a line per epoch, 2 Keras's own."""
+def fit_progress(verbose, *callbacks):
+  """`fit` keyword arguments for a verbosity (0 silent, 1 a line per epoch, 2 Keras's own),
+  with `callbacks` after the progress lines'."""
   if verbose > 1:
-    return {"verbose": 2, "callbacks": []}
-  return {"verbose": 0, "callbacks": [EpochLines()] if verbose else []}
+    return {"verbose": 2, "callbacks": list(callbacks)}
+  return {"verbose": 0, "callbacks": ([EpochLines()] if verbose else []) + list(callbacks)}

@@ -43,6 +43,7 @@ import keras_nd as nd
 from keras_nd import _checks, files, metrics
 from keras_nd._keras import keras, tf
 from keras_nd.batch_norm import frozen_batch_norms
+from keras_nd.experiments.board import Board, accuracies
 from keras_nd.experiments.catalogue import from_scratch
 from keras_nd.experiments.common import (
   Settings,
@@ -120,6 +121,9 @@ class DataFree:
     test: the test split's batches of (image, label), for evaluation only.
     config: the run's `Config` (its epochs, noise, students and training
       settings).
+
+  Attributes:
+    board: the `board.Board` of `config.tensorboard`, where every phase logs.
   """
 
   def __init__(self, teacher, input_shape, num_classes, test, config):
@@ -128,6 +132,7 @@ class DataFree:
     self.num_classes = num_classes
     self.test = test
     self.config = config
+    self.board = Board(config.tensorboard)
     self.units, note = nd.students.narrowable(teacher)
     if note:
       self.say(f"Neighbourhoods: {note}.")
@@ -162,10 +167,12 @@ class DataFree:
     students = self.students(multiplier)
     distiller = nd.NeighbourhoodDistiller(students, calibrate_steps=0)  # on fresh noise, below
     steps = self.config.epochs["gnd"] * self.config.steps_per_epoch
+    phase = f"gnd-k{multiplier:g}"
     start = time.perf_counter()
+    report = None
     if self.config.solver != "gradient":
-      nd.reconstruct(students, self._source(self.config.seed), errors=False,
-                     channels="greedy" if self.config.student_init == "teacher" else None)
+      report = nd.reconstruct(students, self._source(self.config.seed), errors=False,
+                              channels="greedy" if self.config.student_init == "teacher" else None)
     history = None
     # Frozen before compile, which fixes what fit trains.
     with (frozen_batch_norms(students.values()) if self.config.solver == "lstsq+gradient"
@@ -173,12 +180,14 @@ class DataFree:
       distiller.compile(cosine_adam(self.config.nd_learning_rate, steps))
       if self.config.solver != "lstsq":
         history = distiller.fit(self._noise(self.config.seed), epochs=self.config.epochs["gnd"],
-                                **fit_progress(self.config.verbose))
+                                **fit_progress(self.config.verbose, *self.board.callbacks(phase)))
     if self.config.solver == "gradient":
       # Fresh noise (another seed) for the statistics, as for data (see calibrate_batch_norm).
       distiller.calibrate_batch_norm(self._noise(self.config.seed + 1),
                                      steps=self.config.steps_per_epoch)
     seconds = time.perf_counter() - start
+    if report is not None:
+      self.board.solve(phase, report)
     if history is not None:
       losses = {h.name: history.history[f"{h.name}_loss"][-1] for h in self.units}
     else:  # measured once on fresh noise, not counted
@@ -187,8 +196,9 @@ class DataFree:
       losses = {h.name: float(measured[f"{h.name}_loss"]) for h in self.units}
     return nd.compose(self.teacher, distiller.students), seconds, losses
 
-  def kd_on_noise(self, student, epochs, learning_rate):
-    """Trains `student` by KD from the teacher on noise images, BatchNorm frozen; seconds."""
+  def kd_on_noise(self, student, epochs, learning_rate, phase=None):
+    """Trains `student` by KD from the teacher on noise images, BatchNorm frozen; seconds. It
+    logs to the TensorBoard run `phase` (None: none)."""
     with frozen_batch_norms([student]):  # inference mode: keeps their statistics
       distiller = nd.KnowledgeDistiller(teacher=self.teacher, student=student,
                                         temperature=self.config.temperature, label_weight=0.0)
@@ -196,7 +206,8 @@ class DataFree:
       images = noise_images(self.input_shape, self.config.batch_size,
                             self.config.steps_per_epoch, self.config.seed + 2)
       start = time.perf_counter()
-      distiller.fit(images, epochs=epochs, **fit_progress(self.config.verbose))
+      distiller.fit(images, epochs=epochs,
+                    **fit_progress(self.config.verbose, *self.board.callbacks(phase)))
     return time.perf_counter() - start
 
   def gnkd(self, multiplier):
@@ -208,7 +219,8 @@ class DataFree:
     else:
       student = nd.compose(self.teacher, self.students(multiplier))
       learning_rate = self.config.learning_rate / 4
-    return student, self.kd_on_noise(student, self.config.epochs["gnkd"], learning_rate)
+    return student, self.kd_on_noise(student, self.config.epochs["gnkd"], learning_rate,
+                                     phase=f"gnkd-k{multiplier:g}")
 
   def row(self, method, multiplier, student, seconds, **extra):
     row = dict({"method": method, "multiplier": multiplier, "params": student.count_params(),
@@ -270,7 +282,8 @@ def run(data, workdir, config=None):
         rows.append(row)
       if "gnd_ft" in methods:
         runner.say(f"G-ND+FT, k={k:g}: KD on noise images, {budget['ft']} epochs...")
-        ft_seconds = runner.kd_on_noise(student, budget["ft"], config.learning_rate / 4)
+        ft_seconds = runner.kd_on_noise(student, budget["ft"], config.learning_rate / 4,
+                                        phase=f"gnd_ft-k{k:g}")
         timings[f"ft@{k:g}"] = ft_seconds
         rows.append(runner.row("gnd_ft", k, student, seconds + ft_seconds,
                                accuracy_before_ft=row["accuracy"]))
@@ -281,6 +294,8 @@ def run(data, workdir, config=None):
       rows.append(runner.row("gnkd", k, student, seconds))
   results = {"config": dataclasses.asdict(config), "data": data_summary(data),
              "teacher": teacher_row, "rows": rows, "timings": timings}
+  runner.board.summary({"timings": timings,
+                        "accuracy": accuracies(teacher_row["accuracy"], rows, "multiplier")})
   write_results(workdir, results, "data_free")
   return results
 

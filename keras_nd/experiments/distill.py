@@ -38,9 +38,10 @@ import time
 
 import keras_nd as nd
 from keras_nd import metrics
-from keras_nd._keras import keras
+from keras_nd._keras import keras, tf
 from keras_nd.batch_norm import frozen_batch_norms
 from keras_nd.experiments import plot
+from keras_nd.experiments.board import accuracies
 from keras_nd.experiments.common import (
   Settings,
   complete_runs,
@@ -51,7 +52,7 @@ from keras_nd.experiments.harness import Experiment, select
 from keras_nd.experiments.tracker import time_to
 from keras_nd.training import cosine_adam
 
-__all__ = ["Config", "METHODS", "figures", "run", "table"]
+__all__ = ["Config", "METHODS", "figures", "multi_worker_strategy", "run", "table"]
 
 METHODS = ("ce", "kd", "nd", "nd_ft")
 _EPOCHS = {"teacher": 15, "ce": 6, "kd": 6, "nd": 3, "ft": 3}
@@ -103,6 +104,23 @@ class Config(Settings):
       self.neighbourhoods = tuple(self.neighbourhoods)
     if self.devices is not None:
       self.devices = tuple(self.devices)
+
+
+def multi_worker_strategy(solver):
+  """The `tf.distribute.MultiWorkerMirroredStrategy` of a multi-worker run, its cluster read from
+  the TF_CONFIG environment variable; make it before TensorFlow runs anything else.
+
+  Raises:
+    ValueError: TF_CONFIG is not set, or `solver` is not "gradient" (the workers all-reduce
+      gradient steps; the exact solve runs in one process, in seconds).
+  """
+  if "TF_CONFIG" not in os.environ:
+    raise ValueError("A multi-worker run needs the cluster in the TF_CONFIG environment "
+                     "variable.")
+  if solver != "gradient":
+    raise ValueError(f"A multi-worker run all-reduces gradient steps: add --solver=gradient "
+                     f"(--solver={solver} solves in one process, in seconds).")
+  return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def run(data, workdir, config=None, strategy=None):
@@ -180,6 +198,10 @@ def run(data, workdir, config=None, strategy=None):
   results = {"config": dataclasses.asdict(config), "data": data_summary(data),
              "teacher": teacher_row, "rows": rows, "timings": timings, "speedup": speedup,
              "curves": curves, "figures": figures(curves, speedup, config, workdir)}
+  experiment.board.summary(
+      {"timings": timings, "speedup": speedup,
+       "accuracy": accuracies(teacher_row["accuracy"], rows, "multiplier", "lookahead")},
+      results["figures"])
   write_results(workdir, results, "distill")
   # The run is complete: a later one starts KD and fine-tuning afresh (ND students are kept).
   shutil.rmtree(os.path.join(workdir, "backups"), ignore_errors=True)

@@ -6,6 +6,12 @@ backs each epoch up (`keras.callbacks.BackupAndRestore`, in
 `workdir/backups/<teacher key>/<name>`), the `EpochTracker` beside it keeps
 the curve and the early-stopping state. A teacher's training resumes the same
 way (Keras removes its backup when its fit ends).
+
+Every phase logs to TensorBoard (`board.Board`, when `settings.tensorboard`
+names a directory): the teacher's, CE's, KD's, ND's and fine-tuning's fits
+through Keras's callback, each in the run of its phase (`teacher`, `ce-k0.5`,
+`kd-k0.5`, `nd-<label>`, `ft-<label>`, as `nd_label` names ND's recipe), with
+the test accuracies of their curves, and the errors of ND's solve.
 """
 
 import dataclasses
@@ -18,11 +24,12 @@ import time
 import keras_nd as nd
 from keras_nd import artefacts, cache, files, metrics
 from keras_nd._keras import keras
+from keras_nd.experiments.board import Board
 from keras_nd.experiments.catalogue import build_model, from_scratch
 from keras_nd.experiments.common import Settings, fit_progress
 from keras_nd.experiments.teacher import load_teacher
 from keras_nd.experiments.tracker import EpochTracker
-from keras_nd.training import cosine_adam
+from keras_nd.training import build_step, cosine_adam
 
 __all__ = ["Experiment", "select"]
 
@@ -31,10 +38,12 @@ __all__ = ["Experiment", "select"]
 SUBSAMPLE = 2
 
 
-def _compiled(model, learning_rate, steps):
+def _compiled(model, learning_rate, steps, data):
+  """`model` compiled for cross-entropy training on `data`, its step's variables made."""
   model.compile(cosine_adam(learning_rate, steps),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=["accuracy"])
+  build_step(model, model.trainable_variables, data, outputs_like=model)
   return model
 
 
@@ -47,7 +56,8 @@ class Experiment:
     workdir: where the teacher, caches and results go.
     settings: the `common.Settings` of the run (an experiment's `Config`
       is one); default `Settings()`. Each of its fields is an attribute of
-      the experiment (`experiment.batch_size`, ...).
+      the experiment (`experiment.batch_size`, ...); its `tensorboard`, a
+      directory or None, is where `board` writes.
     epochs: dict of epoch budgets: teacher, ce, kd, nd, ft.
     teacher: your own trained teacher, a tf_keras model or a `.keras` path,
       in place of `settings.teacher` (a configuration holds paths only).
@@ -73,6 +83,9 @@ class Experiment:
   Attributes:
     students: `{Neighbourhood: student}` of the latest `nd` call, as
       `keras_nd.compose` and `tolerance.diagnose` take them (None before).
+    board: the `board.Board` of `settings.tensorboard`, where every phase
+      logs (a teacher trained with `unit_noise` puts its phases under
+      "unit_noise<sigma>/").
   """
 
   def __init__(self, data, workdir, settings=None, epochs=None, teacher=None, max_lookahead=0,
@@ -90,6 +103,8 @@ class Experiment:
     self.strategy = strategy
     self.students = None
     self.timings = {}
+    self.board = Board(settings.tensorboard,
+                       prefix=f"unit_noise{unit_noise:g}/" if unit_noise else "")
     self.train = data.pipeline("train", self.batch_size, training=True, seed=self.seed)
     self.train_plain = data.pipeline("train", self.batch_size, training=False)
     self.validation = data.pipeline("validation", 256, training=False)
@@ -133,8 +148,7 @@ class Experiment:
 
   def _fit_args(self, *callbacks):
     """`fit`'s verbose and callbacks: a line per epoch at verbose=1 (timing training alone)."""
-    args = fit_progress(self.verbose)
-    return dict(args, callbacks=args["callbacks"] + list(callbacks))
+    return fit_progress(self.verbose, *callbacks)
 
   def _new(self, multiplier, unit_noise=0.0):
     keras.utils.set_random_seed(self.seed)
@@ -179,13 +193,14 @@ class Experiment:
       self.say(f"Reusing the teacher {path}.")
       return teacher
     teacher = _compiled(self._new(1.0, self.unit_noise), self.learning_rate,
-                        self.epochs["teacher"] * self.steps_per_epoch)
+                        self.epochs["teacher"] * self.steps_per_epoch, self.train)
     self.say(f"Training the teacher ({self.model}, {self.epochs['teacher']} epochs)...")
     # A killed job's successor goes on from the last epoch (the backup goes once fit ends).
     backup = keras.callbacks.BackupAndRestore(
         os.path.join(self.workdir, "backups", self.key, "teacher"))
     start = time.perf_counter()
-    teacher.fit(self.train, epochs=self.epochs["teacher"], **self._fit_args(backup))
+    teacher.fit(self.train, epochs=self.epochs["teacher"],
+                **self._fit_args(*self.board.callbacks("teacher"), backup))
     self.timings["teacher"] = time.perf_counter() - start
     # Written under a temporary name and renamed, so an interrupted save is never reused.
     files.save_model(path, teacher, dict(self.teacher_spec, seconds=self.timings["teacher"]))
@@ -194,22 +209,27 @@ class Experiment:
   def ce(self, multiplier):
     """Cross-entropy from scratch: (row, curve)."""
     student = _compiled(self._new(multiplier), self.learning_rate,
-                        self.epochs["ce"] * self.steps_per_epoch)
+                        self.epochs["ce"] * self.steps_per_epoch, self.train)
     tracker = EpochTracker(self.validation, self.test, patience=None,
                            calibration=self._calibration())
-    student.fit(self.train, epochs=self.epochs["ce"], **self._fit_args(tracker))
+    phase = f"ce-k{multiplier:g}"
+    student.fit(self.train, epochs=self.epochs["ce"],
+                **self._fit_args(tracker, *self.board.callbacks(phase)))
+    self.board.curve(phase, tracker.curve, tracker.epochs)
     return self._row("ce", multiplier, student, tracker.seconds), tracker.curve
 
   def fine_tune(self, teacher, student, epochs, learning_rate, offset=0.0, evaluate_first=False,
-                name=None):
+                name=None, phase=None):
     """Trains `student` by KD from `teacher`, evaluated every epoch; returns the `EpochTracker`.
 
     Stops early on validation accuracy and ends with the best epoch's weights;
     `offset` seconds start the tracker's clock (ND's time, for ND+FT). With a
     `name`, training is backed up every epoch in `workdir/backups/<teacher
     key>/<name>` and a killed job resumes from there (never from the backup of
-    another teacher's, or another data's, student).
+    another teacher's, or another data's, student). It logs to the
+    TensorBoard run `phase` (default `name`).
     """
+    phase = phase or name
     distiller = nd.KnowledgeDistiller(teacher=teacher, student=student,
                                       temperature=self.temperature,
                                       label_weight=self.label_weight)
@@ -225,13 +245,16 @@ class Experiment:
       tracker.on_train_begin()
       tracker.on_train_end()
       self.say(f"  {name}: finished before the restart ({len(tracker.curve)} evaluations).")
-      return tracker
-    callbacks = [tracker]  # the tracker saves its state before the epoch's backup
-    if backup:
-      callbacks.append(keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False))
-      if tracker.curve:
-        self.say(f"  {name}: resuming after {len(tracker.curve)} evaluations ({backup}).")
-    distiller.fit(self.train, epochs=epochs, **self._fit_args(*callbacks))
+    else:
+      # The tracker saves its state, and TensorBoard (after it: it logs the validation accuracy
+      # the tracker adds) writes the epoch, before the epoch's backup.
+      callbacks = [tracker, *self.board.callbacks(phase)]
+      if backup:
+        callbacks.append(keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False))
+        if tracker.curve:
+          self.say(f"  {name}: resuming after {len(tracker.curve)} evaluations ({backup}).")
+      distiller.fit(self.train, epochs=epochs, **self._fit_args(*callbacks))
+    self.board.curve(phase, tracker.curve, tracker.epochs)
     return tracker
 
   def _students(self, units, multiplier):
@@ -311,10 +334,11 @@ class Experiment:
     """Distils the students of `hoods` (default: every residual unit) that are not finished."""
     units, source = self.source(teacher, lookahead)
     builder = functools.partial(nd.students.bottleneck, k=multiplier, init=self.student_init)
-    artefacts.distil(teacher, units if hoods is None else hoods,
-                     {self.nd_label(multiplier, lookahead): builder}, source, self.students_dir,
-                     lookahead=lookahead, devices=self.devices, strategy=self.strategy,
-                     verbose=self.verbose, **self.distil_settings())
+    label = self.nd_label(multiplier, lookahead)
+    artefacts.distil(teacher, units if hoods is None else hoods, {label: builder}, source,
+                     self.students_dir, lookahead=lookahead, devices=self.devices,
+                     strategy=self.strategy, verbose=self.verbose,
+                     callbacks=self.board.callbacks(f"nd-{label}"), **self.distil_settings())
 
   def distil_settings(self):
     """`artefacts.distil`'s settings of this experiment's ND: solver, epochs, rate, seed..."""
@@ -339,6 +363,7 @@ class Experiment:
     info = {h.name: artefacts.info(store, h.name, label) for h in units}
     seconds = sum({i["job"]: i["seconds"] for i in info.values()}.values())
     losses = {name: i["loss"] for name, i in info.items()}
+    self.board.solve(f"nd-{label}", {name: i["solve"] for name, i in info.items() if "solve" in i})
     student = nd.compose(teacher, self.students)
     return student, self.timings["cache"] + seconds, seconds, losses
 
@@ -348,6 +373,7 @@ class Experiment:
     accuracy_nd = metrics.accuracy(student, self.test)
     rows = [dict(self._row("nd", multiplier, student, seconds), lookahead=lookahead)]
     curve = [(seconds, accuracy_nd)]
+    self.board.curve(f"nd-{self.nd_label(multiplier, lookahead)}", curve)
     if fine_tune:
       tracker = self.fine_tune(teacher, student, self.epochs["ft"], self.learning_rate / 4,
                                offset=seconds, evaluate_first=True,

@@ -7,6 +7,7 @@ import time
 import keras_nd as nd
 from keras_nd import data, files, metrics, models
 from keras_nd._keras import keras, tf
+from keras_nd.experiments.board import Board
 from keras_nd.experiments.common import write_results
 from keras_nd.training import cosine_adam
 
@@ -26,6 +27,8 @@ class Config:
     batch_size: batch size everywhere.
     seed: seed of the data and the models.
     verbose: 0 silent, 1 progress and a summary table.
+    tensorboard: the directory of the TensorBoard logs (`board.Board`: runs
+      teacher, nd-k<k>, ft-k<k>, summary); None writes none.
   """
   num_train: int = 2000
   num_test: int = 500
@@ -37,6 +40,7 @@ class Config:
   batch_size: int = 64
   seed: int = 0
   verbose: int = 1
+  tensorboard: str = None
 
 
 def run(workdir, config=None):
@@ -62,6 +66,7 @@ def run(workdir, config=None):
   keras.utils.set_random_seed(seed)
   (x_train, y_train), (x_test, y_test) = data.synthetic_images(num_train, num_test, seed=seed)
   fit_verbose = 2 if verbose else 0
+  board = Board(config.tensorboard)
   seconds = {}
 
   teacher_path = os.path.join(workdir, "teacher.keras")
@@ -74,7 +79,7 @@ def run(workdir, config=None):
                     keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                     metrics=["accuracy"])
     teacher.fit(x_train, y_train, batch_size=batch_size, epochs=config.teacher_epochs,
-                verbose=fit_verbose)
+                verbose=fit_verbose, callbacks=board.callbacks("teacher"))
     files.save_model(teacher_path, teacher)
   seconds["teacher"] = time.time() - start
 
@@ -89,7 +94,7 @@ def run(workdir, config=None):
   distiller = nd.NeighbourhoodDistiller({h: nd.students.bottleneck(h, k) for h in units})
   distiller.compile(cosine_adam(2e-3))
   history = distiller.fit(source.dataset(batch_size, seed=seed), epochs=config.nd_epochs,
-                          verbose=fit_verbose)
+                          verbose=fit_verbose, callbacks=board.callbacks(f"nd-k{k:g}"))
   seconds["nd"] = time.time() - start
   student = nd.compose(teacher, distiller.students)
   accuracy_nd = metrics.accuracy(student, (x_test, y_test))
@@ -97,7 +102,8 @@ def run(workdir, config=None):
   start = time.time()
   kd = nd.KnowledgeDistiller(teacher=teacher, student=student, temperature=2.5, label_weight=1.0)
   kd.compile(cosine_adam(5e-4), metrics=["accuracy"])
-  kd.fit(x_train, y_train, batch_size=batch_size, epochs=config.ft_epochs, verbose=fit_verbose)
+  kd.fit(x_train, y_train, batch_size=batch_size, epochs=config.ft_epochs, verbose=fit_verbose,
+         callbacks=board.callbacks(f"ft-k{k:g}"))
   seconds["fine_tune"] = time.time() - start
   student_path = os.path.join(workdir, "student.keras")
   kd.save(student_path)
@@ -113,6 +119,9 @@ def run(workdir, config=None):
                              for h in units},
       "seconds": seconds,
   }
+  board.summary({"timings": seconds,
+                 "accuracy": {"teacher": results["teacher"]["accuracy"],
+                              "nd": accuracy_nd, "nd_ft": results["student"]["accuracy_nd_ft"]}})
   path = write_results(workdir, results, "quickstart")
   if verbose:
     print(summary(results))

@@ -29,6 +29,7 @@ import time
 import keras_nd as nd
 from keras_nd import _checks, layer_types, least_squares, metrics, sparsity
 from keras_nd._keras import keras
+from keras_nd.experiments.board import accuracies
 from keras_nd.experiments.common import Settings, checked_methods, data_summary, write_results
 from keras_nd.experiments.harness import Experiment
 from keras_nd.training import cosine_adam
@@ -164,13 +165,15 @@ def run(data, workdir, config=None):
                               experiment.batch_size)
   kd_steps = budget["kd"] * experiment.steps_per_epoch
   fit_verbose = 2 if config.verbose > 1 else 0
+  board = experiment.board
   for target in config.sparsities:
     if "nd" in methods and solver == "lstsq":
       students = {h: nd.students.clone(h) for h in trained}
       start = time.perf_counter()
-      nd.reconstruct(students, source, errors=False, mask=config.mask,
-                     **({"m_by_n": m_by_n} if m_by_n else {"sparsity": target}))
+      report = nd.reconstruct(students, source, errors=False, mask=config.mask,
+                              **({"m_by_n": m_by_n} if m_by_n else {"sparsity": target}))
       seconds = time.perf_counter() - start
+      board.solve(f"nd-s{target:g}", report)
       student = nd.compose(teacher, students)
     elif "nd" in methods:
       keras.utils.set_random_seed(experiment.seed)
@@ -179,7 +182,8 @@ def run(data, workdir, config=None):
       distiller.compile(cosine_adam(rates["nd"], nd_steps))
       start = time.perf_counter()
       distiller.fit(source.dataset(experiment.batch_size, seed=experiment.seed),
-                    epochs=budget["nd"], verbose=fit_verbose)
+                    epochs=budget["nd"], verbose=fit_verbose,
+                    callbacks=board.callbacks(f"nd-s{target:g}"))
       seconds = time.perf_counter() - start
       student = nd.compose(teacher, distiller.students)
     if "nd" in methods:
@@ -201,7 +205,8 @@ def run(data, workdir, config=None):
                                  label_weight=experiment.label_weight)
       kd.compile(cosine_adam(rates["kd"], kd_steps), metrics=["accuracy"])
       start = time.perf_counter()
-      kd.fit(experiment.train, epochs=budget["kd"], verbose=fit_verbose)
+      kd.fit(experiment.train, epochs=budget["kd"], verbose=fit_verbose,
+             callbacks=board.callbacks(f"kd-s{target:g}"))
       seconds = time.perf_counter() - start
       timings[f"kd@{target:g}"] = seconds
       rows.append(_row("kd", target, sparsity.strip(student), test, seconds, say))
@@ -209,6 +214,8 @@ def run(data, workdir, config=None):
              "nd_steps": nd_steps, "kd_steps": kd_steps}
   results = {"config": dataclasses.asdict(config), "data": data_summary(data),
              "teacher": teacher_row, "pruning": pruning, "rows": rows, "timings": timings}
+  board.summary({"timings": timings,
+                 "accuracy": accuracies(teacher_row["accuracy"], rows, "sparsity")})
   write_results(workdir, results, "sparsify")
   return results
 

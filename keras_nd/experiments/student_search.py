@@ -16,6 +16,7 @@ import time
 
 from keras_nd import _checks, artefacts, metrics, search
 from keras_nd.experiments import plot
+from keras_nd.experiments.board import accuracies
 from keras_nd.experiments.common import Settings, data_summary, write_results
 from keras_nd.experiments.harness import Experiment
 
@@ -90,7 +91,13 @@ def run(data, workdir, config=None):
                             f"candidates-{experiment.solver}")
   builders = search.multipliers(config.multipliers, init=experiment.student_init)
   trained = artefacts.distil(teacher, units, builders, source, candidates, verbose=config.verbose,
+                             callbacks=experiment.board.callbacks("nd-candidates"),
                              **experiment.distil_settings())
+  store = artefacts.store(candidates, teacher)
+  infos = {f"{h.name}_{label}": artefacts.info(store, h.name, label)
+           for h in units for label in builders}
+  experiment.board.solve("nd-candidates",
+                         {name: i["solve"] for name, i in infos.items() if "solve" in i})
   timings = {"teacher": experiment.timings["teacher"], "cache": experiment.timings["cache"],
              "candidates": time.perf_counter() - start}
   start = time.perf_counter()
@@ -110,7 +117,8 @@ def run(data, workdir, config=None):
   for method, setting, choice in choices:
     student = search.compose_choice(teacher, units, trained, choice)
     before = metrics.accuracy(student, experiment.test)
-    tracker = experiment.fine_tune(teacher, student, budget["ft"], experiment.learning_rate / 4)
+    tracker = experiment.fine_tune(teacher, student, budget["ft"], experiment.learning_rate / 4,
+                                   phase=f"ft-{method}-{setting}")
     row = {"method": method, "setting": setting, "params": student.count_params(),
            "predicted_drop": sum(teacher_accuracy - c["accuracy"] for c in choice.values()),
            "choice": {name: c["label"] for name, c in choice.items()},
@@ -128,6 +136,10 @@ def run(data, workdir, config=None):
                                                for p in points],
              "rows": rows, "timings": timings}
   results["figures"] = figures(results, workdir)
+  experiment.board.summary(
+      {"timings": timings,
+       "accuracy": accuracies(results["teacher"]["accuracy"], rows, "setting")},
+      results["figures"])
   write_results(workdir, results, "student_search")
   return results
 

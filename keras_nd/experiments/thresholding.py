@@ -181,6 +181,12 @@ def run(data, workdir, config=None):
       "timings": timings,
   }
   results["figures"] = figures(results, config.figures_dir or workdir)
+  plain.board.summary(
+      {"timings": timings,
+       "accuracy": {f"{what}@{row['teacher']}": row[f"{what}_accuracy"]
+                    for row in table4 for what in ("teacher", "nd")},
+       "thresholds": results["thresholds"]},
+      results["figures"])
   write_results(workdir, results, "thresholding")
   return results
 

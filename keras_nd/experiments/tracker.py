@@ -76,6 +76,12 @@ class EpochTracker(keras.callbacks.Callback):
     # The student's weights only are kept and restored (not a distiller's teacher's too).
     self._stopper.set_model(self._student or model)
 
+  @property
+  def epochs(self):
+    """The 0-based epoch after which each point of `curve` was measured (-1: before
+    training)."""
+    return list(self._epochs)
+
   def _evaluate(self, epoch):
     """Scores the model's weights as they are; returns the validation accuracy."""
     scored = self._stopper.model
