@@ -37,7 +37,7 @@ from ai_edge_litert import interpreter as litert
 from ai_edge_litert import schema_py_generated as schema
 
 from keras_nd import files, graph, metrics, sparsity
-from keras_nd._keras import keras, tf
+from keras_nd._keras import tf
 from keras_nd.batches import as_batches
 
 __all__ = ["QUANTIZE", "REPRESENTATIVE_IMAGES", "evaluate_tflite", "export_tflite", "interpreter",
@@ -54,9 +54,10 @@ def export_tflite(model, path, quantize=None, sparse=True, representative=None):
 
   Args:
     model: a single-input, single-output functional tf_keras model (a
-      keras_nd teacher or student). tfmot pruning wrappers are stripped
-      first (`sparsity.strip`, which applies their masks in place and
-      refuses a layer short of its target).
+      keras_nd teacher or student), or a Keras 3 one (converted first, as
+      every entry point of keras_nd does). tfmot pruning wrappers are
+      stripped first (`sparsity.strip`, which applies their masks in place
+      and refuses a layer short of its target).
     path: the file to write. It is written through a temporary file beside
       it and renamed (`files.atomic`): on any failure nothing is left at
       `path` (a file already there stays as it was).
@@ -79,15 +80,15 @@ def export_tflite(model, path, quantize=None, sparse=True, representative=None):
     `path`.
 
   Raises:
-    TypeError: `model` is not a tf_keras model (a Keras 3 model is named as
-      one), or `representative` is of a type not accepted.
+    TypeError: `model` is not a functional Keras model, or `representative`
+      is of a type not accepted.
     ValueError: an unknown `quantize`; int8 without `representative`; a
       representative set that is empty, of another image shape than the
       model's input (both shapes named) or holds NaN or infinite values; a
       model of several inputs or outputs.
     RuntimeError: the converted file does not load in the interpreter.
   """
-  _check_model(model)
+  model = graph.check_functional(model)  # a Keras 3 model: its tf_keras conversion
   if quantize not in QUANTIZE:
     raise ValueError(f"quantize must be one of {list(QUANTIZE)}; got {quantize!r}.")
   if quantize == "int8" and representative is None:
@@ -121,14 +122,6 @@ def export_tflite(model, path, quantize=None, sparse=True, representative=None):
   with files.atomic(path, "wb") as f:
     f.write(content)
   return path
-
-
-def _check_model(model):
-  module = type(model).__module__
-  if not isinstance(model, keras.Model) and module.split(".")[0] == "keras":
-    raise TypeError(f"model is a Keras 3 object ({module}.{type(model).__qualname__}); "
-                    "export_tflite takes tf_keras (Keras 2) models, as all of keras_nd does.")
-  graph.check_functional(model)
 
 
 def _representative(model, representative):

@@ -6,10 +6,10 @@ import tempfile
 from unittest import mock
 
 import numpy as np
+import testing
 
-from keras_nd import lite, metrics, sparsity
+from keras_nd import _keras, lite, metrics, sparsity
 from keras_nd._keras import keras, tf
-from tests import testing
 
 
 def _outputs(path, x):
@@ -174,13 +174,23 @@ class BadInputTest(tf.test.TestCase):
     self.assert_refused(ValueError, r"\(8, 8\).*\(8, 8, 3\)", quantize="int8",
                         representative=np.zeros((4, 8, 8), np.float32))
 
-  def test_refuses_what_is_not_a_tf_keras_model_naming_its_type(self):
-    # The one place in this file that imports Keras 3: its models are refused, named.
-    import keras as keras3  # pylint: disable=g-import-not-at-top
+  def test_refuses_what_is_not_a_model_naming_its_type(self):
+    self.assert_refused(TypeError, "functional Model.*type ndarray", model=np.zeros(3))
 
-    model = keras3.Sequential([keras3.Input((3,)), keras3.layers.Dense(2)])
-    self.assert_refused(TypeError, r"Keras 3 object \(keras\.src\..*Sequential\)", model=model)
-    self.assert_refused(TypeError, "tf_keras.*type ndarray", model=np.zeros(3))
+  def test_a_keras_3_model_is_exported_through_its_conversion(self):
+    keras3 = _keras.keras3()
+    keras3.utils.set_random_seed(0)
+    inputs = keras3.Input((8, 8, 3))
+    x = keras3.layers.Conv2D(4, 3, activation="relu6")(inputs)
+    outputs = keras3.layers.Dense(3)(keras3.layers.GlobalAveragePooling2D()(x))
+    model = keras3.Model(inputs, outputs)
+    path = lite.export_tflite(model, os.path.join(self.get_temp_dir(), "k3.tflite"))
+    x = np.random.RandomState(0).rand(4, 8, 8, 3).astype(np.float32)
+    runner = lite.interpreter(path, batch_size=4)
+    runner.set_tensor(runner.get_input_details()[0]["index"], x)
+    runner.invoke()
+    got = runner.get_tensor(runner.get_output_details()[0]["index"])
+    self.assertAllClose(got, model(x).numpy(), atol=1e-5)
 
   def test_refuses_a_model_of_two_inputs(self):
     self.assert_refused(ValueError, "2 inputs", model=testing.two_inputs())
