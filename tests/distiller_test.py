@@ -242,7 +242,7 @@ class CalibrateComposedModelTest(_TeacherCase, tf.test.TestCase, parameterized.T
 
   def test_bad_input_is_named(self):
     data = tf.data.Dataset.from_tensor_slices(self.x).batch(32)
-    with self.assertRaisesRegex(TypeError, "tf_keras Model"):
+    with self.assertRaisesRegex(TypeError, r"tf_keras \(or Keras 3\) Model"):
       nd.calibrate_batch_norm(lambda x: x, data)
     with self.assertRaisesRegex(TypeError, "tf.data.Dataset, a numpy array.*got list"):
       nd.calibrate_batch_norm(self.teacher, list(self.x))

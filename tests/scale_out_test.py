@@ -1,4 +1,5 @@
-"""The distillation binary split across processes: sharded jobs, killed jobs, two workers.
+"""The distillation binary split across processes: sharded jobs at once, one killed, then the
+whole job; two workers.
 
 Each test runs examples/distill.py in subprocesses on a tiny ResNet-8 (the
 in-process equivalents are in artefacts_test.py).
@@ -50,67 +51,51 @@ class ScaleOutTest(tf.test.TestCase):
     return sorted(name for _, _, names in os.walk(os.path.join(workdir, "students"))
                   for name in names if name.endswith(".keras"))
 
-  def test_concurrent_shard_jobs_then_compose(self):
+  def _killed(self, workdir, *flags, markers):
+    """Runs the binary, SIGKILLs it once `markers` have appeared in order; returns the output."""
+    job = subprocess.Popen(_command(workdir, *flags), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    seen, lines = 0, []
+    for line in job.stdout:
+      lines.append(line)
+      if markers[seen] in line:
+        seen += 1
+        if seen == len(markers):
+          job.send_signal(signal.SIGKILL)
+          break
+    job.wait(timeout=600)
+    self.assertEqual(job.returncode, -signal.SIGKILL, msg="".join(lines)[-3000:])
+    return "".join(lines)
+
+  def test_shard_jobs_at_once_one_killed_then_a_run_finishes_their_work(self):
     workdir = self.get_temp_dir()
     # Two jobs at once into one work directory: one trains the teacher and builds the cache,
     # the other waits for them (a lock), then each distils its own units (ResNet-8 has three:
-    # 1 and 3 by index in split order, and the second of shard 1/2).
-    jobs = [subprocess.Popen(_command(workdir, "--verbose=1", flag), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-            for flag in ("--neighbourhoods=1,3", "--shard=1/2")]
-    outputs = [job.communicate(timeout=600) for job in jobs]
-    for job, (out, err) in zip(jobs, outputs):
-      self.assertEqual(job.returncode, 0, msg=err[-3000:])
-    self.assertEqual(sum("Training the teacher" in out for out, _ in outputs), 1)
-    self.assertEqual(sum("Reusing the teacher" in out for out, _ in outputs), 1)
-    trainer = next(out for out, _ in outputs if "Training the teacher" in out)
+    # 1 and 3 by index in split order, and the second of shard 1/2). The second is killed
+    # (SIGKILL) once its first ND epoch is checkpointed.
+    first = subprocess.Popen(_command(workdir, "--verbose=1", "--neighbourhoods=1,3"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = self._killed(workdir, "--verbose=1", "--shard=1/2",
+                          markers=("Distilling", "epoch 1/3:"))
+    out, err = first.communicate(timeout=600)
+    self.assertEqual(first.returncode, 0, msg=err[-3000:])
+    self.assertEqual(sum("Training the teacher" in o for o in (out, killed)), 1)
+    self.assertEqual(sum("Reusing the teacher" in o for o in (out, killed)), 1)
+    trainer = out if "Training the teacher" in out else killed
     # Every training phase reports each epoch at --verbose=1.
     self.assertRegex(trainer, r"Training the teacher \(resnet8, 1 epochs\)\.\.\.\n"
                               r"  epoch 1/1: loss \S+ \(\d+\.\ds\)\n")
-    self.assertIn("Distilled stage1_unit1_out, stage3_unit1_out: students written to",
-                  outputs[0][0])
-    self.assertIn("Distilled stage2_unit1_out: students written to", outputs[1][0])
-    self.assertLen(self._artefacts(workdir), 3)
+    self.assertIn("Distilled stage1_unit1_out, stage3_unit1_out: students written to", out)
+    self.assertLen(self._artefacts(workdir), 2)
 
-    out = self._succeeds(workdir, "--compose")
-    self.assertNotIn("Distilling", out)
-    self.assertIn(f"Results written to {os.path.join(workdir, 'distill_results.json')}", out)
-    with open(os.path.join(workdir, "distill_results.json")) as f:
-      rows = json.load(f)["rows"]
-    self.assertEqual([r["method"] for r in rows], ["nd", "nd_ft"])
-
-  def test_killed_runs_resume_and_train_nothing_twice(self):
-    workdir = self.get_temp_dir()
-
-    def killed(*markers):
-      """Runs the binary, SIGKILLs it once `markers` have appeared in order; returns the output."""
-      job = subprocess.Popen(_command(workdir, "--verbose=2"), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-      seen, lines = 0, []
-      for line in job.stdout:
-        lines.append(line)
-        if markers[seen] in line:
-          seen += 1
-          if seen == len(markers):
-            job.send_signal(signal.SIGKILL)
-            break
-      job.wait(timeout=600)
-      self.assertEqual(job.returncode, -signal.SIGKILL, msg="".join(lines)[-3000:])
-      return "".join(lines)
-
-    # (A cache killed while it is built has no manifest and is built again: activations_test.)
-    first = killed("Distilling", "epoch 1/3:")  # in ND, after its first epoch's checkpoint
-    self.assertIn("Training the teacher", first)
-    second = killed("Resuming after epoch", "  nd ", "Epoch 2/3")  # in fine-tuning
-    self.assertRegex(second, r"Resuming after epoch [12] of 3")
-    self.assertIn("Reusing the activation cache", second)
-    self.assertNotIn("Training the teacher", second)
+    # The whole job: the teacher, the cache and the first job's students are reused, the killed
+    # job's unit goes on from its checkpoint, then fine-tuning and the results.
     out = self._succeeds(workdir, "--verbose=2")
     self.assertIn("Reusing the teacher", out)
     self.assertIn("Reusing the activation cache", out)
-    self.assertNotIn("Distilling", out)  # every ND student was finished
-    # Killed after fine-tuning's first epoch (or, at the latest, its second).
-    self.assertRegex(out, r"ft-k0\.5-lookahead0-\w+: resuming after [23] evaluations")
+    self.assertIn("(2 already finished)", out)
+    self.assertRegex(out, r"Resuming after epoch [12] of 3")
+    self.assertLen(self._artefacts(workdir), 3)
     with open(os.path.join(workdir, "distill_results.json")) as f:
       results = json.load(f)
     self.assertEqual([r["method"] for r in results["rows"]], ["nd", "nd_ft"])
