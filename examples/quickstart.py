@@ -23,7 +23,9 @@ flags.DEFINE_integer("nd_epochs", 4, "Neighbourhood distillation epochs.")
 flags.DEFINE_integer("ft_epochs", 2, "Fine-tuning (knowledge distillation) epochs.")
 flags.DEFINE_integer("seed", 0, "Seed of the data and the models.")
 common.define_tensorboard_flag()
-flags.declare_key_flag("tensorboard")  # --help lists it with the binary's own
+common.define_export_flag()
+for shared in ("tensorboard", "export"):
+  flags.declare_key_flag(shared)  # --help lists it with the binary's own
 
 
 def main(argv):
@@ -32,7 +34,7 @@ def main(argv):
   quickstart.run(FLAGS.workdir, quickstart.Config(
       depth=FLAGS.depth, k=FLAGS.k, teacher_epochs=FLAGS.teacher_epochs,
       nd_epochs=FLAGS.nd_epochs, ft_epochs=FLAGS.ft_epochs, seed=FLAGS.seed,
-      tensorboard=common.tensorboard_from_flags(FLAGS)))
+      tensorboard=common.tensorboard_from_flags(FLAGS), export=FLAGS.export))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ _AS_RUN = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
 class BinariesTest(tf.test.TestCase):
 
   def _run(self, binary, *flags):
-    workdir = self.get_temp_dir()
+    workdir = self._workdir = self.get_temp_dir()
     done = subprocess.run([sys.executable, os.path.join(_EXAMPLES, binary), *_TINY,
                            f"--workdir={workdir}", *flags],
                           capture_output=True, text=True, timeout=600, check=False,
@@ -73,6 +73,9 @@ class BinariesTest(tf.test.TestCase):
     self.assertEqual({k: results["config"][k] for k in ("model", "multipliers", "uniform")},
                      {"model": "resnet8", "multipliers": [0.5, 1.0], "uniform": []})
     self.assertIn("before FT", out)
+    # The teacher and the chosen student, as tf_keras files (--export's default).
+    self.assertEqual(sorted(os.listdir(os.path.join(self._workdir, "export", "keras"))),
+                     ["greedy-0.5.keras", "teacher.keras"])
 
   def test_data_free(self):
     results, out = self._run("data_free.py", "--multipliers=0.5", "--methods=gnd,gnkd",

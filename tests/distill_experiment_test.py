@@ -11,7 +11,7 @@ import testing
 from absl.testing import parameterized
 
 import keras_nd as nd
-from keras_nd import data, models
+from keras_nd import _keras, data, files, lite, models
 from keras_nd._keras import keras, tf
 from keras_nd.experiments import catalogue, common, distill, harness, tracker
 
@@ -210,7 +210,23 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_the_teacher_is_trained_once_and_reused(self):
     dataset = data.get("embedded", num_train=64, num_test=32, num_validation=32)
-    first, workdir = self._run(dataset, methods=("nd",))
+    first, workdir = self._run(dataset, methods=("nd",), export=("keras", "keras3", "tflite"))
+    # The teacher and the student, in each format: the Keras 3 file loads without keras_nd's
+    # classes and computes what the tf_keras one does; the LiteRT file scores the row's accuracy.
+    exported = {kind: sorted(os.listdir(os.path.join(workdir, "export", kind)))
+                for kind in ("keras", "keras3", "tflite")}
+    self.assertEqual(exported, {"keras": ["nd-k0.5.keras", "teacher.keras"],
+                                "keras3": ["nd-k0.5.keras", "teacher.keras"],
+                                "tflite": ["nd-k0.5.tflite", "teacher.tflite"]})
+    student = files.load_model(os.path.join(workdir, "export", "keras", "nd-k0.5.keras"))
+    k3 = _keras.keras3().saving.load_model(
+        os.path.join(workdir, "export", "keras3", "nd-k0.5.keras"), safe_mode=True)
+    x = dataset.arrays("test")[0][:8]
+    self.assertAllClose(np.asarray(k3(x)), student(x).numpy(), atol=1e-5)
+    test = dataset.pipeline("test", 256, training=False)
+    self.assertEqual(lite.evaluate_tflite(
+        os.path.join(workdir, "export", "tflite", "nd-k0.5.tflite"), test),
+                     first["rows"][0]["accuracy"])
     teachers = [f for f in os.listdir(workdir) if f.endswith(".keras")]
     self.assertLen(teachers, 1)
     mtime = os.path.getmtime(os.path.join(workdir, teachers[0]))
@@ -261,6 +277,7 @@ class DistillExperimentTest(tf.test.TestCase, parameterized.TestCase):
       ("student_init", dict(student_init="pruned"), "pruned"),
       ("solver", dict(solver="adam"), "solver must be one of.*'adam'"),
       ("channels", dict(channels="thinet"), "channels must be 'greedy' or 'l1'"),
+      ("export", dict(export=("keras", "onnx")), r"Unknown export formats \['onnx'\]"),
   )
   def test_bad_arguments_are_named(self, kwargs, fragment):
     dataset = data.get("embedded", num_train=32, num_test=16, num_validation=16)

@@ -8,12 +8,13 @@ import os
 from absl import flags, logging
 
 from keras_nd import _checks, artefacts, data, files
+from keras_nd.experiments import exports
 from keras_nd.training import EpochLines
 
 __all__ = ["EMBEDDED_NUM_TRAIN", "Settings", "checked_methods", "checked_multipliers",
-           "complete_runs", "data_summary", "dataset_from_flags", "define_flags",
-           "define_tensorboard_flag", "fit_progress", "quiet_logs", "results_path",
-           "settings_from_flags", "tensorboard_from_flags", "write_results"]
+           "complete_runs", "data_summary", "dataset_from_flags", "define_export_flag",
+           "define_flags", "define_tensorboard_flag", "fit_progress", "quiet_logs",
+           "results_path", "settings_from_flags", "tensorboard_from_flags", "write_results"]
 
 # The embedded dataset's training size in the binaries: keeps examples/distill.py, the main
 # job, within 5 minutes on 2 cores.
@@ -36,10 +37,14 @@ class Settings:
     verbose: 0 silent, 1 one line per phase, 2 Keras progress bars too.
     tensorboard: the directory of the run's TensorBoard logs, one run per
       training phase (`board.Board`); None writes none.
+    export: the formats (of `exports.FORMATS`: "keras", "keras3", "tflite")
+      its teacher and final students are written in, under
+      `workdir/export/<format>/` (`exports.export`); () writes none.
 
   Raises:
-    TypeError: `teacher` or `tensorboard` is not a path.
-    ValueError: an unknown `student_init`, `solver` or `channels`.
+    TypeError: `teacher` or `tensorboard` is not a path, `export` a string.
+    ValueError: an unknown `student_init`, `solver`, `channels` or export
+      format.
   """
   model: str = "resnet20"
   teacher: str = None
@@ -56,8 +61,10 @@ class Settings:
   channels: str = "greedy"
   verbose: int = 1
   tensorboard: str = None
+  export: tuple = ()
 
   def __post_init__(self):
+    self.export = exports.checked_formats(self.export)
     if isinstance(self.teacher, os.PathLike):
       self.teacher = os.fspath(self.teacher)
     if isinstance(self.tensorboard, os.PathLike):
@@ -131,6 +138,16 @@ def define_flags(workdir, teacher_epochs=15):
   flags.DEFINE_string("workdir", workdir, "Output directory.")
   flags.DEFINE_integer("verbose", 1, "0 quiet, 1 a line per phase, 2 Keras progress bars.")
   define_tensorboard_flag()
+  define_export_flag()
+
+
+def define_export_flag():
+  """Defines --export, the formats a binary writes its teacher and final students in."""
+  flags.DEFINE_list("export", ["keras"], "Formats the teacher and the final students are "
+                    "written in, under WORKDIR/export/<format>/: keras (tf_keras .keras files), "
+                    "keras3 (Keras 3 .keras files that keras.saving.load_model loads in safe mode "
+                    "without keras_nd), tflite (LiteRT, float, pruned kernels sparse-encoded). "
+                    "--export= writes none.")
 
 
 def define_tensorboard_flag():
@@ -181,7 +198,7 @@ def settings_from_flags(values):
   arguments of a configuration."""
   return dict(model=values.model, teacher=values.teacher, trusted=values.trusted,
               batch_size=values.batch_size, seed=values.seed, verbose=values.verbose,
-              tensorboard=tensorboard_from_flags(values))
+              tensorboard=tensorboard_from_flags(values), export=values.export)
 
 
 def data_summary(dataset):

@@ -43,6 +43,7 @@ import keras_nd as nd
 from keras_nd import _checks, files, metrics
 from keras_nd._keras import keras, tf
 from keras_nd.batch_norm import frozen_batch_norms
+from keras_nd.experiments import exports
 from keras_nd.experiments.board import Board, accuracies
 from keras_nd.experiments.catalogue import from_scratch
 from keras_nd.experiments.common import (
@@ -121,13 +122,16 @@ class DataFree:
     test: the test split's batches of (image, label), for evaluation only.
     config: the run's `Config` (its epochs, noise, students and training
       settings).
+    workdir: where its final students are exported (`config.export`; None
+      with no export).
 
   Attributes:
     board: the `board.Board` of `config.tensorboard`, where every phase logs.
   """
 
-  def __init__(self, teacher, input_shape, num_classes, test, config):
+  def __init__(self, teacher, input_shape, num_classes, test, config, workdir=None):
     self.teacher = teacher
+    self.workdir = workdir
     self.input_shape = tuple(input_shape)
     self.num_classes = num_classes
     self.test = test
@@ -222,7 +226,12 @@ class DataFree:
     return student, self.kd_on_noise(student, self.config.epochs["gnkd"], learning_rate,
                                      phase=f"gnkd-k{multiplier:g}")
 
+  def keep(self, name, model):
+    """Writes a final `model` of the run in its export formats (`exports.export`)."""
+    exports.export(model, self.workdir, name, self.config.export)
+
   def row(self, method, multiplier, student, seconds, **extra):
+    self.keep(f"{method}-k{multiplier:g}", student)
     row = dict({"method": method, "multiplier": multiplier, "params": student.count_params(),
                 "accuracy": metrics.accuracy(student, self.test), "seconds": seconds}, **extra)
     self.say(f"  {method:<6} k={multiplier:<5g} params={row['params']:<8} "
@@ -262,7 +271,9 @@ def run(data, workdir, config=None):
     teacher = load_teacher(config.teacher, data, config.trusted, split="test")
     files.writable_directory(workdir, "work directory")
   test = experiment.test if experiment else data.pipeline("test", 256, training=False)
-  runner = DataFree(teacher, data.input_shape, data.num_classes, test, config)
+  runner = DataFree(teacher, data.input_shape, data.num_classes, test, config, workdir)
+  if experiment is None:  # else the experiment wrote it
+    runner.keep("teacher", teacher)
   architecture = experiment.architecture if experiment else f"given:{config.teacher}"
   teacher_row = {"architecture": architecture, "params": teacher.count_params(),
                  "accuracy": metrics.accuracy(teacher, test)}

@@ -24,6 +24,7 @@ import time
 import keras_nd as nd
 from keras_nd import artefacts, cache, files, metrics
 from keras_nd._keras import keras
+from keras_nd.experiments import exports
 from keras_nd.experiments.board import Board
 from keras_nd.experiments.catalogue import build_model, from_scratch
 from keras_nd.experiments.common import Settings, fit_progress
@@ -180,10 +181,20 @@ class Experiment:
     """
     if self.given is not None:
       self.timings["teacher"] = 0.0
-      return self.given
-    path = os.path.join(self.workdir, f"teacher-{self.key}.keras")
-    with files.locked(path[:-len(".keras")] + ".lock"):
-      return self._trained_teacher(path)
+      teacher = self.given
+    else:
+      path = os.path.join(self.workdir, f"teacher-{self.key}.keras")
+      with files.locked(path[:-len(".keras")] + ".lock"):
+        teacher = self._trained_teacher(path)
+    self.keep("teacher", teacher)
+    return teacher
+
+  def keep(self, name, model):
+    """Writes a final `model` of the run in its `export` formats (`exports.export`), as
+    `<name>` (the noise-trained teacher's models as `unit_noise<sigma>-<name>`)."""
+    if self.export:
+      prefix = f"unit_noise{self.unit_noise:g}-" if self.unit_noise else ""
+      exports.export(model, self.workdir, prefix + name, self.export)
 
   def _trained_teacher(self, path):
     if os.path.exists(path):
@@ -371,7 +382,8 @@ class Experiment:
     """ND, and ND+FT on top of it: ([rows], ND+FT curve, per-hood losses, ND seconds)."""
     student, seconds, nd_seconds, losses = self.nd(teacher, multiplier, lookahead, train)
     accuracy_nd = metrics.accuracy(student, self.test)
-    rows = [dict(self._row("nd", multiplier, student, seconds), lookahead=lookahead)]
+    rows = [dict(self._row("nd", multiplier, student, seconds, lookahead),
+                 lookahead=lookahead)]
     curve = [(seconds, accuracy_nd)]
     self.board.curve(f"nd-{self.nd_label(multiplier, lookahead)}", curve)
     if fine_tune:
@@ -379,11 +391,13 @@ class Experiment:
                                offset=seconds, evaluate_first=True,
                                name=f"ft-{self.nd_label(multiplier, lookahead)}")
       curve = tracker.curve
-      rows.append(dict(self._row("nd_ft", multiplier, student, tracker.seconds),
+      rows.append(dict(self._row("nd_ft", multiplier, student, tracker.seconds, lookahead),
                        lookahead=lookahead, accuracy_before_ft=accuracy_nd))
     return rows, curve, losses, nd_seconds
 
-  def _row(self, method, multiplier, student, seconds):
+  def _row(self, method, multiplier, student, seconds, lookahead=0):
+    self.keep(f"{method}-k{multiplier:g}" + (f"-lookahead{lookahead}" if lookahead else ""),
+              student)
     row = {"method": method, "multiplier": multiplier, "params": student.count_params(),
            "accuracy": metrics.accuracy(student, self.test), "seconds": seconds}
     self.say(f"  {method:<6} k={multiplier:<5g} params={row['params']:<8} "

@@ -7,6 +7,7 @@ import time
 import keras_nd as nd
 from keras_nd import data, files, metrics, models
 from keras_nd._keras import keras, tf
+from keras_nd.experiments import exports
 from keras_nd.experiments.board import Board
 from keras_nd.experiments.common import write_results
 from keras_nd.training import cosine_adam
@@ -29,6 +30,8 @@ class Config:
     verbose: 0 silent, 1 progress and a summary table.
     tensorboard: the directory of the TensorBoard logs (`board.Board`: runs
       teacher, nd-k<k>, ft-k<k>, summary); None writes none.
+    export: the formats the teacher and the student are also written in,
+      under `workdir/export/<format>/` (`exports.export`); () none.
   """
   num_train: int = 2000
   num_test: int = 500
@@ -41,6 +44,10 @@ class Config:
   seed: int = 0
   verbose: int = 1
   tensorboard: str = None
+  export: tuple = ()
+
+  def __post_init__(self):
+    self.export = exports.checked_formats(self.export)
 
 
 def run(workdir, config=None):
@@ -107,6 +114,8 @@ def run(workdir, config=None):
   seconds["fine_tune"] = time.time() - start
   student_path = os.path.join(workdir, "student.keras")
   kd.save(student_path)
+  exports.export(teacher, workdir, "teacher", config.export)
+  exports.export(student, workdir, f"nd_ft-k{k:g}", config.export)
 
   results = {
       "config": dataclasses.asdict(config),

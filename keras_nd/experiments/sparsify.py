@@ -197,6 +197,7 @@ def run(data, workdir, config=None):
       timings[f"nd@{target:g}"] = seconds
       rows.append(dict(_row("nd", target, student, test, seconds + timings["cache"], say),
                        **extra))
+      experiment.keep(f"nd-{_name(target, m_by_n)}", student)
     if "kd" in methods:
       keras.utils.set_random_seed(experiment.seed)
       student = sparsity.prune(teacher, target, steps=kd_steps, m_by_n=m_by_n, skip=skip)
@@ -209,7 +210,9 @@ def run(data, workdir, config=None):
              callbacks=board.callbacks(f"kd-s{target:g}"))
       seconds = time.perf_counter() - start
       timings[f"kd@{target:g}"] = seconds
-      rows.append(_row("kd", target, sparsity.strip(student), test, seconds, say))
+      student = sparsity.strip(student)
+      rows.append(_row("kd", target, student, test, seconds, say))
+      experiment.keep(f"kd-{_name(target, m_by_n)}", student)
   pruning = {"skip": [str(s) for s in skip], "layers": [h.name for h in trained],
              "nd_steps": nd_steps, "kd_steps": kd_steps}
   results = {"config": dataclasses.asdict(config), "data": data_summary(data),
@@ -218,6 +221,11 @@ def run(data, workdir, config=None):
                  "accuracy": accuracies(teacher_row["accuracy"], rows, "sparsity")})
   write_results(workdir, results, "sparsify")
   return results
+
+
+def _name(target, m_by_n):
+  """How a sparse student's files are named: by its sparsity, or its m:n pattern."""
+  return f"{m_by_n[0]}by{m_by_n[1]}" if m_by_n else f"s{target:g}"
 
 
 def _row(method, target, student, test, seconds, say):

@@ -127,6 +127,7 @@ def run(data, workdir, config=None):
     experiment.say(f"  {method:<8} {setting:<8g} params={row['params']:<8} before FT "
                     f"{row['accuracy_before_ft']:.4f} after {row['accuracy']:.4f}")
     rows.append(row)
+    experiment.keep(f"{method}-{setting:g}", student)
   results = {"config": dataclasses.asdict(config), "data": data_summary(data),
              "teacher": {"architecture": experiment.architecture,
                          "params": teacher.count_params(),
