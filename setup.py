@@ -40,7 +40,8 @@ setuptools.setup(
     "tensorboard>=2.16",
   ],
   extras_require={
-    "test": ["pytest"],
+    # pytest-xdist: pytest.ini runs the suite in a process per core.
+    "test": ["pytest", "pytest-xdist"],
     "lint": ["ruff"],
   },
   classifiers=[
