@@ -28,8 +28,8 @@ class Settings:
   Attributes:
     model: the teacher's architecture (`catalogue.build_model`'s names),
       trained when `teacher` is None.
-    teacher: the path of your own trained teacher (a tf_keras `.keras`
-      file) instead of training one (see `Experiment`).
+    teacher: the path of your own trained teacher (a tf_keras or Keras 3
+      `.keras` file) instead of training one (see `Experiment`).
     trusted: load `teacher` with safe mode off (`files.load_model`).
     batch_size, learning_rate, nd_learning_rate, temperature, label_weight,
       patience, seed, student_init, solver, channels: as `Experiment` takes
@@ -122,9 +122,9 @@ def define_flags(workdir, teacher_epochs=15):
   flags.DEFINE_integer("num_validation", 400, "Examples held out of training (early stopping).")
   flags.DEFINE_string("model", "resnet20", "resnetN (N = 6n+2) or resnet50: the teacher trained "
                       "when --teacher is not given.")
-  flags.DEFINE_string("teacher", None, "Your own trained teacher (a tf_keras .keras file) instead "
-                      "of training one: it must take the dataset's images as --preprocessing "
-                      "gives them and give its classes.")
+  flags.DEFINE_string("teacher", None, "Your own trained teacher (a tf_keras or Keras 3 .keras "
+                      "file) instead of training one: it must take the dataset's images as "
+                      "--preprocessing gives them and give its classes.")
   flags.DEFINE_enum("preprocessing", "standardize", list(data.PREPROCESSING), "How the teacher "
                     "expects its images: standardised with the training split's per-channel mean "
                     "and std (the binaries' own teachers), 'none' (as stored, cast to float32), or "
