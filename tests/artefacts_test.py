@@ -175,7 +175,9 @@ class ArtefactsTest(tf.test.TestCase):
       for info in infos if solver != "gradient" else ():
         [layer] = info["solve"]["layers"].values()
         self.assertIsNone(layer["error_before"])
-        self.assertBetween(layer["error_after"], 0.0, 1.0)
+        # The relative error of the solved layer's output: weights that predict nothing score
+        # 1; measured 0.14, 0.045 and 0.0002 for the three units.
+        self.assertLess(layer["error_after"], 0.3)
         self.assertEqual(info["solve"].get("loss_after"),
                          info["loss"] if solver == "lstsq" else None)
       self.assertEqual(solver == "gradient", not any("solve" in i for i in infos))

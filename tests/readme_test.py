@@ -13,7 +13,7 @@ import numpy as np
 import testing
 
 from keras_nd import sparsity
-from keras_nd._keras import tf
+from keras_nd._keras import keras, tf
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 _README = os.path.join(_ROOT, "README.md")
@@ -78,7 +78,7 @@ class ReadmeTest(tf.test.TestCase):
     # The Keras 3 file computes the student, and the Keras 3 teacher's neighbourhoods are tf_keras.
     self.assertAllClose(ns["exported"](ns["x_test"][:8], training=False),
                         ns["student"](ns["x_test"][:8], training=False), atol=1e-5)
-    self.assertIsInstance(ns["k3_hoods"][0].model, tf.keras.Model)
+    self.assertIsInstance(ns["k3_hoods"][0].model, keras.Model)
     # Every pruned layer, by gradient or exactly, is at its target; the skipped ones are dense.
     for model in (ns["sparse"], ns["sparse_exact"]):
       layers = {r["layer"]: r["sparsity"] for r in sparsity.report(model)["layers"]}
