@@ -323,10 +323,12 @@ def to_keras3(model):
   saves to a file Keras 3 loads in safe mode without keras_nd; tfmot pruning
   wrappers must be stripped first (`keras_nd.sparsity.strip`).
 
+  Its outputs are not checked here: `keras_nd.files.export_keras3` checks the
+  file it writes (`check_outputs`).
+
   Raises:
     TypeError: a subclassed model.
-    ValueError: a layer Keras 3 has no built-in counterpart for (named), or a
-      result whose outputs differ from `model`'s.
+    ValueError: a layer Keras 3 has no built-in counterpart for (named).
   """
   _check_graph_network(model)
   k3 = keras3()
